@@ -1,0 +1,102 @@
+"""Backend runtime: the one place that calls ``ti.init``.
+
+Nothing in the package initialises Taichi at import time. Entry points call
+:func:`init` with the arch the user asked for; an explicitly requested arch that is
+not available is an error (Taichi on its own silently falls back to the CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import taichi as ti
+
+ARCHS = ("auto", "cpu", "cuda", "vulkan", "metal")
+
+
+class BackendError(RuntimeError):
+    """The requested Taichi backend cannot be used on this machine."""
+
+
+_state: dict = {"arch": None}
+
+
+def _ti_arch(name: str):
+    return {"cpu": ti.cpu, "cuda": ti.cuda, "vulkan": ti.vulkan, "metal": ti.metal}[name]
+
+
+def _arch_name(arch) -> str:
+    if arch in (ti.x64, ti.arm64):
+        return "cpu"
+    return {ti.cuda: "cuda", ti.vulkan: "vulkan", ti.metal: "metal"}.get(arch, str(arch))
+
+
+def _arch_available(name: str) -> bool:
+    from taichi._lib import core as _ti_core
+
+    if name == "cpu":
+        return True
+    checks = {
+        "cuda": "with_cuda",
+        "vulkan": "with_vulkan",
+        "metal": "with_metal",
+    }
+    fn = getattr(_ti_core, checks[name], None)
+    return bool(fn and fn())
+
+
+def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offline_cache: bool = True,
+         **kwargs) -> str:
+    """Initialise Taichi on ``arch`` and return the name of the arch actually used.
+
+    ``arch`` is one of ``auto|cpu|cuda|vulkan|metal``. ``auto`` tries CUDA, then
+    Metal, then Vulkan, then the CPU. An explicit arch that is missing raises
+    :class:`BackendError` with a sentence saying what to do. Taichi's offline
+    kernel cache is on by default so a second process starts fast.
+    Calling ``init`` again with a different arch resets Taichi (all fields and
+    ndarrays made before become invalid).
+    """
+    if arch not in ARCHS:
+        raise BackendError(f"unknown arch '{arch}': choose one of {', '.join(ARCHS)}.")
+    if _state["arch"] is not None and (arch == _state["arch"] or arch == "auto"):
+        return _state["arch"]
+    if _state["arch"] is not None:
+        ti.reset()
+    kwargs.setdefault("default_fp", ti.f32)
+    kwargs.setdefault("default_ip", ti.i32)
+    kwargs.setdefault("log_level", ti.WARN)
+    cache_dir = os.environ.get("TAICHI_NEUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "taichi_neus"))
+    if offline_cache:
+        kwargs.setdefault("offline_cache_file_path", cache_dir)
+    candidates = ["cuda", "metal", "vulkan", "cpu"] if arch == "auto" else [arch]
+    used = None
+    for name in candidates:
+        if name != "cpu" and not _arch_available(name):
+            continue
+        ti.init(arch=_ti_arch(name), debug=debug, offline_cache=offline_cache, **kwargs)
+        used = _arch_name(ti.lang.impl.current_cfg().arch)
+        if name != "cpu" and used != name:
+            # Taichi fell back (driver present but no device): treat as unavailable.
+            ti.reset()
+            used = None
+            continue
+        break
+    if used is None:
+        raise BackendError(
+            f"the '{arch}' backend is not available on this machine (no driver or device found); "
+            "run with --arch cpu, or --arch auto to pick the best available backend."
+        )
+    _state["arch"] = used
+    if verbose:
+        print(f"[taichi_neus] using arch: {used}")
+    return used
+
+
+def current_arch() -> str | None:
+    """Name of the arch :func:`init` set up, or None before it was called."""
+    return _state["arch"]
+
+
+def require_init() -> None:
+    if _state["arch"] is None:
+        raise BackendError("taichi_neus.runtime.init(arch) must be called before creating fields or kernels.")
