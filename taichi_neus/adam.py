@@ -1,0 +1,74 @@
+"""Adam (Kingma & Ba, 2015) over the flat parameter buffer, as one Taichi kernel per
+parameter group, so an optimisation step never leaves the device.
+
+Groups are contiguous runs of the flat buffer (see :class:`ParamLayout.groups`), each with
+its own learning rate and (decoupled, AdamW-style) weight decay.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import taichi as ti
+
+from . import buffers
+from .params import ParamLayout
+
+
+@ti.kernel
+def _adam_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
+              m: ti.types.ndarray(dtype=ti.f32, ndim=1), v: ti.types.ndarray(dtype=ti.f32, ndim=1),
+              start: ti.i32, size: ti.i32, lr: ti.f32, beta1: ti.f32, beta2: ti.f32, eps: ti.f32,
+              bc1: ti.f32, bc2: ti.f32, wd: ti.f32, grad_scale: ti.f32):
+    ti.loop_config(block_dim=1024)
+    for k in range(size):
+        i = start + k
+        g = grads[i] * grad_scale
+        mi = beta1 * m[i] + (1.0 - beta1) * g
+        vi = beta2 * v[i] + (1.0 - beta2) * g * g
+        m[i] = mi
+        v[i] = vi
+        p = params[i]
+        params[i] = p - lr * ((mi / bc1) / (ti.sqrt(vi / bc2) + eps) + wd * p)
+
+
+@dataclass
+class GroupSettings:
+    lr: float
+    weight_decay: float = 0.0
+
+
+class Adam:
+    """Adam over ``params``/``grads`` (flat float32 ndarrays of ``layout.total`` elements)."""
+
+    def __init__(self, layout: ParamLayout, settings: dict, betas=(0.9, 0.99), eps: float = 1e-15):
+        self.layout = layout
+        self.runs = layout.groups()
+        missing = set(self.runs) - set(settings)
+        if missing:
+            raise KeyError(f"no optimizer settings for parameter groups {sorted(missing)}")
+        self.settings = {k: (v if isinstance(v, GroupSettings) else GroupSettings(*v)) for k, v in settings.items()}
+        self.betas, self.eps = betas, eps
+        self.m = buffers.f32(layout.total)
+        self.v = buffers.f32(layout.total)
+        self.step_count = 0
+
+    def step(self, params, grads, lr_scale: float = 1.0, grad_scale: float = 1.0) -> None:
+        """One update; every group's learning rate is multiplied by ``lr_scale`` (the schedule)."""
+        self.step_count += 1
+        b1, b2 = self.betas
+        bc1 = 1.0 - b1 ** self.step_count
+        bc2 = 1.0 - b2 ** self.step_count
+        for group, runs in self.runs.items():
+            s = self.settings[group]
+            for start, size in runs:
+                _adam_run(params, grads, self.m, self.v, start, size, s.lr * lr_scale, b1, b2, self.eps,
+                          bc1, bc2, s.weight_decay, grad_scale)
+
+    def state_dict(self) -> dict:
+        return {"m": buffers.to_numpy(self.m), "v": buffers.to_numpy(self.v),
+                "step": np.int64(self.step_count)}
+
+    def load_state_dict(self, state: dict) -> None:
+        buffers.from_numpy(self.m, state["m"])
+        buffers.from_numpy(self.v, state["v"])
+        self.step_count = int(state["step"])

@@ -1,0 +1,192 @@
+"""Multi-resolution hash encoding (Müller et al., "Instant Neural Graphics Primitives with a
+Multiresolution Hash Encoding", SIGGRAPH 2022), forward and hand-written backward.
+
+Level ``l`` has ``R_l = floor(N_min * b**l)`` cells per axis over the cube
+``[-bound, bound]^3`` (so ``R_l + 1`` vertices per axis). A level whose ``(R_l+1)^3``
+vertices fit into ``2^T`` entries is indexed densely; the others use the spatial hash
+``(x·1 ⊕ y·2654435761 ⊕ z·805459861) mod 2^T`` in u32 arithmetic. Each entry holds ``F``
+features; a point's feature at a level is the trilinear interpolation of its cell's
+8 corners. The table gradient is a scatter (atomic add): different points share entries.
+"""
+
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import taichi as ti
+
+from . import buffers
+from .params import ParamLayout
+
+PRIME_Y = 2654435761
+PRIME_Z = 805459861
+
+
+@dataclass
+class HashGridConfig:
+    n_levels: int = 16
+    n_features: int = 2
+    log2_table: int = 19
+    base_resolution: int = 32
+    per_level_scale: float = 1.3195079107728942  # 32 * 1.3195^15 ≈ 2048
+    bound: float = 1.0  # encoded domain is [-bound, bound]^3, unit-sphere coordinates
+    init_scale: float = 1e-4  # table initialised uniformly in [-init_scale, init_scale]
+
+    @property
+    def out_dim(self) -> int:
+        return self.n_levels * self.n_features
+
+
+def level_layout(cfg: HashGridConfig):
+    """Per level: resolution R_l (cells per axis), entry offset, entry count, dense flag."""
+    res, offs, sizes, dense = [], [], [], []
+    total = 0
+    cap = 1 << cfg.log2_table
+    for lvl in range(cfg.n_levels):
+        r = int(math.floor(cfg.base_resolution * cfg.per_level_scale ** lvl))
+        r = max(r, 1)
+        n_vert = (r + 1) ** 3
+        is_dense = n_vert <= cap
+        size = n_vert if is_dense else cap
+        size = (size + 7) // 8 * 8
+        res.append(r)
+        offs.append(total)
+        sizes.append(size)
+        dense.append(int(is_dense))
+        total += size
+    return (np.array(res, np.int32), np.array(offs, np.int32), np.array(sizes, np.int32),
+            np.array(dense, np.int32), total)
+
+
+@ti.func
+def _corner_index(ix: ti.i32, iy: ti.i32, iz: ti.i32, r: ti.i32, size: ti.i32, dense: ti.i32) -> ti.i32:
+    idx = 0
+    if dense != 0:
+        idx = ix + (r + 1) * (iy + (r + 1) * iz)
+    else:
+        h = ti.u32(ix) ^ (ti.u32(iy) * ti.u32(PRIME_Y)) ^ (ti.u32(iz) * ti.u32(PRIME_Z))
+        idx = ti.i32(h & ti.u32(size - 1))
+    return idx
+
+
+@ti.func
+def _cell(x: ti.f32, bound: ti.f32, r: ti.i32):
+    """Cell index and fractional position of coordinate x at resolution r."""
+    u = ti.min(ti.max((x + bound) / (2.0 * bound), 0.0), 1.0) * r
+    i0 = ti.min(ti.cast(ti.floor(u), ti.i32), r - 1)
+    return i0, u - i0
+
+
+@ti.kernel
+def hash_encode_forward(
+    X: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D): xyz in cols 0..2, encoding written at col0
+    n: ti.i32,
+    col0: ti.i32,
+    params: ti.types.ndarray(dtype=ti.f32, ndim=1),
+    table_off: ti.i32,
+    res: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    loff: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    lsize: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    bound: ti.f32,
+    F: ti.template(),
+):
+    L = res.shape[0]
+    for m, lv in ti.ndrange(n, L):
+        r = res[lv]
+        ix, fx = _cell(X[m, 0], bound, r)
+        iy, fy = _cell(X[m, 1], bound, r)
+        iz, fz = _cell(X[m, 2], bound, r)
+        acc = ti.Vector([0.0] * F)
+        for c in range(8):
+            dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+            w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
+            e = _corner_index(ix + dx, iy + dy, iz + dz, r, lsize[lv], ldense[lv])
+            base = table_off + (loff[lv] + e) * F
+            for f in ti.static(range(F)):
+                acc[f] += w * params[base + f]
+        for f in ti.static(range(F)):
+            X[m, col0 + lv * F + f] = acc[f]
+
+
+@ti.kernel
+def hash_encode_backward(
+    X: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D) positions in cols 0..2
+    dX: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D') dL/d(encoding) at col0
+    n: ti.i32,
+    col0: ti.i32,
+    grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
+    table_off: ti.i32,
+    res: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    loff: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    lsize: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    bound: ti.f32,
+    F: ti.template(),
+):
+    L = res.shape[0]
+    for m, lv in ti.ndrange(n, L):
+        r = res[lv]
+        ix, fx = _cell(X[m, 0], bound, r)
+        iy, fy = _cell(X[m, 1], bound, r)
+        iz, fz = _cell(X[m, 2], bound, r)
+        g = ti.Vector([0.0] * F)
+        for f in ti.static(range(F)):
+            g[f] = dX[m, col0 + lv * F + f]
+        if g.norm_sqr() > 0.0:
+            for c in range(8):
+                dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+                w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
+                e = _corner_index(ix + dx, iy + dy, iz + dz, r, lsize[lv], ldense[lv])
+                base = table_off + (loff[lv] + e) * F
+                for f in ti.static(range(F)):
+                    ti.atomic_add(grads[base + f], w * g[f])
+
+
+@ti.kernel
+def _uniform_init(params: ti.types.ndarray(dtype=ti.f32, ndim=1), off: ti.i32, size: ti.i32,
+                  scale: ti.f32, seed: ti.u32):
+    # Stateless integer hash (PCG-style) so the same seed gives the same table on every backend.
+    ti.loop_config(block_dim=1024)
+    for i in range(size):
+        h = ti.u32(i) * ti.u32(747796405) + seed * ti.u32(2891336453) + ti.u32(1)
+        h = ((h >> ((h >> ti.u32(28)) + ti.u32(4))) ^ h) * ti.u32(277803737)
+        h = (h >> ti.u32(22)) ^ h
+        u = ti.cast(h >> ti.u32(8), ti.f32) * (1.0 / 16777216.0)
+        params[off + i] = (2.0 * u - 1.0) * scale
+
+
+class HashGrid:
+    """The encoding's table lives in a slice of the model's flat parameter buffer."""
+
+    def __init__(self, cfg: HashGridConfig, layout: ParamLayout, name: str = "encoding"):
+        self.cfg = cfg
+        self.res_np, self.loff_np, self.lsize_np, self.ldense_np, self.n_entries = level_layout(cfg)
+        self.slice = layout.add(f"{name}.table", (self.n_entries, cfg.n_features), group=name)
+        self._dev = None
+
+    @property
+    def out_dim(self) -> int:
+        return self.cfg.out_dim
+
+    def _level_arrays(self):
+        if self._dev is None:
+            self._dev = tuple(buffers.upload(a, ti.i32) for a in
+                              (self.res_np, self.loff_np, self.lsize_np, self.ldense_np))
+        return self._dev
+
+    def init_params(self, params, seed: int = 0) -> None:
+        _uniform_init(params, self.slice.offset, self.slice.size, self.cfg.init_scale, seed & 0xFFFFFFFF)
+
+    def forward(self, X, n: int, col0: int, params) -> None:
+        """Encode the points in ``X[:n, 0:3]`` (unit-sphere coords) into ``X[:n, col0:col0+L*F]``."""
+        res, loff, lsize, ldense = self._level_arrays()
+        hash_encode_forward(X, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
+                            self.cfg.bound, self.cfg.n_features)
+
+    def backward(self, X, dX, n: int, col0: int, grads) -> None:
+        """Scatter ``dX[:n, col0:col0+L*F]`` (dL/d encoding) into the table slice of ``grads``."""
+        res, loff, lsize, ldense = self._level_arrays()
+        hash_encode_backward(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
+                             self.cfg.bound, self.cfg.n_features)
