@@ -6,7 +6,6 @@ loop over >= 2^23 elements fails there (DESIGN §3b). ``to_numpy``/``from_numpy`
 such arrays go through chunked kernels for the same reason.
 """
 
-from __future__ import annotations
 
 import numpy as np
 import taichi as ti
