@@ -10,6 +10,7 @@ from skimage import measure
 from taichi_neus.data import load_dtu
 from taichi_neus.data import synthetic as syn
 from taichi_neus.data.rays import image_rays
+from taichi_neus.errors import UserInputError
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,10 @@ def test_default_scene_path_generates_once(tmp_path, monkeypatch):
     assert syn.default_scene_path() == path
     assert os.stat(path / "cameras_sphere.npz").st_mtime_ns == stamp  # not regenerated
     assert [p.name for p in pathlib.Path(tmp_path / "cache").iterdir()] == ["synthetic_v1"]  # no temp left
+
+
+def test_default_scene_path_refuses_a_broken_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAICHI_NEUS_CACHE", str(tmp_path))
+    (tmp_path / "synthetic_v1" / "image").mkdir(parents=True)
+    with pytest.raises(UserInputError, match="synthetic_v1 exists but is not a complete synthetic scene"):
+        syn.default_scene_path()

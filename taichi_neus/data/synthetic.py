@@ -32,6 +32,7 @@ from PIL import Image
 
 from taichi_neus.data.cameras import camera_to_world, projection_matrix
 from taichi_neus.data.rays import image_pixels, pixel_rays, unit_sphere_near_far
+from taichi_neus.errors import UserInputError
 
 VERSION = "synthetic_v1"
 # unit sphere -> world: x_world = SCALE * x_unit + OFFSET
@@ -332,6 +333,8 @@ def default_scene_path() -> pathlib.Path:
     final = root / VERSION
     if (final / "scene.json").is_file():
         return final
+    if final.exists():
+        raise UserInputError(f"{final} exists but is not a complete synthetic scene; delete it to regenerate.")
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=root))
     try:
