@@ -23,7 +23,7 @@ import taichi as ti
 
 from . import buffers
 from .hash_grid import HashGrid, HashGridConfig
-from .mlp import Linear, kaiming_uniform
+from .mlp import Linear, kaiming_uniform, set_weight
 from .params import ParamLayout
 from .sh import SH_DIM, sh16
 
@@ -240,10 +240,10 @@ class SDFField:
                 W[:] = rng.normal(0.0, math.sqrt(2.0) / math.sqrt(lin.n_out), size=W.shape)
                 if li == 0 and cfg.include_xyz:
                     W[:, 3:] = 0.0  # encoding starts silent: the sphere comes from xyz alone
-            host[lin.W.offset:lin.W.offset + lin.W.size] = W.reshape(-1)
+            set_weight(host, lin, W)
             host[lin.b.offset:lin.b.offset + lin.b.size] = b
         for lin in self.color_layers:
-            host[lin.W.offset:lin.W.offset + lin.W.size] = kaiming_uniform(rng, lin.n_out, lin.n_in).reshape(-1)
+            set_weight(host, lin, kaiming_uniform(rng, lin.n_out, lin.n_in))
             bound = 1.0 / math.sqrt(lin.n_in)
             host[lin.b.offset:lin.b.offset + lin.b.size] = rng.uniform(-bound, bound, lin.n_out)
         buffers.from_numpy(params, host)

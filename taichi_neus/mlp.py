@@ -52,18 +52,25 @@ def _dact(y: ti.f32, act: ti.template(), beta: ti.f32) -> ti.f32:
 @ti.kernel
 def linear_forward(
     X: ti.types.ndarray(dtype=ti.f32, ndim=2), xcol: ti.i32, n_in: ti.i32,
-    Y: ti.types.ndarray(dtype=ti.f32, ndim=2), n_out: ti.i32, n: ti.i32,
+    Y: ti.types.ndarray(dtype=ti.f32, ndim=2), NO: ti.template(), n: ti.i32,
     params: ti.types.ndarray(dtype=ti.f32, ndim=1), w_off: ti.i32, b_off: ti.i32,
     act: ti.template(), beta: ti.f32,
 ):
-    """Y[m, j] = act(b[j] + Σ_i W[j, i] · X[m, xcol + i]) for m < n."""
+    """Y[m, j] = act(b[j] + Σ_i X[m, xcol + i] · Wt[i, j]) for m < n.
+
+    Per point, the NO outputs accumulate in registers and each input scales one contiguous
+    row of the transposed weights, which LLVM turns into vector FMAs on the CPU."""
     for m in range(n):
-        for j in range(n_out):
-            acc = params[b_off + j]
-            wrow = w_off + j * n_in
-            for i in range(n_in):
-                acc += params[wrow + i] * X[m, xcol + i]
-            Y[m, j] = _act(acc, act, beta)
+        acc = ti.Vector([0.0] * NO)
+        for j in ti.static(range(NO)):
+            acc[j] = params[b_off + j]
+        for i in range(n_in):
+            x = X[m, xcol + i]
+            row = w_off + i * NO
+            for j in ti.static(range(NO)):
+                acc[j] += params[row + j] * x
+        for j in ti.static(range(NO)):
+            Y[m, j] = _act(acc[j], act, beta)
 
 
 @ti.kernel
@@ -79,44 +86,49 @@ def act_backward(
 
 @ti.kernel
 def linear_backward_input(
-    dZ: ti.types.ndarray(dtype=ti.f32, ndim=2), n_out: ti.i32,
-    dX: ti.types.ndarray(dtype=ti.f32, ndim=2), xcol: ti.i32, n_in: ti.i32, n: ti.i32,
+    dZ: ti.types.ndarray(dtype=ti.f32, ndim=2), NO: ti.template(),
+    dX: ti.types.ndarray(dtype=ti.f32, ndim=2), xcol: ti.i32, n: ti.i32,
     params: ti.types.ndarray(dtype=ti.f32, ndim=1), w_off: ti.i32,
     i_lo: ti.i32, i_hi: ti.i32,
 ):
-    """dX[m, xcol + i] = Σ_j dZ[m, j] · W[j, i] for i in [i_lo, i_hi) (overwrites)."""
+    """dX[m, xcol + i] = Σ_j dZ[m, j] · Wt[i, j] for i in [i_lo, i_hi) (overwrites)."""
     for m in range(n):
+        dz = ti.Vector([0.0] * NO)
+        for j in ti.static(range(NO)):
+            dz[j] = dZ[m, j]
         for i in range(i_lo, i_hi):
-            dX[m, xcol + i] = 0.0
-        for j in range(n_out):
-            dz = dZ[m, j]
-            if dz != 0.0:
-                wrow = w_off + j * n_in
-                for i in range(i_lo, i_hi):
-                    dX[m, xcol + i] += dz * params[wrow + i]
+            row = w_off + i * NO
+            acc = 0.0
+            for j in ti.static(range(NO)):
+                acc += params[row + j] * dz[j]
+            dX[m, xcol + i] = acc
 
 
 @ti.kernel
 def linear_backward_weight_partial(
     X: ti.types.ndarray(dtype=ti.f32, ndim=2), xcol: ti.i32, n_in: ti.i32,
-    dZ: ti.types.ndarray(dtype=ti.f32, ndim=2), n_out: ti.i32, n: ti.i32,
+    dZ: ti.types.ndarray(dtype=ti.f32, ndim=2), NO: ti.template(), n: ti.i32,
     partial: ti.types.ndarray(dtype=ti.f32, ndim=2), n_chunks: ti.i32,
 ):
-    """partial[c, j*(n_in+1) + i] = Σ_{m in chunk c} dZ[m, j]·X[m, i]; column n_in holds Σ dZ (bias)."""
-    stride = n_in + 1
+    """partial[c, i*NO + j] = Σ_{m in chunk c} X[m, i]·dZ[m, j]; row n_in holds Σ dZ (bias).
+
+    One chunk per parallel task: the chunk's (n_in+1)×NO partial stays in L1 while its rows stream by."""
     for c in range(n_chunks):
-        for k in range(n_out * stride):
+        for k in range((n_in + 1) * NO):
             partial[c, k] = 0.0
         lo = c * n // n_chunks
         hi = (c + 1) * n // n_chunks
         for m in range(lo, hi):
-            for j in range(n_out):
-                dz = dZ[m, j]
-                if dz != 0.0:
-                    row = j * stride
-                    for i in range(n_in):
-                        partial[c, row + i] += dz * X[m, xcol + i]
-                    partial[c, row + n_in] += dz
+            dz = ti.Vector([0.0] * NO)
+            for j in ti.static(range(NO)):
+                dz[j] = dZ[m, j]
+            for i in range(n_in):
+                x = X[m, xcol + i]
+                row = i * NO
+                for j in ti.static(range(NO)):
+                    partial[c, row + j] += dz[j] * x
+            for j in ti.static(range(NO)):
+                partial[c, n_in * NO + j] += dz[j]
 
 
 @ti.kernel
@@ -124,27 +136,27 @@ def linear_backward_weight_reduce(
     partial: ti.types.ndarray(dtype=ti.f32, ndim=2), n_chunks: ti.i32, n_in: ti.i32, n_out: ti.i32,
     grads: ti.types.ndarray(dtype=ti.f32, ndim=1), w_off: ti.i32, b_off: ti.i32,
 ):
-    """grads[W] += Σ_c partial[c, W]; grads[b] += Σ_c partial[c, bias column]."""
-    stride = n_in + 1
-    for j, i in ti.ndrange(n_out, stride):
+    """grads[Wt] += Σ_c partial[c, Wt]; grads[b] += Σ_c partial[c, bias row]."""
+    for k in range((n_in + 1) * n_out):
         acc = 0.0
         for c in range(n_chunks):
-            acc += partial[c, j * stride + i]
-        if i < n_in:
-            grads[w_off + j * n_in + i] += acc
+            acc += partial[c, k]
+        if k < n_in * n_out:
+            grads[w_off + k] += acc
         else:
-            grads[b_off + j] += acc
+            grads[b_off + k - n_in * n_out] += acc
 
 
 class Linear:
-    """One dense layer ``y = act(W x + b)``; W ``(out, in)``, b ``(out,)`` in the flat buffer."""
+    """One dense layer ``y = act(W x + b)``. The weight is stored transposed, ``Wt = Wᵀ`` of shape
+    ``(in, out)``, and the bias ``(out,)``, both in the flat parameter buffer."""
 
     def __init__(self, layout: ParamLayout, name: str, n_in: int, n_out: int, act: str = "none",
                  beta: float = 100.0, group: str = "mlp"):
         self.n_in, self.n_out = n_in, n_out
         self.act = _ACTS[act]
         self.beta = float(beta)
-        self.W = layout.add(f"{name}.weight", (n_out, n_in), group)
+        self.W = layout.add(f"{name}.weight_t", (n_in, n_out), group)
         self.b = layout.add(f"{name}.bias", (n_out,), group)
 
     def forward(self, X, xcol: int, Y, n: int, params) -> None:
@@ -167,7 +179,7 @@ class Linear:
                                       self.W.offset, self.b.offset)
         if dX is not None:
             lo, hi = dx_range if dx_range is not None else (0, self.n_in)
-            linear_backward_input(dY, self.n_out, dX, dxcol, self.n_in, n, params, self.W.offset, lo, hi)
+            linear_backward_input(dY, self.n_out, dX, dxcol, n, params, self.W.offset, lo, hi)
 
 
 def kaiming_uniform(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
@@ -179,3 +191,8 @@ def kaiming_uniform(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarr
 def partial_buffer(max_in: int, max_out: int, n_chunks: int = 64):
     """Scratch for weight-gradient partial sums: (n_chunks, max_out * (max_in + 1))."""
     return buffers.f32(n_chunks, max_out * (max_in + 1))
+
+
+def set_weight(host: np.ndarray, lin: "Linear", W: np.ndarray) -> None:
+    """Write a weight given in the usual ``(out, in)`` orientation into a host copy of the flat buffer."""
+    host[lin.W.offset:lin.W.offset + lin.W.size] = np.ascontiguousarray(W.T, dtype=np.float32).reshape(-1)

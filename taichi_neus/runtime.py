@@ -65,6 +65,8 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     kwargs.setdefault("default_fp", ti.f32)
     kwargs.setdefault("default_ip", ti.i32)
     kwargs.setdefault("log_level", ti.WARN)
+    # MLP kernels unroll their output loop (≤ 64) on purpose: that is what vectorises them.
+    kwargs.setdefault("unrolling_limit", 0)
     cache_dir = os.environ.get("TAICHI_NEUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "taichi_neus"))
     if offline_cache:
         kwargs.setdefault("offline_cache_file_path", cache_dir)

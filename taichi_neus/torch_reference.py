@@ -73,7 +73,7 @@ class TorchField:
 
     def _mlp(self, theta, layers, x):
         for lin in layers:
-            x = F.linear(x, self._w(theta, lin.W), self._w(theta, lin.b))
+            x = F.linear(x, self._w(theta, lin.W).t(), self._w(theta, lin.b))
             if lin.act == 1:
                 x = torch.relu(x)
             elif lin.act == 2:

@@ -66,14 +66,14 @@ def test_linear_layer_forward_backward(act):
     lin.forward(X, 2, Y, n, params)
     theta = t64(theta_np).requires_grad_()
     xt = t64(x).requires_grad_()
-    z = torch.nn.functional.linear(xt[:, 2:], theta[lin.W.offset:lin.W.offset + 54].view(6, 9),
+    z = torch.nn.functional.linear(xt[:, 2:], theta[lin.W.offset:lin.W.offset + 54].view(9, 6).t(),
                                    theta[lin.b.offset:lin.b.offset + 6])
     y = {"none": z, "relu": torch.relu(z), "softplus": torch.nn.functional.softplus(z, beta=10.0),
          "sigmoid": torch.sigmoid(z)}[act]
     assert _rel(Y.to_numpy(), y.detach().numpy()) < 1e-5
     up = rng.normal(size=(n, 6)).astype(np.float32)
     dY, dX, grads = buffers.upload(up), buffers.f32(n, 11), layout.allocate()
-    partial = buffers.f32(7, 6 * 10)  # chunk count that does not divide n
+    partial = buffers.f32(7, 6 * 10)  # (chunks, (in+1)·out)  # chunk count that does not divide n
     lin.backward(X, 2, Y, dY, n, params, grads, partial, dX=dX, dxcol=2)
     (y * t64(up)).sum().backward()
     assert _rel(buffers.to_numpy(grads), theta.grad.numpy()) < 1e-5
