@@ -12,8 +12,8 @@ either
 
 * ``|f| <= cell diagonal`` — for a true SDF (1-Lipschitz) any cell the zero level set passes
   through satisfies this wherever the point falls; or
-* the NeuS α (Wang et al. 2021, eq. 13, cosine −1 as in NeuS's up-sampling) of a ray crossing
-  the cell, ``α = 1 − Φ(s·(|f| − δ/2)) / Φ(s·(|f| + δ/2))`` with δ the cell diagonal and
+* the NeuS α (Wang et al. 2021, eq. 13, with cosine −1: a ray meeting the surface head-on, the
+  largest α) of a ray crossing the cell, ``α = 1 − Φ(s·(|f| − δ/2)) / Φ(s·(|f| + δ/2))`` with δ the cell diagonal and
   s = inv_s, exceeds ``alpha_threshold`` — while s is small (early training) the density is
   spread in a band around the surface and that band must be sampled.
 

@@ -8,9 +8,13 @@ Two stages per batch of rays (DESIGN §4, after NerfAcc's estimators and NeuS's 
     again with the step multiplied by ``ceil(n_occupied / max_coarse)`` (and cut at ``max_coarse``
     bins). Runs of consecutive kept bins form *segments*; between segments lies empty space.
     ``sdf_fn`` is evaluated (no gradient) at the kept bins' midpoints and each bin gets a NeuS α
-    with the cosine fixed to −1 — the "sdf-only" estimate of NeuS's up-sampling — over its own
-    length: ``α = 1 − Φ(s·(f − δ/2)) / Φ(s·(f + δ/2))``, then ``w_j = T_j·α_j``
-    (same code as :mod:`taichi_neus.compositing`).
+    (same code as :mod:`taichi_neus.compositing`) over its own length δ,
+    ``α = 1 − Φ(s·(f + c·δ/2)) / Φ(s·(f − c·δ/2))``, then ``w_j = T_j·α_j``. The cosine term ``c``
+    is NeuS's up-sampling estimate (``cos_estimate="slope"``, default): the smaller of the SDF's
+    slopes to the previous and the next bin of the same segment, clipped to [−1000, 0] (−1 for a
+    bin without neighbours); ``cos_estimate="fixed"`` uses ``c = −1`` everywhere. The slope
+    matters: with ``c = −1`` an oblique ray's weights come out narrower than the renderer's, and
+    the fine samples miss part of the density.
 
 (b) **Fine.** The coarse weights define a piecewise-constant pdf over the kept bins. Its inverse
     CDF maps ``n_fine + 1`` increasing values ``u_0 = 0 < u_1 < … < u_n = 1`` to edges
@@ -18,9 +22,14 @@ Two stages per batch of rays (DESIGN §4, after NerfAcc's estimators and NeuS's 
     training: stratified). Fine sample ``k`` is the interval ``[e_k, e_{k+1}]`` (mass 1/n of the
     coarse pdf when deterministic), clipped to the segment holding its mass-midpoint
     ``F⁻¹((u_k + u_{k+1})/2)`` so that no interval spans empty space; its ``t`` is the interval's
-    midpoint and ``delta`` its length. The samples of a ray are sorted and lie in [near, far].
-    Rays whose coarse weights sum to at most ``weight_threshold`` (including rays that meet no
-    occupied cell) get no samples.
+    midpoint and ``delta`` its length. An interval is also cut to at most ``max_interval_bins``
+    coarse bins around its mass-midpoint: in the low-weight tails the equal-mass intervals grow
+    long, and there the linear SDF extrapolation inside the renderer's α (sdf ± c·δ/2 around the
+    midpoint) overestimates the density of a curved surface; the tails' own small mass is dropped
+    instead (on an analytic sphere, 64 samples and a 0.005 step: opacity within 0.003 and depth
+    within 0.0006 of a dense 8000-sample rendering for s = 50 … 1000). The samples of a ray are
+    sorted, their intervals do not overlap and lie in [near, far]. Rays whose coarse weights sum
+    to at most ``weight_threshold`` (including rays that meet no occupied cell) get no samples.
 
 Only the fine samples are returned; they are what the field evaluates with gradients. Output is
 packed (NerfAcc layout): ray ``r`` owns samples ``ray_offsets[r] .. ray_offsets[r] + ray_counts[r]
@@ -60,7 +69,7 @@ def _vec(a: ti.template(), i):
 @ti.kernel
 def _march(origins: F2, dirs: F2, near: F1, far: F1, bits: U1, res: ti.i32, radius: ti.f32,
            step: ti.f32, max_coarse: ti.i32, seed: ti.i32, perturb: ti.i32,
-           c_lo: F1, c_hi: F1, c_seg_lo: F1, c_seg_hi: F1, c_count: I1):
+           c_lo: F1, c_hi: F1, c_seg_lo: F1, c_seg_hi: F1, c_count: I1, c_step: F1):
     for r in range(near.shape[0]):
         o = _vec(origins, r)
         d = _vec(dirs, r)
@@ -70,6 +79,7 @@ def _march(origins: F2, dirs: F2, near: F1, far: F1, bits: U1, res: ti.i32, radi
         if perturb != 0:
             xi = 1.0 - uniform01(r, 0, seed * 2)
         cnt = 0
+        c_step[r] = step
         if t1 > t0:
             # pass 1: count occupied bins at the base step
             n_occ = 0
@@ -84,6 +94,7 @@ def _march(origins: F2, dirs: F2, near: F1, far: F1, bits: U1, res: ti.i32, radi
             # pass 2: keep the occupied bins, with a coarser step when there are too many
             if n_occ > 0:
                 h2 = step * ((n_occ + max_coarse - 1) // max_coarse)
+                c_step[r] = h2
                 base = r * max_coarse
                 prev_k = -2
                 seg_start = t0
@@ -137,15 +148,38 @@ def _gather_coarse(origins: F2, dirs: F2, c_lo: F1, c_hi: F1, c_count: I1, c_off
 
 
 @ti.kernel
-def _coarse_weights(c_lo: F1, c_hi: F1, c_count: I1, c_off: I1, max_coarse: ti.i32, sdf: F1, inv_s: ti.f32,
-                    weight_threshold: ti.f32, n_fine: ti.i32, c_w: F1, c_cum: F1, c_total: F1, f_count: I1):
+def _coarse_weights(c_lo: F1, c_hi: F1, c_seg_lo: F1, c_count: I1, c_off: I1, max_coarse: ti.i32, sdf: F1,
+                    inv_s: ti.f32, use_slope: ti.i32, weight_threshold: ti.f32, n_fine: ti.i32,
+                    c_w: F1, c_cum: F1, c_total: F1, f_count: I1):
     for r in range(c_count.shape[0]):
         base = r * max_coarse
+        off = c_off[r]
+        n = c_count[r]
         T = 1.0
         tot = 0.0
-        for j in range(c_count[r]):
+        for j in range(n):
             b = base + j
-            a = neus_alpha(sdf[c_off[r] + j], -1.0, c_hi[b] - c_lo[b], inv_s)
+            f = sdf[off + j]
+            # directional derivative of the SDF along the ray (NeuS up_sample: the smaller of the
+            # slopes to the previous and next sample, clipped to [-1e3, 0]); -1 without neighbours
+            c = -1.0
+            if use_slope != 0:
+                tm = 0.5 * (c_lo[b] + c_hi[b])
+                have = False
+                if j > 0 and c_seg_lo[b - 1] == c_seg_lo[b]:
+                    c = (f - sdf[off + j - 1]) / (tm - 0.5 * (c_lo[b - 1] + c_hi[b - 1]))
+                    have = True
+                if j < n - 1 and c_seg_lo[b + 1] == c_seg_lo[b]:
+                    right = (sdf[off + j + 1] - f) / (0.5 * (c_lo[b + 1] + c_hi[b + 1]) - tm)
+                    if have:
+                        c = ti.min(c, right)
+                    else:
+                        c = right
+                        have = True
+                if not have:
+                    c = -1.0
+                c = ti.min(ti.max(c, -1e3), 0.0)
+            a = neus_alpha(f, c, c_hi[b] - c_lo[b], inv_s)
             w = T * a
             c_cum[b] = tot
             c_w[b] = w
@@ -190,8 +224,8 @@ def _t_at(c_lo: ti.template(), c_hi: ti.template(), c_cum: ti.template(), c_w: t
 
 @ti.kernel
 def _fine(origins: F2, dirs: F2, c_lo: F1, c_hi: F1, c_seg_lo: F1, c_seg_hi: F1, c_w: F1, c_cum: F1,
-          c_total: F1, c_count: I1, max_coarse: ti.i32, f_off: I1, f_count: I1, seed: ti.i32, perturb: ti.i32,
-          t_out: F1, delta_out: F1, pos_out: F2, ray_out: I1):
+          c_total: F1, c_count: I1, c_step: F1, max_coarse: ti.i32, max_bins: ti.f32, f_off: I1, f_count: I1,
+          seed: ti.i32, perturb: ti.i32, t_out: F1, delta_out: F1, pos_out: F2, ray_out: I1):
     for r in range(f_count.shape[0]):
         n_fine = f_count[r]
         if n_fine > 0:
@@ -201,6 +235,7 @@ def _fine(origins: F2, dirs: F2, c_lo: F1, c_hi: F1, c_seg_lo: F1, c_seg_hi: F1,
             n = c_count[r]
             tot = c_total[r]
             start = f_off[r]
+            half_cap = 0.5 * max_bins * c_step[r]
             je = _advance(c_cum, c_w, base, n, tot, 0, 0.0)
             jm = je
             e_prev = _t_at(c_lo, c_hi, c_cum, c_w, base, je, 0.0)
@@ -218,7 +253,12 @@ def _fine(origins: F2, dirs: F2, c_lo: F1, c_hi: F1, c_seg_lo: F1, c_seg_hi: F1,
                 m_mid = 0.5 * (u_prev + u_next) * tot
                 jm = _advance(c_cum, c_w, base, n, tot, jm, m_mid)
                 lo = ti.max(e_prev, c_seg_lo[base + jm])
-                hi = ti.max(ti.min(e_next, c_seg_hi[base + jm]), lo)
+                hi = ti.min(e_next, c_seg_hi[base + jm])
+                if max_bins > 0.0:
+                    t_mid = _t_at(c_lo, c_hi, c_cum, c_w, base, jm, m_mid)
+                    lo = ti.max(lo, t_mid - half_cap)
+                    hi = ti.min(hi, t_mid + half_cap)
+                hi = ti.max(hi, lo)
                 t = 0.5 * (lo + hi)
                 i = start + k
                 t_out[i] = t
@@ -270,11 +310,13 @@ class RaySampler:
 
     occupancy: :class:`OccupancyGrid`; step: coarse bin length (unit-sphere units); max_coarse:
     coarse bins per ray at most; n_fine: samples per ray returned; weight_threshold: rays whose
-    coarse weights sum to at most this get no samples.
+    coarse weights sum to at most this get no samples; max_interval_bins: longest fine interval,
+    in coarse bins (None: no limit); cos_estimate: "slope" or "fixed" (see the module docstring).
     """
 
     def __init__(self, occupancy: OccupancyGrid, step: float = 2.0 * 3**0.5 / 512, max_coarse: int = 256,
-                 n_fine: int = 64, weight_threshold: float = 1e-4):
+                 n_fine: int = 64, weight_threshold: float = 1e-4, max_interval_bins: float | None = 16.0,
+                 cos_estimate: str = "slope"):
         if not isinstance(occupancy, OccupancyGrid):
             raise UserInputError("RaySampler: 'occupancy' must be an OccupancyGrid.")
         if not (step > 0 and max_coarse >= 1 and n_fine >= 1):
@@ -285,6 +327,13 @@ class RaySampler:
         self.max_coarse = int(max_coarse)
         self.n_fine = int(n_fine)
         self.weight_threshold = float(weight_threshold)
+        self.max_interval_bins = max_interval_bins
+        if cos_estimate not in ("slope", "fixed"):
+            raise UserInputError(f"RaySampler: cos_estimate must be 'slope' or 'fixed', got '{cos_estimate}'.")
+        self.cos_estimate = cos_estimate
+        self._max_bins = 0.0 if max_interval_bins is None else float(max_interval_bins)
+        if self._max_bins < 0:
+            raise UserInputError(f"RaySampler: max_interval_bins must be positive or None, got {max_interval_bins}.")
         self._n_rays = -1
         self._pts: dict = {}
 
@@ -296,7 +345,7 @@ class RaySampler:
         self.c_seg_lo, self.c_seg_hi = buffers.f32(mc), buffers.f32(mc)
         self.c_w, self.c_cum = buffers.f32(mc), buffers.f32(mc)
         self.c_count, self.c_offsets = buffers.i32(n_rays), buffers.i32(n_rays)
-        self.c_total = buffers.f32(n_rays)
+        self.c_total, self.c_step = buffers.f32(n_rays), buffers.f32(n_rays)
         self.ray_counts, self.ray_offsets = buffers.i32(n_rays), buffers.i32(n_rays)
         self.t, self.delta = buffers.f32(cap), buffers.f32(cap)
         self.positions, self.ray_ids = buffers.f32(cap, 3), buffers.i32(cap)
@@ -328,7 +377,8 @@ class RaySampler:
         occ = self.occupancy
         seed = int(rng_seed) & 0x3FFFFFFF
         _march(origins, dirs, near, far, occ.bits, occ.resolution, occ.radius, self.step, self.max_coarse,
-               seed, int(bool(perturb)), self.c_lo, self.c_hi, self.c_seg_lo, self.c_seg_hi, self.c_count)
+               seed, int(bool(perturb)), self.c_lo, self.c_hi, self.c_seg_lo, self.c_seg_hi, self.c_count,
+               self.c_step)
         n_coarse = int(_exclusive_scan(self.c_count, self.c_offsets))
         n_samples = 0
         if n_coarse > 0:
@@ -338,13 +388,14 @@ class RaySampler:
             if tuple(sdf.shape) != (pts.shape[0],):
                 raise UserInputError(f"RaySampler: sdf_fn returned shape {tuple(sdf.shape)} for "
                                      f"{pts.shape[0]} points; it must return one float per point.")
-            _coarse_weights(self.c_lo, self.c_hi, self.c_count, self.c_offsets, self.max_coarse, sdf, float(inv_s),
-                            self.weight_threshold, self.n_fine, self.c_w, self.c_cum, self.c_total, self.ray_counts)
+            _coarse_weights(self.c_lo, self.c_hi, self.c_seg_lo, self.c_count, self.c_offsets, self.max_coarse, sdf,
+                            float(inv_s), int(self.cos_estimate == "slope"), self.weight_threshold, self.n_fine,
+                            self.c_w, self.c_cum, self.c_total, self.ray_counts)
             n_samples = int(_exclusive_scan(self.ray_counts, self.ray_offsets))
             if n_samples > 0:
                 _fine(origins, dirs, self.c_lo, self.c_hi, self.c_seg_lo, self.c_seg_hi, self.c_w, self.c_cum,
-                      self.c_total, self.c_count, self.max_coarse, self.ray_offsets, self.ray_counts, seed,
-                      int(bool(perturb)), self.t, self.delta, self.positions, self.ray_ids)
+                      self.c_total, self.c_count, self.c_step, self.max_coarse, self._max_bins, self.ray_offsets,
+                      self.ray_counts, seed, int(bool(perturb)), self.t, self.delta, self.positions, self.ray_ids)
         else:
             buffers.zero_(self.ray_counts)
             buffers.zero_(self.ray_offsets)

@@ -149,3 +149,51 @@ def test_variance_as_device_buffer_and_extreme_s_is_finite():
         assert np.all(np.isfinite(a.to_numpy()))
     leaves, col, *_ = torch_reference(p, 1.2, 0.5, (0.0, 0.0, 0.0), stable=True)
     np.testing.assert_allclose(out.colour.to_numpy(), col.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@ti.kernel
+def _sphere_field(p: ti.types.ndarray(dtype=ti.f32, ndim=2), sdf: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                  normal: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32, radius: ti.f32):
+    for i in range(n):
+        x = ti.Vector([p[i, 0], p[i, 1], p[i, 2]])
+        sdf[i] = x.norm() - radius
+        g = x.normalized()
+        for q in ti.static(range(3)):
+            normal[i, q] = g[q]
+
+
+@pytest.mark.portable
+def test_sampler_and_compositing_render_a_sphere():
+    """End to end with an analytic sphere (radius 0.5): rays that hit are opaque at the right depth,
+    rays that miss show the background."""
+    from taichi_neus.occupancy import OccupancyGrid
+    from taichi_neus.sampling import RaySampler
+
+    def sdf_fn(points):
+        out, nrm = buffers.f32(points.shape[0]), buffers.f32(points.shape[0], 3)
+        _sphere_field(points, out, nrm, points.shape[0], 0.5)
+        return out
+
+    grid = OccupancyGrid(resolution=32)
+    grid.update(sdf_fn, inv_s=500.0, step=0)
+    xy = np.array([[0.0, 0.0], [0.2, 0.1], [-0.3, 0.25], [0.8, 0.0], [0.0, -0.9]])
+    o = np.concatenate([xy, np.full((5, 1), -2.0)], 1)
+    d = np.tile([0.0, 0.0, 1.0], (5, 1))
+    sq = np.sqrt(np.maximum(1.0 - (xy**2).sum(1), 0.0))
+    near, far = np.where(sq > 0, 2.0 - sq, 0.0), np.where(sq > 0, 2.0 + sq, 0.0)
+    sampler = RaySampler(grid, step=0.005, max_coarse=256, n_fine=32)
+    dirs = buffers.upload(d)
+    ps = sampler.sample(buffers.upload(o), dirs, buffers.upload(near), buffers.upload(far), sdf_fn, 500.0)
+    cap = ps.t.shape[0]
+    sdf, normal, rgb = buffers.f32(cap), buffers.f32(cap, 3), buffers.f32(cap, 3)
+    _sphere_field(ps.positions, sdf, normal, ps.n_samples, 0.5)
+    buffers.fill_(rgb, 0.25)
+    out = NeuSCompositor().forward(sdf, normal, rgb, ps.delta, ps.t, dirs, ps.ray_offsets, ps.ray_counts,
+                                   np.log(500.0) / 10.0, 1.0, (1.0, 1.0, 1.0))
+    hit = (xy**2).sum(1) < 0.25
+    t_hit = 2.0 - np.sqrt(np.maximum(0.25 - (xy**2).sum(1), 0.0))
+    opa, dep, col = out.opacity.to_numpy(), out.depth.to_numpy(), out.colour.to_numpy()
+    assert np.all(opa[hit] > 0.99) and np.all(opa[~hit] == 0.0)
+    np.testing.assert_allclose(dep[hit], t_hit[hit], atol=1e-3)
+    np.testing.assert_allclose(col[hit], 0.25, atol=0.01)
+    np.testing.assert_allclose(col[~hit], 1.0)

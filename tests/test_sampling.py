@@ -117,7 +117,7 @@ def test_fine_intervals_carry_equal_coarse_mass():
     grid = OccupancyGrid(resolution=32)
     rays = make_rays([[0.1, -0.05], [0.35, 0.2]])
     n_fine = 16
-    sampler = RaySampler(grid, step=0.02, max_coarse=256, n_fine=n_fine)
+    sampler = RaySampler(grid, step=0.02, max_coarse=256, n_fine=n_fine, max_interval_bins=None)
     ps = run(sampler, rays, inv_s=30.0)
     h = to_host(ps)
     coarse = sampler.coarse_numpy()
@@ -159,13 +159,15 @@ def test_random_samples_follow_coarse_pdf():
 @pytest.mark.portable
 def test_intervals_never_span_empty_space():
     """A sharp grid leaves the sphere's front and back shells as two segments; with a soft density
-    the weights fall in both, so some fine interval would straddle the empty interior: it is
-    clipped to one segment. Every other interval keeps its mass 1/n."""
+    and the fixed cosine (the slope estimate gives the exiting back shell no weight) the weights
+    fall in both, so some fine interval would straddle the empty interior: it is clipped to one
+    segment. Every other interval keeps its mass 1/n."""
     grid = OccupancyGrid(resolution=32)
     grid.update(sphere_sdf, inv_s=1000.0, step=0)
     rays = make_rays([[0.1, -0.05], [0.2, 0.1]])
     n_fine = 16
-    sampler = RaySampler(grid, step=0.01, max_coarse=256, n_fine=n_fine)
+    sampler = RaySampler(grid, step=0.01, max_coarse=256, n_fine=n_fine, max_interval_bins=None,
+                         cos_estimate="fixed")
     ps = run(sampler, rays, inv_s=3.0)
     h = to_host(ps)
     for r, c in enumerate(sampler.coarse_numpy()):
@@ -180,6 +182,18 @@ def test_intervals_never_span_empty_space():
         mass = coarse_cdf(c)(b) - coarse_cdf(c)(a)
         assert np.sum(np.abs(mass - 1.0 / n_fine) > 1e-4) <= 1  # only the straddling one is clipped
         assert mass.sum() > 1.0 - 1.0 / n_fine
+
+
+@pytest.mark.portable
+def test_interval_length_cap():
+    grid = OccupancyGrid(resolution=32)
+    grid.update(sphere_sdf, inv_s=64.0, step=0)
+    rays = make_rays([[0.1, -0.05], [0.3, 0.2], [-0.2, 0.3]])
+    free = to_host(run(RaySampler(grid, step=0.01, n_fine=16, max_interval_bins=None), rays, inv_s=800.0))
+    capped = to_host(run(RaySampler(grid, step=0.01, n_fine=16, max_interval_bins=3.0), rays, inv_s=800.0))
+    assert free["delta"].max() > 0.05  # long tail intervals without the cap
+    assert capped["delta"].max() <= 0.03 + 1e-6
+    assert np.all(np.diff(capped["t"].reshape(3, 16), axis=1) > 0)
 
 
 def test_random_shift_and_seed_reproducible():
