@@ -192,6 +192,9 @@ class PixelSampler:
                     f"pixel sampler: masks must be (V, H, W) = {images.shape[:3]} like the images, "
                     f"got {masks.shape}.")
         self.masks = masks
+        # uint8 masks may be 0/1 or 0/255: find out once, not on every lookup
+        self._mask_scale = np.float32(
+            255.0 if masks is not None and masks.dtype == np.uint8 and masks.max(initial=0) > 1 else 1.0)
         if view_ids is None:
             train = np.arange(v)
         else:
@@ -227,9 +230,7 @@ class PixelSampler:
         """(B,) float32 mask values in [0, 1] at ``pix``, or ``None`` without masks."""
         if self.masks is None:
             return None
-        m = self.masks
-        scale = np.float32(255.0) if m.dtype == np.uint8 and m.max(initial=0) > 1 else np.float32(1.0)
-        return gather_bilinear(m[..., None], view_ids, pix)[:, 0] / scale
+        return gather_bilinear(self.masks[..., None], view_ids, pix)[:, 0] / self._mask_scale
 
     # -- shared pieces
     def _check_batch(self, batch_size: int) -> int:
@@ -274,7 +275,7 @@ class QuadtreeSampler(PixelSampler):
     ``e <= threshold`` -> converged. A converged leaf whose error later rises above the threshold
     is un-marked (and split) the same way. Leaves never merge.
 
-    **Distribution.** Each ray independently follows this pdf over training pixels (``N`` = number
+    **Distribution.** Every ray of a batch follows this pdf over training pixels (``N`` = number
     of training pixels, ``R`` = ``rays_per_round``, default N, i.e. one round = as many rays as one
     pass over all pixels; ``A_l`` = pixel count of leaf l; ``g`` = :func:`context_prior` of the
     pixel's image, summing to 1 per image; ``U`` = union of the unconverged leaves, ``|U|`` its
@@ -284,13 +285,16 @@ class QuadtreeSampler(PixelSampler):
       the batches of the round), uniform over the leaf's pixels;
     - pixel p in U: ``P(p) = (1 - sum_l m_l) * ((1 - f) / |U| + f * g(p) / G_U)``, i.e. the rest
       of the batch goes to the unconverged leaves, a fraction (1 - f) uniformly and f from the
-      prior: leaf l receives ``(1 - f) A_l / |U| + f G_l / G_U`` of it.
+      prior: leaf l receives ``(1 - f) A_l / |U| + f G_l / G_U`` of it (a mixture of its area
+      share and its prior-mass share, which keeps the paper's half-uniform, half-prior split
+      exact; a product ``A_l * G_l`` would count the area twice).
 
     If the converged masses add up to more than 1 (only possible with a small ``rays_per_round``)
-    or no leaf is unconverged, the converged masses are rescaled to sum to 1. Leaf counts in a
-    batch are drawn by systematic sampling over the leaves (each leaf gets the floor or ceiling
-    of ``B`` times its mass, which keeps the small converged shares steady), pixels inside a
-    leaf independently; the batch is shuffled, so each ray marginally follows the pdf exactly.
+    or no leaf is unconverged, the converged masses are rescaled to sum to 1. The counts per leaf
+    and component (uniform / prior) in a batch are drawn by systematic sampling (each gets the
+    floor or the ceiling of ``B`` times its mass, which keeps the small converged shares steady
+    from batch to batch), the pixels inside a leaf independently, and the batch is shuffled: so
+    the rays of a batch are not independent, but each one follows the pdf exactly.
     :meth:`pixel_distribution` returns it as an array.
 
     **All-pixel phase.** After ``all_pixels_after * total_steps`` steps (if ``total_steps`` is
@@ -653,8 +657,11 @@ class SoftMiningSampler(PixelSampler):
         return None if self._q is None else self._q.copy()
 
     # -- map lookups
-    def _bilinear(self, field: np.ndarray, view: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """``field`` (V_train, Hq, Wq) at pixel positions, cell values sitting at cell centres."""
+    def _bilinear(self, field: np.ndarray, view: np.ndarray, x: np.ndarray, y: np.ndarray,
+                  fn=None) -> np.ndarray:
+        """``fn(field)`` (field (V_train, Hq, Wq)) at pixel positions, cell values at cell centres.
+
+        ``fn`` is applied to the 4 gathered corner values only, not to the whole map."""
         hq, wq = field.shape[1:]
         u = np.clip(x / self.cell_size - 0.5, 0.0, wq - 1)
         v = np.clip(y / self.cell_size - 0.5, 0.0, hq - 1)
@@ -662,17 +669,23 @@ class SoftMiningSampler(PixelSampler):
         y0 = np.minimum(np.floor(v).astype(np.int64), max(hq - 2, 0))
         x1, y1 = np.minimum(x0 + 1, wq - 1), np.minimum(y0 + 1, hq - 1)
         fx, fy = u - x0, v - y0
-        top = field[view, y0, x0] * (1 - fx) + field[view, y0, x1] * fx
-        bot = field[view, y1, x0] * (1 - fx) + field[view, y1, x1] * fx
+        flat, r0, r1 = field.reshape(-1), (view * hq + y0) * wq, (view * hq + y1) * wq
+        corners = [flat[r0 + x0], flat[r0 + x1], flat[r1 + x0], flat[r1 + x1]]
+        if fn is not None:
+            corners = [fn(c) for c in corners]
+        top = corners[0] * (1 - fx) + corners[1] * fx
+        bot = corners[2] * (1 - fx) + corners[3] * fx
         return top * (1 - fy) + bot * fy
 
     def _grad_log_q(self, view, pos) -> np.ndarray:
         """(n, 2) central-difference gradient of log(Q + eps) per pixel, step = one cell."""
-        logq = np.log(self._q + self.eps)
+        def logq(q):
+            return np.log(q + self.eps)
+
         h = float(self.cell_size)
-        x, y = pos[:, 0], pos[:, 1]
-        gx = self._bilinear(logq, view, x + h, y) - self._bilinear(logq, view, x - h, y)
-        gy = self._bilinear(logq, view, x, y + h) - self._bilinear(logq, view, x, y - h)
+        x, y, q = pos[:, 0], pos[:, 1], self._q
+        gx = self._bilinear(q, view, x + h, y, logq) - self._bilinear(q, view, x - h, y, logq)
+        gy = self._bilinear(q, view, x, y + h, logq) - self._bilinear(q, view, x, y - h, logq)
         return np.stack([gx, gy], axis=1) / (2 * h)
 
     # -- the verbs
