@@ -5,7 +5,7 @@ Neural Fields", ICCV 2023. The B rays of a training batch carry no image structu
 own, so S3IM *makes* a virtual image out of them and scores it with SSIM:
 
 1. Repeat the batch M times. Repeat 0 keeps the batch order, repeats 1..M-1 are random
-   permutations of it (paper Eq. 7-8).
+   permutations of it.
 2. Each repeat is laid out row-major as a ``patch_height x (B / patch_height)`` patch, and the M
    patches are put side by side into one virtual image of height ``H_p = patch_height`` and width
    ``M * B / H_p`` (3 channels).
@@ -22,7 +22,9 @@ own, so S3IM *makes* a virtual image out of them and scores it with SSIM:
 Window and padding follow the authors' public code (Madaoer/S3IM-Neural-Fields, read, not
 copied): a normalised separable Gaussian window with sigma = 1.5 whose taps sit at offsets
 ``i - K // 2`` for ``i = 0..K-1`` (so for even K it is one tap off-centre), and zero padding of
-``(K - 1) // 2`` pixels on every side of the virtual image before the strided windows. Pass
+``(K - 1) // 2`` pixels on every side of the virtual image before the strided windows (with
+K = 4, stride 4 and 64 rows the windows span rows -1..62: the last row and column of the virtual
+image fall in no window, and the rays there count only through the other, shuffled repeats). Pass
 ``window="uniform"`` for a box window or ``padding=0`` for windows that tile the virtual image
 exactly. One deliberate difference: the authors' code fills the ``H_p x (M * W_p)`` image
 row-major from the concatenated repeats instead of placing the repeats side by side; both are
