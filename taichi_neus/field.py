@@ -11,8 +11,9 @@ Two stencils:
 - ``tetrahedral``: n = Σ_k v_k f(x + ε v_k) / 4ε with v_k the tetrahedron corners
   (±1, ±1, ±1) of even parity (4 extra evaluations; Σ v_k v_kᵀ = 4I so this is ∇f + O(ε²)).
 
-Rows of the SDF network's buffers are laid out stencil-major: row ``k·n + m`` is point
-``m`` displaced by stencil offset ``k`` (k = 0 is the point itself).
+Rows of the SDF network's buffers are laid out point-major: row ``m·K + k`` is point ``m``
+displaced by stencil offset ``k`` (k = 0 is the point itself), so a point's K evaluations are
+neighbours in memory and share the hash table's cache lines.
 """
 
 import math
@@ -65,9 +66,10 @@ def stencil(mode: str):
 def _expand_points(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32,
                    X0: ti.types.ndarray(dtype=ti.f32, ndim=2),
                    off: ti.types.ndarray(dtype=ti.f32, ndim=2), eps: ti.f32):
-    for k, m in ti.ndrange(off.shape[0], n):
+    K = off.shape[0]
+    for m, k in ti.ndrange(n, K):
         for c in ti.static(range(3)):
-            X0[k * n + m, c] = pts[m, c] + eps * off[k, c]
+            X0[m * K + k, c] = pts[m, c] + eps * off[k, c]
 
 
 @ti.kernel
@@ -77,23 +79,24 @@ def _gather_outputs(O: ti.types.ndarray(dtype=ti.f32, ndim=2), X0: ti.types.ndar
                     sdf: ti.types.ndarray(dtype=ti.f32, ndim=1),
                     normal: ti.types.ndarray(dtype=ti.f32, ndim=2),
                     Xc: ti.types.ndarray(dtype=ti.f32, ndim=2), feat: ti.i32):
+    K = coef.shape[0]
     for m in range(n):
-        sdf[m] = O[m, 0]
+        sdf[m] = O[m * K, 0]
         g = ti.Vector([0.0, 0.0, 0.0])
-        for k in range(1, coef.shape[0]):
-            f = O[k * n + m, 0]
+        for k in range(1, K):
+            f = O[m * K + k, 0]
             for c in ti.static(range(3)):
                 g[c] += coef[k, c] * f
         g *= inv_eps
         sh = sh16(dirs[m, 0], dirs[m, 1], dirs[m, 2])
         for c in ti.static(range(3)):
             normal[m, c] = g[c]
-            Xc[m, c] = X0[m, c]
+            Xc[m, c] = X0[m * K, c]
             Xc[m, 3 + c] = g[c]
         for i in ti.static(range(SH_DIM)):
             Xc[m, 6 + i] = sh[i]
         for i in range(feat):
-            Xc[m, 6 + SH_DIM + i] = O[m, 1 + i]
+            Xc[m, 6 + SH_DIM + i] = O[m * K, 1 + i]
 
 
 @ti.kernel
@@ -101,21 +104,22 @@ def _scatter_grads(dXc: ti.types.ndarray(dtype=ti.f32, ndim=2), dnormal: ti.type
                    dsdf: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32,
                    coef: ti.types.ndarray(dtype=ti.f32, ndim=2), inv_eps: ti.f32,
                    dO: ti.types.ndarray(dtype=ti.f32, ndim=2), feat: ti.i32, use_color: ti.i32):
+    K = coef.shape[0]
     for m in range(n):
         gn = ti.Vector([dnormal[m, 0], dnormal[m, 1], dnormal[m, 2]])
         if use_color != 0:
             for c in ti.static(range(3)):
                 gn[c] += dXc[m, 3 + c]
-        dO[m, 0] = dsdf[m]
+        dO[m * K, 0] = dsdf[m]
         for i in range(feat):
-            dO[m, 1 + i] = dXc[m, 6 + SH_DIM + i] if use_color != 0 else 0.0
-        for k in range(1, coef.shape[0]):
+            dO[m * K, 1 + i] = dXc[m, 6 + SH_DIM + i] if use_color != 0 else 0.0
+        for k in range(1, K):
             acc = 0.0
             for c in ti.static(range(3)):
                 acc += coef[k, c] * gn[c]
-            dO[k * n + m, 0] = acc * inv_eps
+            dO[m * K + k, 0] = acc * inv_eps
             for i in range(feat):
-                dO[k * n + m, 1 + i] = 0.0
+                dO[m * K + k, 1 + i] = 0.0
 
 
 @ti.kernel
@@ -162,6 +166,16 @@ class _Workspace:
         self._bufs[name] = buf
         return buf
 
+    def exact(self, name: str, rows: int, cols: int | None = None):
+        """A buffer of exactly ``rows`` rows (reallocated when the size changes)."""
+        cur = self._bufs.get(name)
+        shape = (rows,) if cols is None else (rows, cols)
+        if cur is not None and tuple(cur.shape) == shape:
+            return cur
+        buf = buffers.f32(*shape)
+        self._bufs[name] = buf
+        return buf
+
 
 @dataclass
 class FieldOutputs:
@@ -202,11 +216,9 @@ class SDFField:
             for i in range(len(cdims) - 1)
         ]
         self.x0_cols = 3 + g.out_dim
-        self.max_width = max(dims + cdims)
         self.set_normal_mode(cfg.normal_mode)
         self.ws = _Workspace()
         self._n = 0
-        self._partial = None
 
     # ------------------------------------------------------------------ setup
     def set_normal_mode(self, mode: str) -> None:
@@ -248,11 +260,6 @@ class SDFField:
             host[lin.b.offset:lin.b.offset + lin.b.size] = rng.uniform(-bound, bound, lin.n_out)
         buffers.from_numpy(params, host)
 
-    def _partial_buf(self):
-        if self._partial is None:
-            self._partial = buffers.f32(64, self.max_width * (self.max_width + 1))
-        return self._partial
-
     # ---------------------------------------------------------------- forward
     def _sdf_net_forward(self, X0, rows: int, params, tag: str):
         self.encoding.forward(X0, rows, self.enc_col, params)
@@ -265,9 +272,12 @@ class SDFField:
             h, col = Y, 0
         return outs
 
-    def forward(self, points, dirs, n: int, params, eps: float | None = None) -> FieldOutputs:
+    def forward(self, points, dirs, n: int, params, eps: float | None = None,
+                out_rows: int | None = None) -> FieldOutputs:
         """Evaluate the field at ``points`` (n,3) with unit view ``dirs`` (n,3); keeps activations
-        for :meth:`backward`. Rows ``[0, n)`` of the returned buffers are valid."""
+        for :meth:`backward`. Rows ``[0, n)`` of the returned buffers are valid; with ``out_rows``
+        the sdf/normal/rgb buffers have exactly that many rows (the renderer's packed capacity)."""
+        out_rows = max(n, 1) if out_rows is None else int(out_rows)
         eps = self.cfg.fd_eps if eps is None else float(eps)
         off, coef = self._stencil_dev()
         rows = self.K * n
@@ -275,14 +285,15 @@ class SDFField:
         _expand_points(points, n, X0, off, eps)
         outs = self._sdf_net_forward(X0, rows, params, "")
         O = outs[-1]
-        sdf = self.ws.get("sdf", n)
-        normal = self.ws.get("normal", n, 3)
+        sdf = self.ws.exact("sdf", out_rows)
+        normal = self.ws.exact("normal", out_rows, 3)
         Xc = self.ws.get("Xc", n, self.color_in)
         _gather_outputs(O, X0, dirs, n, coef, 1.0 / eps, sdf, normal, Xc, self.cfg.feature_dim)
         h = Xc
         couts = []
         for i, lin in enumerate(self.color_layers):
-            Y = self.ws.get(f"color_h{i}", n, lin.n_out)
+            last = i == len(self.color_layers) - 1
+            Y = self.ws.exact("rgb", out_rows, 3) if last else self.ws.get(f"color_h{i}", n, lin.n_out)
             lin.forward(h, 0, Y, n, params)
             couts.append(Y)
             h = Y
@@ -297,7 +308,6 @@ class SDFField:
         losses). The inputs are not modified."""
         n, eps = self._n, self._eps
         rows = self.K * n
-        partial = self._partial_buf()
         X0 = self.ws.get("X0", rows, self.x0_cols)
         Xc = self.ws.get("Xc", n, self.color_in)
         dXc = self.ws.get("dXc", n, self.color_in)
@@ -309,11 +319,11 @@ class SDFField:
                 lin = self.color_layers[i]
                 Xin = Xc if i == 0 else self._color_outs[i - 1]
                 if i == 0:
-                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, partial,
+                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, None,
                                  dX=dXc, dxcol=0, dx_range=(3, lin.n_in))
                 else:
                     dH = self.ws.get(f"dcolor_h{i - 1}", n, lin.n_in)
-                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, partial, dX=dH)
+                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, None, dX=dH)
                     dY = dH
         _, coef = self._stencil_dev()
         last = self.sdf_layers[-1]
@@ -325,11 +335,11 @@ class SDFField:
             lin = self.sdf_layers[i]
             if i == 0:
                 lo = 3 if self.cfg.include_xyz else 0
-                lin.backward(X0, self.sdf_in_col, self._sdf_outs[0], dY, rows, params, grads, partial,
+                lin.backward(X0, self.sdf_in_col, self._sdf_outs[0], dY, rows, params, grads, None,
                              dX=dX0, dxcol=self.sdf_in_col, dx_range=(lo, lin.n_in))
             else:
                 dH = self.ws.get(f"dsdf_h{i - 1}", rows, lin.n_in)
-                lin.backward(self._sdf_outs[i - 1], 0, self._sdf_outs[i], dY, rows, params, grads, partial,
+                lin.backward(self._sdf_outs[i - 1], 0, self._sdf_outs[i], dY, rows, params, grads, None,
                              dX=dH)
                 dY = dH
         self.encoding.backward(X0, dX0, rows, self.enc_col, grads)

@@ -1,0 +1,14 @@
+"""Train on a DTU scene in the NeuS layout and write a mesh.
+
+    python examples/train_dtu.py --data ../shared/data/dtu_scan24 --out runs/scan24 --downscale 4
+
+Without --data it trains on the built-in synthetic scene. Any config option is accepted
+(see taichi_neus/config.py), e.g. --iters 3000 --render.n_fine 48 --arch vulkan.
+"""
+
+import sys
+
+from taichi_neus.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,219 @@
+"""``taichi-neus``: ``train`` (photographs → mesh) and ``mesh`` (checkpoint → mesh).
+
+Every option of :class:`taichi_neus.config.Config` is a flag: ``--train.iters 2000``,
+``--render.n_fine 48``; common ones have short aliases (``--iters``, ``--downscale``, ``--arch``).
+Bad input is reported as one sentence and exit status 2 — never a traceback.
+"""
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+from .config import Config
+from .errors import UserInputError
+
+ALIASES = {"iters": "train.iters", "downscale": "data.downscale", "seed": "train.seed",
+           "mesh-resolution": "mesh.resolution"}
+
+
+def _flatten(dc, prefix=""):
+    for f in dataclasses.fields(dc):
+        v = getattr(dc, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            yield from _flatten(v, key + ".")
+        else:
+            yield key, v
+
+
+def _set(cfg, dotted: str, raw: str):
+    obj = cfg
+    *path, name = dotted.split(".")
+    for p in path:
+        obj = getattr(obj, p)
+    cur = getattr(obj, name)
+    try:
+        if isinstance(cur, bool):
+            low = raw.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            val = low in ("1", "true", "yes")
+        elif isinstance(cur, int):
+            val = int(raw)
+        elif isinstance(cur, float):
+            val = float(raw)
+        elif isinstance(cur, tuple):
+            val = tuple(float(x) for x in raw.split(","))
+        else:
+            val = raw
+    except ValueError:
+        raise UserInputError(f"option --{dotted} expects a {type(cur).__name__}, got '{raw}'.") from None
+    setattr(obj, name, val)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="taichi-neus", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train on a scene folder and write a mesh")
+    tr.add_argument("--data", default="", help="scene folder in the NeuS/DTU layout (default: built-in synthetic)")
+    tr.add_argument("--out", default="runs/latest", help="output folder (refused if it holds another run)")
+    tr.add_argument("--arch", default="auto", help="auto|cpu|cuda|vulkan|metal")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    tr.add_argument("--no-mask", action="store_true", help="ignore the masks")
+    tr.add_argument("--config", default="", help="JSON file with a config (e.g. a run's config.json)")
+    me = sub.add_parser("mesh", help="extract a mesh from a run's latest checkpoint")
+    me.add_argument("--out", required=True, help="the run folder")
+    me.add_argument("--arch", default="auto")
+    me.add_argument("--resolution", type=int, default=0)
+    me.add_argument("--clean", action="store_true", help="cull with the masks as NeuS's DTU evaluation does")
+    me.add_argument("--name", default="", help="output file name (default mesh_<step>.ply)")
+    return ap
+
+
+def _parse(argv):
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    overrides = []
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or i + 1 >= len(rest):
+            raise UserInputError(f"unrecognised argument '{tok}'; see 'taichi-neus {args.cmd} --help'.")
+        key = ALIASES.get(tok[2:], tok[2:])
+        overrides.append((key, rest[i + 1]))
+        i += 2
+    return args, overrides
+
+
+def _make_config(args, overrides) -> Config:
+    cfg = Config()
+    if getattr(args, "config", ""):
+        p = pathlib.Path(args.config)
+        if not p.is_file():
+            raise UserInputError(f"config file {p} does not exist.")
+        try:
+            cfg = Config.from_dict(json.loads(p.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise UserInputError(f"config file {p} is not a valid taichi_neus config ({exc}).") from None
+    known = dict(_flatten(cfg))
+    for key, raw in overrides:
+        if key not in known:
+            raise UserInputError(f"unknown option --{key}; see 'taichi-neus train --help' and config.py.")
+        _set(cfg, key, raw)
+    return cfg
+
+
+def _load_scene(cfg: Config):
+    from .data import default_scene_path, load_dtu
+    path = cfg.data.path or str(default_scene_path())
+    return load_dtu(path, downscale=cfg.data.downscale, holdout_every=cfg.data.holdout_every,
+                    use_masks=cfg.data.use_masks)
+
+
+def cmd_train(args, overrides) -> int:
+    from . import runtime
+    cfg = _make_config(args, overrides)
+    cfg.arch = args.arch
+    if args.data:
+        cfg.data.path = args.data
+    if args.no_mask:
+        cfg.data.use_masks = False
+    out = pathlib.Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise UserInputError(f"output folder {out} already holds files; choose another --out, or pass --resume "
+                             "to continue the run in it.")
+    if args.resume and not (out / "config.json").is_file():
+        raise UserInputError(f"--resume: {out} holds no run (no config.json); start it without --resume.")
+    if args.resume:
+        saved = Config.from_dict(json.loads((out / "config.json").read_text()))
+        saved.train.iters = cfg.train.iters if any(k == "train.iters" for k, _ in overrides) else saved.train.iters
+        cfg = saved
+    runtime.init(cfg.arch)
+    scene = _load_scene(cfg)
+    masks = "yes" if scene.masks is not None and cfg.data.use_masks else "no"
+    print(f"[taichi_neus] scene {scene.name}: {scene.n_views} views {scene.W}x{scene.H}, "
+          f"{len(scene.train_ids)} train / {len(scene.test_ids)} held out, masks={masks}")
+    from .trainer import Trainer
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.to_json())
+    tr = Trainer(scene, cfg, out)
+    if args.resume:
+        step = tr.resume_latest()
+        print(f"[taichi_neus] resumed at step {step}" if step is not None
+              else "[taichi_neus] no checkpoint: fresh start")
+    t0 = time.time()
+    summary = tr.fit()
+    t_mesh = time.time()
+    mesh = tr.extract_mesh()
+    mesh_path = out / f"mesh_{tr.step:06d}.ply"
+    if not mesh.is_empty:
+        mesh.save(mesh_path, overwrite=True)
+    evals = [tr.evaluate_view(int(v), cfg.train.val_downscale) for v in scene.test_ids]
+    metrics = {**summary, "wall_time_s": time.time() - t0, "mesh_time_s": time.time() - t_mesh,
+               "mesh": str(mesh_path) if not mesh.is_empty else None,
+               "mesh_vertices": int(len(mesh.vertices)), "mesh_faces": int(len(mesh.faces)),
+               "heldout_views": [int(v) for v in scene.test_ids],
+               "heldout_psnr": float(sum(e["psnr"] for e in evals) / max(len(evals), 1)) if evals else None}
+    if evals and "psnr_masked" in evals[0]:
+        metrics["heldout_psnr_masked"] = float(sum(e["psnr_masked"] for e in evals) / len(evals))
+    if not cfg.data.path:
+        metrics.update(_synthetic_mesh_error(mesh))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _synthetic_mesh_error(mesh) -> dict:
+    """Chamfer distance of the mesh to the built-in scene's exact surface (world units)."""
+    if mesh.is_empty:
+        return {"chamfer_to_true_surface": None}
+    from .data import sample_surface
+    from .evaluation import chamfer, sample_mesh_points
+    pts = sample_mesh_points(mesh.vertices, mesh.faces, n=20000, seed=0)
+    c = chamfer(pts, sample_surface(20000, seed=1))
+    return {"chamfer_to_true_surface": float(c["chamfer"]), "accuracy": float(c["accuracy"]),
+            "completeness": float(c["completeness"])}
+
+
+def cmd_mesh(args) -> int:
+    from . import runtime
+    out = pathlib.Path(args.out)
+    if not (out / "config.json").is_file():
+        raise UserInputError(f"{out} holds no run (no config.json); train first or point --out at a run folder.")
+    cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
+    runtime.init(args.arch)
+    scene = _load_scene(cfg)
+    from .trainer import Trainer
+    tr = Trainer(scene, cfg, out)
+    if tr.resume_latest() is None:
+        raise UserInputError(f"{out}/checkpoints holds no readable checkpoint.")
+    mesh = tr.extract_mesh(args.resolution or None, clean=args.clean)
+    path = out / (args.name or f"mesh_{tr.step:06d}{'_clean' if args.clean else ''}.ply")
+    mesh.save(path, overwrite=False)
+    print(f"[taichi_neus] wrote {path} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .runtime import BackendError
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, overrides = _parse(argv)
+        if args.cmd == "train":
+            return cmd_train(args, overrides)
+        if overrides:
+            raise UserInputError(f"unrecognised argument '--{overrides[0][0]}' for 'mesh'.")
+        return cmd_mesh(args)
+    except (UserInputError, BackendError) as exc:
+        print(f"taichi-neus: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("taichi-neus: interrupted; resume with --resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""NeuS training: one step reads top to bottom in :meth:`Trainer.train_step` (DESIGN §1).
+
+pixels → rays → occupancy-guided samples → field → NeuS compositing → losses →
+backward (compositing, gradient-scaling hook, eikonal, field) → Adam.
+Everything per sample stays on the device; per step the host uploads the batch's rays and
+target colours and reads back a few scalars and the batch's colours.
+"""
+
+import json
+import math
+import os
+import pathlib
+import time
+
+import imageio.v2 as imageio
+import numpy as np
+import taichi as ti
+
+from . import buffers, losses
+from .adam import Adam, GroupSettings
+from .compositing import NeuSCompositor
+from .config import Config
+from .data.rays import iter_image_rays, pixel_rays, unit_sphere_near_far
+from .errors import UserInputError
+from .field import SDFField
+from .grad_scaling import GradScaling
+from .occupancy import OccupancyGrid
+from .params import ParamLayout
+from .pixel_samplers import UniformSampler
+from .progress import Progress
+from .sampling import RaySampler
+
+CKPT_KEEP = 2
+
+
+@ti.kernel
+def _gather_dirs(dirs: ti.types.ndarray(dtype=ti.f32, ndim=2), ray_ids: ti.types.ndarray(dtype=ti.i32, ndim=1),
+                 n: ti.i32, out: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    for i in range(n):
+        r = ray_ids[i]
+        for c in ti.static(range(3)):
+            out[i, c] = dirs[r, c]
+
+
+@ti.kernel
+def _read_slot(params: ti.types.ndarray(dtype=ti.f32, ndim=1), off: ti.i32,
+               out: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+    out[0] = params[off]
+
+
+@ti.kernel
+def _add_slot(g: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
+              off: ti.i32):
+    grads[off] += g[0]
+
+
+@ti.kernel
+def _all_finite(a: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32) -> ti.i32:
+    bad = 0
+    ti.loop_config(block_dim=1024)
+    for i in range(n):
+        x = a[i]
+        if not (x == x) or ti.abs(x) > 3.0e38:
+            bad += 1
+    return bad
+
+
+def _log_lerp(a: float, b: float, t: float) -> float:
+    t = min(max(t, 0.0), 1.0)
+    return math.exp(math.log(a) + (math.log(b) - math.log(a)) * t)
+
+
+class Trainer:
+    """Owns the model state (flat parameters, Adam moments, occupancy grid) and the output folder."""
+
+    def __init__(self, scene, cfg: Config, out_dir: str | os.PathLike, log=print):
+        self.scene, self.cfg = scene, cfg
+        self.out = pathlib.Path(out_dir)
+        self.log = log
+        tc, rc = cfg.train, cfg.render
+        self.layout = ParamLayout()
+        self.field = SDFField(cfg.field, self.layout)
+        self.var_slice = self.layout.add("variance", (1,), "variance")
+        self.params = self.layout.allocate()
+        self.grads = self.layout.allocate()
+        self.field.init_params(self.params, tc.seed)
+        host = buffers.to_numpy(self.params).copy()
+        host[self.var_slice.offset] = tc.init_variance
+        buffers.from_numpy(self.params, host)
+        self.opt = Adam(self.layout, {
+            "encoding": GroupSettings(tc.lr), "sdf_mlp": GroupSettings(tc.lr), "color_mlp": GroupSettings(tc.lr),
+            "variance": GroupSettings(tc.lr_variance)}, betas=(0.9, 0.99), eps=1e-15)
+        self.occupancy = OccupancyGrid(rc.occupancy_resolution, 1.0)
+        self.sampler = RaySampler(self.occupancy, step=rc.coarse_step, max_coarse=rc.max_coarse, n_fine=rc.n_fine)
+        self.render_sampler = RaySampler(self.occupancy, step=rc.coarse_step, max_coarse=rc.max_coarse,
+                                         n_fine=rc.n_fine)
+        self.compositor = NeuSCompositor()
+        self.render_compositor = NeuSCompositor()
+        sigma = tc.grad_scaling_sigma if tc.grad_scaling_sigma > 0 else scene.camera_sigma()
+        self.grad_scaling = GradScaling(tc.grad_scaling, sigma=sigma)
+        use_masks = cfg.data.use_masks and scene.masks is not None
+        self.use_masks = use_masks
+        self.pixels = UniformSampler(scene.images, scene.masks if use_masks else None, view_ids=scene.train_ids)
+        self.rng = np.random.default_rng(tc.seed)
+        self.step = 0
+        self.n_rays = int(np.clip(tc.sample_budget // max(rc.n_fine, 1), tc.min_rays, tc.max_rays))
+        self.samples_per_ray = float(rc.n_fine)
+        self._var_buf = buffers.f32(1)
+        self._dev: dict = {}
+        self.train_time = 0.0
+
+    # ---------------------------------------------------------------- helpers
+    def variance(self) -> float:
+        _read_slot(self.params, self.var_slice.offset, self._var_buf)
+        return float(self._var_buf.to_numpy()[0])
+
+    def inv_s(self) -> float:
+        return float(np.clip(math.exp(10.0 * self.variance()), 1e-6, 1e6))
+
+    def sdf_fn(self, points):
+        return self.field.sdf(points, points.shape[0], self.params)
+
+    def _upload(self, name: str, arr: np.ndarray):
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        buf = self._dev.get(name)
+        if buf is None or tuple(buf.shape) != arr.shape:
+            buf = buffers.f32(*arr.shape)
+            self._dev[name] = buf
+        buf.from_numpy(arr)
+        return buf
+
+    def schedules(self, step: int) -> dict:
+        tc = self.cfg.train
+        p = step / max(tc.iters, 1)
+        if step < tc.warmup:
+            lr = (step + 1) / tc.warmup
+        else:
+            q = (step - tc.warmup) / max(tc.iters - tc.warmup, 1)
+            lr = tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * min(q, 1.0)))
+        cos_r = min(1.0, p / tc.anneal_end) if tc.anneal_end > 0 else 1.0
+        eps = _log_lerp(tc.eps_start, tc.eps_end, p / tc.eps_anneal if tc.eps_anneal > 0 else 1.0)
+        return {"lr_scale": lr, "cos_anneal": cos_r, "eps": eps}
+
+    def _batch(self, n_rays: int):
+        """Rays and targets of one batch (host → device)."""
+        sc = self.scene
+        vids, pix, _ = self.pixels.sample(n_rays, self.rng)
+        o, d = pixel_rays(sc.K[vids], sc.c2w[vids], pix)
+        near, far, _ = unit_sphere_near_far(o, d)
+        xi = np.clip(pix[:, 0].astype(np.int64), 0, sc.W - 1)
+        yi = np.clip(pix[:, 1].astype(np.int64), 0, sc.H - 1)
+        gt = sc.images[vids, yi, xi].astype(np.float32) / 255.0
+        mask = (sc.masks[vids, yi, xi] > 127).astype(np.float32) if self.use_masks else None
+        return vids, pix, o, d, near, far, gt, mask
+
+    # ------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        tc, rc = self.cfg.train, self.cfg.render
+        step = self.step
+        sch = self.schedules(step)
+        inv_s = self.inv_s()
+        if step >= rc.occupancy_warmup and step % rc.occupancy_every == 0:
+            self.occupancy.update(self.sdf_fn, inv_s, step)
+
+        vids, pix, o, d, near, far, gt, mask = self._batch(self.n_rays)
+        o_dev, d_dev = self._upload("o", o), self._upload("d", d)
+        smp = self.sampler.sample(o_dev, d_dev, self._upload("near", near), self._upload("far", far),
+                                  self.sdf_fn, inv_s, rng_seed=tc.seed * 1000003 + step, perturb=True)
+        S, S_cap = smp.n_samples, smp.t.shape[0]
+        sdirs = self.field.ws.exact("sample_dirs", S_cap, 3)
+        _gather_dirs(d_dev, smp.ray_ids, S, sdirs)
+
+        out = self.field.forward(smp.positions, sdirs, S, self.params, eps=sch["eps"], out_rows=S_cap)
+        _read_slot(self.params, self.var_slice.offset, self._var_buf)
+        comp = self.compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev, smp.ray_offsets,
+                                       smp.ray_counts, self._var_buf, sch["cos_anneal"], rc.background)
+
+        gt_dev = self._upload("gt", gt)
+        mask_dev = self._upload("mask", mask) if mask is not None else None
+        l1, g_colour = losses.colour_l1(comp.colour, gt_dev, mask_dev, weight=1.0)
+        bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight)
+                          if mask_dev is not None else (0.0, None))
+        g = self.compositor.backward(g_colour, g_opacity, None)
+        self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
+        eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
+                                accumulate=True)
+
+        buffers.zero_(self.grads)
+        if S > 0:
+            self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads)
+        _add_slot(g.variance, self.grads, self.var_slice.offset)
+        loss = l1 + bce + eik
+        if not math.isfinite(loss) or _all_finite(self.grads, self.layout.total) > 0:
+            raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss={loss})")
+        self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"])
+
+        colour = comp.colour.to_numpy()
+        err = np.abs(colour - gt).mean(axis=1)
+        self.pixels.update(vids, pix, err, step)
+        sel = mask > 0.5 if mask is not None else slice(None)
+        mse = float(np.mean((colour[sel] - gt[sel]) ** 2)) if np.any(sel) else float("nan")
+        # Keep the sample count near the budget: rays adapt to the measured samples per ray.
+        spr = S / max(self.n_rays, 1)
+        self.samples_per_ray = 0.9 * self.samples_per_ray + 0.1 * max(spr, 1.0)
+        want = int(np.clip(tc.sample_budget / self.samples_per_ray, tc.min_rays, tc.max_rays)) // 64 * 64
+        if abs(want - self.n_rays) > 0.1 * self.n_rays:
+            self.n_rays = want
+        self.step += 1
+        return {"step": self.step, "loss": loss, "l1": l1, "eikonal": eik, "mask_bce": bce,
+                "psnr": -10.0 * math.log10(max(mse, 1e-10)), "s": math.exp(10.0 * self.variance()),
+                "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr,
+                "lr_scale": sch["lr_scale"], "eps": sch["eps"]}
+
+    # ------------------------------------------------------------- rendering
+    def render_rays(self, o: np.ndarray, d: np.ndarray, chunk: int = 4096) -> dict:
+        """Render rays (no gradient): rgb (N,3), opacity (N,), depth (N,), normal (N,3) world-aligned."""
+        n = o.shape[0]
+        res = {"rgb": np.zeros((n, 3), np.float32), "opacity": np.zeros(n, np.float32),
+               "depth": np.zeros(n, np.float32), "normal": np.zeros((n, 3), np.float32)}
+        inv_s = self.inv_s()
+        eps = self.schedules(self.step)["eps"]
+        cos_r = self.schedules(self.step)["cos_anneal"]
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            oo = np.zeros((chunk, 3), np.float32)
+            dd = np.zeros((chunk, 3), np.float32)
+            dd[:, 2] = 1.0
+            oo[:e - s], dd[:e - s] = o[s:e], d[s:e]
+            near, far, _ = unit_sphere_near_far(oo, dd)
+            if e - s < chunk:
+                near[e - s:] = far[e - s:] = 0.0
+            d_dev = self._upload("r_d", dd)
+            smp = self.render_sampler.sample(self._upload("r_o", oo), d_dev, self._upload("r_near", near),
+                                             self._upload("r_far", far), self.sdf_fn, inv_s, perturb=False)
+            S, S_cap = smp.n_samples, smp.t.shape[0]
+            sdirs = self.field.ws.exact("r_sample_dirs", S_cap, 3)
+            _gather_dirs(d_dev, smp.ray_ids, S, sdirs)
+            out = self.field.forward(smp.positions, sdirs, S, self.params, eps=eps, out_rows=S_cap)
+            _read_slot(self.params, self.var_slice.offset, self._var_buf)
+            comp = self.render_compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev,
+                                                  smp.ray_offsets, smp.ray_counts, self._var_buf, cos_r,
+                                                  self.cfg.render.background)
+            m = e - s
+            res["rgb"][s:e] = comp.colour.to_numpy()[:m]
+            res["opacity"][s:e] = comp.opacity.to_numpy()[:m]
+            res["depth"][s:e] = comp.depth.to_numpy()[:m]
+            if S > 0:
+                w = self.render_compositor.weights.to_numpy()[:S]
+                nr = out.normal.to_numpy()[:S]
+                nr = nr / np.maximum(np.linalg.norm(nr, axis=1, keepdims=True), 1e-8)
+                rid = smp.ray_ids.to_numpy()[:S]
+                acc = np.zeros((chunk, 3), np.float32)
+                np.add.at(acc, rid, w[:, None] * nr)
+                res["normal"][s:e] = acc[:m]
+        return res
+
+    def render_view(self, view: int, downscale: int = 1) -> dict:
+        """Render a dataset view at 1/downscale resolution; returns images (h, w, ·) float32."""
+        sc = self.scene
+        K = sc.K[view].astype(np.float64).copy()
+        K[:2] /= downscale
+        h, w = sc.H // downscale, sc.W // downscale
+        o_all, d_all = [], []
+        for _, _, o, d in iter_image_rays(K, sc.c2w[view], h, w, chunk=1 << 16):
+            o_all.append(o)
+            d_all.append(d)
+        r = self.render_rays(np.concatenate(o_all), np.concatenate(d_all))
+        return {k: v.reshape(h, w, -1).squeeze(-1) if v.ndim == 1 else v.reshape(h, w, 3) for k, v in r.items()}
+
+    def evaluate_view(self, view: int, downscale: int) -> dict:
+        from .evaluation import psnr
+        r = self.render_view(view, downscale)
+        sc = self.scene
+        gt = sc.images[view].astype(np.float32) / 255.0
+        if downscale > 1:
+            h, w = sc.H // downscale, sc.W // downscale
+            gt = gt[:h * downscale, :w * downscale].reshape(h, downscale, w, downscale, 3).mean((1, 3))
+        mask = None
+        if sc.masks is not None:
+            m = sc.masks[view].astype(np.float32) / 255.0
+            if downscale > 1:
+                m = m[:h * downscale, :w * downscale].reshape(h, downscale, w, downscale).mean((1, 3))
+            mask = m > 0.5
+        gt_eval = gt * mask[..., None] if (mask is not None and self.use_masks) else gt
+        out = {"psnr": float(psnr(np.clip(r["rgb"], 0, 1), gt_eval))}
+        if mask is not None:
+            out["psnr_masked"] = float(psnr(np.clip(r["rgb"], 0, 1), gt, mask=mask))
+        return {**out, "render": r, "gt": gt_eval}
+
+    def save_validation(self, view: int) -> dict:
+        ev = self.evaluate_view(view, self.cfg.train.val_downscale)
+        r = ev["render"]
+        vdir = self.out / "val"
+        vdir.mkdir(parents=True, exist_ok=True)
+        depth = r["depth"] / max(float(r["depth"].max()), 1e-6)
+        nrm = (r["normal"] * 0.5 + 0.5) * r["opacity"][..., None]
+        row = np.concatenate([np.clip(ev["gt"], 0, 1), np.clip(r["rgb"], 0, 1), nrm,
+                              np.repeat(depth[..., None], 3, -1)], axis=1)
+        imageio.imwrite(vdir / f"step{self.step:06d}_view{view:03d}.png", (row * 255).astype(np.uint8))
+        return {k: v for k, v in ev.items() if k.startswith("psnr")}
+
+    # ------------------------------------------------------------------ mesh
+    def extract_mesh(self, resolution: int | None = None, clean: bool | None = None):
+        from .mesh import clean_mesh_with_masks, extract_mesh
+        resolution = resolution or self.cfg.mesh.resolution
+        q = buffers.f32(1 << 18, 3)
+
+        def sdf_np(p: np.ndarray) -> np.ndarray:
+            out = np.empty(p.shape[0], np.float32)
+            for s in range(0, p.shape[0], 1 << 18):
+                m = min(1 << 18, p.shape[0] - s)
+                blk = np.zeros((1 << 18, 3), np.float32)
+                blk[:m] = p[s:s + m]
+                q.from_numpy(blk)
+                out[s:s + m] = self.field.sdf(q, m, self.params).to_numpy()[:m]
+            return out
+
+        def color_np(p: np.ndarray, nrm: np.ndarray) -> np.ndarray:
+            out = np.empty((p.shape[0], 3), np.float32)
+            for s in range(0, p.shape[0], 1 << 16):
+                m = min(1 << 16, p.shape[0] - s)
+                pts = self._upload("m_p", p[s:s + m])
+                dirs = self._upload("m_d", -nrm[s:s + m])
+                out[s:s + m] = self.field.forward(pts, dirs, m, self.params).rgb.to_numpy()[:m]
+            return out
+
+        mesh = extract_mesh(sdf_np, resolution=resolution, bound=1.0, color_fn=color_np,
+                            scale_mat=self.scene.scale_mat)
+        clean = self.cfg.mesh.clean_with_masks if clean is None else clean
+        if clean and self.scene.masks is not None and not mesh.is_empty:
+            mesh = clean_mesh_with_masks(mesh, self.scene.K, self.scene.c2w, self.scene.masks, self.scene.scale_mat)
+        return mesh
+
+    # ----------------------------------------------------------- checkpoints
+    def state(self) -> dict:
+        st = self.opt.state_dict()
+        return {"params": buffers.to_numpy(self.params), "adam_m": st["m"], "adam_v": st["v"],
+                "adam_step": st["step"], "step": np.int64(self.step),
+                "occupancy": self.occupancy.bits.to_numpy(), "n_rays": np.int64(self.n_rays),
+                "samples_per_ray": np.float64(self.samples_per_ray), "train_time": np.float64(self.train_time),
+                "rng": np.frombuffer(json.dumps(self.rng.bit_generator.state).encode(), np.uint8),
+                "layout_total": np.int64(self.layout.total)}
+
+    def save_checkpoint(self) -> pathlib.Path:
+        ck = self.out / "checkpoints"
+        ck.mkdir(parents=True, exist_ok=True)
+        path = ck / f"ckpt_{self.step:07d}.npz"
+        tmp = ck / f".tmp_{self.step:07d}.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, **self.state())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        for old in sorted(ck.glob("ckpt_*.npz"))[:-CKPT_KEEP]:
+            old.unlink()
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        with np.load(path) as z:
+            st = {k: z[k] for k in z.files}
+        if int(st["layout_total"]) != self.layout.total:
+            raise UserInputError(f"checkpoint {path} was written by a model of another size; "
+                                 "resume with the configuration it was trained with.")
+        buffers.from_numpy(self.params, st["params"])
+        self.opt.load_state_dict({"m": st["adam_m"], "v": st["adam_v"], "step": st["adam_step"]})
+        self.occupancy.bits.from_numpy(st["occupancy"])
+        self.step = int(st["step"])
+        self.n_rays = int(st["n_rays"])
+        self.samples_per_ray = float(st["samples_per_ray"])
+        self.train_time = float(st["train_time"])
+        self.rng.bit_generator.state = json.loads(bytes(st["rng"]).decode())
+
+    def resume_latest(self) -> int | None:
+        """Load the newest readable checkpoint (a corrupt or partial one is skipped); its step or None."""
+        ck = self.out / "checkpoints"
+        for path in sorted(ck.glob("ckpt_*.npz"), reverse=True):
+            try:
+                self.load_checkpoint(path)
+                return self.step
+            except UserInputError:
+                raise
+            except Exception as exc:  # truncated or corrupt file: fall back to the previous one
+                self.log(f"[taichi_neus] skipping unreadable checkpoint {path.name}: {exc}")
+        return None
+
+    # ------------------------------------------------------------------- fit
+    def fit(self) -> dict:
+        tc = self.cfg.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.out / "metrics.jsonl"
+        bar = Progress(tc.iters, start=self.step, every=tc.log_every)
+        val_view = int(self.scene.test_ids[0]) if len(self.scene.test_ids) else int(self.scene.train_ids[0])
+        with open(metrics_path, "a") as mf:
+            while self.step < tc.iters:
+                t0 = time.time()
+                st = self.train_step()
+                self.train_time += time.time() - t0
+                st["time"] = self.train_time
+                if self.step % tc.log_every == 0 or self.step == tc.iters:
+                    mf.write(json.dumps(st) + "\n")
+                    mf.flush()
+                bar.update(self.step, loss=st["loss"], psnr=st["psnr"], s=st["s"], spr=st["samples_per_ray"])
+                if tc.val_every and (self.step % tc.val_every == 0 or self.step == tc.iters):
+                    v = self.save_validation(val_view)
+                    mf.write(json.dumps({"step": self.step, "val_view": val_view, **v}) + "\n")
+                    mf.flush()
+                if tc.ckpt_every and (self.step % tc.ckpt_every == 0 or self.step == tc.iters):
+                    self.save_checkpoint()
+        bar.close()
+        return {"steps": self.step, "train_time_s": self.train_time}
