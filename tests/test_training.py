@@ -1,0 +1,52 @@
+"""Training on the built-in synthetic scene reaches its known surface; checkpoints resume exactly."""
+
+import numpy as np
+import pytest
+from training_helpers import small_config
+
+from taichi_neus.data import default_scene_path, load_dtu, sample_surface
+from taichi_neus.evaluation import chamfer, sample_mesh_points
+from taichi_neus.trainer import Trainer
+
+pytestmark = pytest.mark.slow
+
+
+def _mesh_chamfer(tr) -> float:
+    mesh = tr.extract_mesh(resolution=96)
+    assert not mesh.is_empty
+    pts = sample_mesh_points(mesh.vertices, mesh.faces, n=20000, seed=0)
+    return chamfer(pts, sample_surface(20000, seed=1))["chamfer"]
+
+
+def test_synthetic_training_reaches_true_surface(tmp_path):
+    scene = load_dtu(default_scene_path())
+    tr = Trainer(scene, small_config(iters=400), tmp_path, log=lambda *a: None)
+    before = _mesh_chamfer(tr)  # the initial sphere of radius 0.5
+    tr.fit()
+    after = _mesh_chamfer(tr)
+    ev = tr.evaluate_view(int(scene.test_ids[0]), 1)
+    # World units: the object spans ~2.7 (radius 0.8 × scale 1.7); the 96³ mesh grid step is 0.035.
+    # Measured (seeds 0, 1): before ≈ 0.29-0.30, after 400 steps ≈ 0.039-0.040 (about one grid step),
+    # held-out PSNR 23.3-24.4. The bounds leave a 1.5x margin on the distance for seed and thread-order
+    # noise while still failing for an untrained or half-trained model (≈ 0.1 after 100 steps).
+    assert before > 0.2
+    assert after < 0.06, after
+    assert ev["psnr"] > 21.0, ev["psnr"]
+
+
+def test_resume_continues_from_checkpoint(tmp_path):
+    scene = load_dtu(default_scene_path())
+    cfg = small_config(iters=20)
+    cfg.train.ckpt_every = 10
+    a = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+    a.fit()
+    params_a = a.state()["params"]
+    b = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+    assert b.resume_latest() == 20
+    np.testing.assert_array_equal(b.state()["params"], params_a)
+    assert b.state()["adam_step"] == 20
+    # a corrupt newest checkpoint falls back to the previous one
+    ck = sorted((tmp_path / "run" / "checkpoints").glob("ckpt_*.npz"))
+    ck[-1].write_bytes(ck[-1].read_bytes()[:1000])
+    c = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+    assert c.resume_latest() == 10
