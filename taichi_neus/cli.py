@@ -107,10 +107,11 @@ def _make_config(args, overrides) -> Config:
 
 
 def _load_scene(cfg: Config):
-    from .data import default_scene_path, load_dtu
+    from .data import default_scene_path
+    from .data.loader import load_scene
     path = cfg.data.path or str(default_scene_path())
-    return load_dtu(path, downscale=cfg.data.downscale, holdout_every=cfg.data.holdout_every,
-                    use_masks=cfg.data.use_masks)
+    return load_scene(path, downscale=cfg.data.downscale, holdout_every=cfg.data.holdout_every,
+                      use_masks=cfg.data.use_masks)
 
 
 def cmd_train(args, overrides) -> int:

@@ -28,6 +28,7 @@ class RenderConfig:
     max_coarse: int = 128
     n_fine: int = 32  # samples per ray that carry gradients
     background: tuple = (0.0, 0.0, 0.0)
+    near: float = 0.0  # rays start at least this far from the camera (0: at the camera or the unit sphere)
 
 
 @dataclass
@@ -49,6 +50,13 @@ class TrainConfig:
     eps_anneal: float = 0.5  # reached at this fraction of training
     grad_scaling: str = "paper"  # "paper" | "none"
     grad_scaling_sigma: float = 0.0  # 0: estimate from the cameras
+    pixel_sampler: str = "uniform"  # "uniform" | "quadtree" | "soft_mining"
+    s3im_weight: float = 0.0  # λ of the S3IM loss (Xie et al. 2023); 0 = off
+    s3im_kernel: int = 4
+    s3im_repeats: int = 10
+    s3im_patch: int = 64  # virtual patch height; with S3IM on, rays per batch = s3im_batch
+    s3im_batch: int = 4096
+    max_bad_steps: int = 5  # consecutive non-finite steps (each rolled back, lr halved) before giving up
     seed: int = 0
     val_every: int = 500
     val_downscale: int = 2  # validation renders at 1/k of the training resolution

@@ -26,7 +26,7 @@ from .field import SDFField
 from .grad_scaling import GradScaling
 from .occupancy import OccupancyGrid
 from .params import ParamLayout
-from .pixel_samplers import UniformSampler
+from .pixel_samplers import make_sampler
 from .progress import Progress
 from .sampling import RaySampler
 
@@ -70,6 +70,24 @@ def _log_lerp(a: float, b: float, t: float) -> float:
     return math.exp(math.log(a) + (math.log(b) - math.log(a)) * t)
 
 
+@ti.kernel
+def _scale_rows(g: ti.types.ndarray(dtype=ti.f32, ndim=2), w: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+    for r in range(g.shape[0]):
+        for c in ti.static(range(3)):
+            g[r, c] *= w[r]
+
+
+@ti.kernel
+def _add_rows(g: ti.types.ndarray(dtype=ti.f32, ndim=2), h: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    for r in range(g.shape[0]):
+        for c in ti.static(range(3)):
+            g[r, c] += h[r, c]
+
+
+class TrainingDiverged(UserInputError):
+    """Training produced non-finite values repeatedly, even after rolling back with lower learning rates."""
+
+
 class Trainer:
     """Owns the model state (flat parameters, Adam moments, occupancy grid) and the output folder."""
 
@@ -100,10 +118,22 @@ class Trainer:
         self.grad_scaling = GradScaling(tc.grad_scaling, sigma=sigma)
         use_masks = cfg.data.use_masks and scene.masks is not None
         self.use_masks = use_masks
-        self.pixels = UniformSampler(scene.images, scene.masks if use_masks else None, view_ids=scene.train_ids)
+        self.pixels = make_sampler(tc.pixel_sampler, scene.images, scene.masks if use_masks else None,
+                                   view_ids=scene.train_ids, **({"total_steps": tc.iters}
+                                                                if tc.pixel_sampler == "quadtree" else {}))
+        self.s3im = None
+        if tc.s3im_weight > 0:
+            from .s3im import S3IM
+            self.s3im = S3IM(kernel=tc.s3im_kernel, stride=tc.s3im_kernel, repeats=tc.s3im_repeats,
+                             patch_height=tc.s3im_patch, weight=tc.s3im_weight)
+            self.s3im.check_batch(tc.s3im_batch)
         self.rng = np.random.default_rng(tc.seed)
         self.step = 0
         self.n_rays = int(np.clip(tc.sample_budget // max(rc.n_fine, 1), tc.min_rays, tc.max_rays))
+        if self.s3im is not None:
+            self.n_rays = tc.s3im_batch  # S3IM needs whole virtual patches: the ray count stays fixed
+        self.lr_factor = 1.0  # halved at each rollback after a non-finite step
+        self.bad_steps = 0
         self.samples_per_ray = float(rc.n_fine)
         self._var_buf = buffers.f32(1)
         self._dev: dict = {}
@@ -142,16 +172,16 @@ class Trainer:
         return {"lr_scale": lr, "cos_anneal": cos_r, "eps": eps}
 
     def _batch(self, n_rays: int):
-        """Rays and targets of one batch (host → device)."""
+        """Rays, targets and per-ray loss weights of one batch (host → device)."""
         sc = self.scene
-        vids, pix, _ = self.pixels.sample(n_rays, self.rng)
+        vids, pix, weights = self.pixels.sample(n_rays, self.rng)
         o, d = pixel_rays(sc.K[vids], sc.c2w[vids], pix)
-        near, far, _ = unit_sphere_near_far(o, d)
+        near, far, _ = unit_sphere_near_far(o, d, min_near=self.cfg.render.near)
         xi = np.clip(pix[:, 0].astype(np.int64), 0, sc.W - 1)
         yi = np.clip(pix[:, 1].astype(np.int64), 0, sc.H - 1)
         gt = sc.images[vids, yi, xi].astype(np.float32) / 255.0
         mask = (sc.masks[vids, yi, xi] > 127).astype(np.float32) if self.use_masks else None
-        return vids, pix, o, d, near, far, gt, mask
+        return vids, pix, o, d, near, far, gt, mask, np.asarray(weights, np.float32)
 
     # ------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -162,7 +192,7 @@ class Trainer:
         if step >= rc.occupancy_warmup and step % rc.occupancy_every == 0:
             self.occupancy.update(self.sdf_fn, inv_s, step)
 
-        vids, pix, o, d, near, far, gt, mask = self._batch(self.n_rays)
+        vids, pix, o, d, near, far, gt, mask, ray_w = self._batch(self.n_rays)
         o_dev, d_dev = self._upload("o", o), self._upload("d", d)
         smp = self.sampler.sample(o_dev, d_dev, self._upload("near", near), self._upload("far", far),
                                   self.sdf_fn, inv_s, rng_seed=tc.seed * 1000003 + step, perturb=True)
@@ -178,6 +208,15 @@ class Trainer:
         gt_dev = self._upload("gt", gt)
         mask_dev = self._upload("mask", mask) if mask is not None else None
         l1, g_colour = losses.colour_l1(comp.colour, gt_dev, mask_dev, weight=1.0)
+        weighted = not np.allclose(ray_w, 1.0)
+        if weighted:  # importance weights of the pixel sampler (soft mining): per-ray L1 × w
+            _scale_rows(g_colour, self._upload("ray_w", ray_w))
+        colour = None
+        s3im_loss = 0.0
+        if self.s3im is not None:
+            colour = comp.colour.to_numpy()
+            s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, gt, seed=tc.seed * 7919 + step)
+            _add_rows(g_colour, self._upload("g_s3im", g_s3im))
         bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight)
                           if mask_dev is not None else (0.0, None))
         g = self.compositor.backward(g_colour, g_opacity, None)
@@ -189,12 +228,13 @@ class Trainer:
         if S > 0:
             self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
-        loss = l1 + bce + eik
+        loss = l1 + bce + eik + s3im_loss
         if not math.isfinite(loss) or _all_finite(self.grads, self.layout.total) > 0:
-            raise FloatingPointError(f"non-finite loss or gradient at step {step} (loss={loss})")
-        self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"])
+            return self._reject_step(step, loss)
+        self.bad_steps = 0
+        self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor)
 
-        colour = comp.colour.to_numpy()
+        colour = comp.colour.to_numpy() if colour is None else colour
         err = np.abs(colour - gt).mean(axis=1)
         self.pixels.update(vids, pix, err, step)
         sel = mask > 0.5 if mask is not None else slice(None)
@@ -203,13 +243,30 @@ class Trainer:
         spr = S / max(self.n_rays, 1)
         self.samples_per_ray = 0.9 * self.samples_per_ray + 0.1 * max(spr, 1.0)
         want = int(np.clip(tc.sample_budget / self.samples_per_ray, tc.min_rays, tc.max_rays)) // 64 * 64
-        if abs(want - self.n_rays) > 0.1 * self.n_rays:
+        if self.s3im is None and abs(want - self.n_rays) > 0.1 * self.n_rays:
             self.n_rays = want
         self.step += 1
         return {"step": self.step, "loss": loss, "l1": l1, "eikonal": eik, "mask_bce": bce,
                 "psnr": -10.0 * math.log10(max(mse, 1e-10)), "s": math.exp(10.0 * self.variance()),
-                "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr,
-                "lr_scale": sch["lr_scale"], "eps": sch["eps"]}
+                "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr, "s3im": s3im_loss,
+                "lr_scale": sch["lr_scale"] * self.lr_factor, "eps": sch["eps"]}
+
+    def _reject_step(self, step: int, loss: float) -> dict:
+        """A non-finite loss or gradient: the update is not applied (parameters stay the last good ones),
+        the learning rate is halved, and after ``max_bad_steps`` in a row training stops with a message.
+        Checkpoints are only written from good states, so none is ever poisoned."""
+        self.bad_steps += 1
+        self.lr_factor *= 0.5
+        self.log(f"[taichi_neus] step {step}: non-finite loss or gradient (loss={loss}); update skipped, "
+                 f"learning rate x{self.lr_factor:g}")
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            raise TrainingDiverged(
+                f"training diverged: {self.bad_steps} consecutive steps with non-finite values at step {step} "
+                f"even after lowering the learning rate to x{self.lr_factor:g}; resume from the last checkpoint "
+                "with a lower --train.lr, or check the input data.")
+        self.step += 1
+        return {"step": self.step, "loss": float("nan"), "psnr": float("nan"), "s": math.exp(10 * self.variance()),
+                "samples_per_ray": 0.0, "rejected": True}
 
     # ------------------------------------------------------------- rendering
     def render_rays(self, o: np.ndarray, d: np.ndarray, chunk: int = 4096) -> dict:
@@ -226,7 +283,7 @@ class Trainer:
             dd = np.zeros((chunk, 3), np.float32)
             dd[:, 2] = 1.0
             oo[:e - s], dd[:e - s] = o[s:e], d[s:e]
-            near, far, _ = unit_sphere_near_far(oo, dd)
+            near, far, _ = unit_sphere_near_far(oo, dd, min_near=self.cfg.render.near)
             if e - s < chunk:
                 near[e - s:] = far[e - s:] = 0.0
             d_dev = self._upload("r_d", dd)
@@ -384,7 +441,9 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------- fit
-    def fit(self) -> dict:
+    def fit(self, callback=None) -> dict:
+        """Train to ``cfg.train.iters``. ``callback(trainer, stats)`` runs after every step (e.g. the live
+        preview); returning False stops training early (a checkpoint is written)."""
         tc = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
@@ -406,5 +465,9 @@ class Trainer:
                     mf.flush()
                 if tc.ckpt_every and (self.step % tc.ckpt_every == 0 or self.step == tc.iters):
                     self.save_checkpoint()
+                if callback is not None and callback(self, st) is False:
+                    if tc.ckpt_every:
+                        self.save_checkpoint()
+                    break
         bar.close()
         return {"steps": self.step, "train_time_s": self.train_time}
