@@ -11,7 +11,10 @@ The folder written by :func:`make_synthetic_scene` has exactly the NeuS layout r
 :func:`taichi_neus.data.dtu.load_dtu` (``image/000.png``, ``mask/000.png``,
 ``cameras_sphere.npz``), with a non-identity ``scale_mat`` (world = 1.7 * unit + (0.2, -0.1, 0.3))
 so the world transform is exercised. Cameras sit on a sphere of radius ~2.7 (unit units)
-looking at the origin.
+looking at the origin. Optional parameters of :func:`make_synthetic_scene` (defaults: the scene
+above) move the cameras to another radius and shrink the object by ``object_scale``
+(``f_s(p) = s · f(p / s)``, texture scaled with it), e.g. cameras at radius 0.9 *inside* the unit
+sphere around an object of radius 0.3, for experiments where rays start inside the modelled region.
 
 Sphere tracing: Hart, "Sphere tracing: a geometric method for the antialiased ray tracing of
 implicit surfaces", The Visual Computer 1996. Smooth union: the polynomial smooth minimum
@@ -109,9 +112,18 @@ def synthetic_sdf_unit(points: np.ndarray) -> np.ndarray:
     return _smin(_smin(d_sphere, d_torus, _BLEND), d_box, _BLEND)
 
 
-def sdf_normal(points: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+def scaled_sdf_unit(points: np.ndarray, object_scale: float = 1.0) -> np.ndarray:
+    """The object shrunk (or grown) by ``object_scale`` about the origin: ``s · f(p / s)``, still a
+    1-Lipschitz lower bound of the distance. (N,) float64, unit-sphere units; ``object_scale`` 1 is
+    exactly :func:`synthetic_sdf_unit`."""
+    if object_scale == 1.0:
+        return synthetic_sdf_unit(points)
+    return object_scale * synthetic_sdf_unit(np.asarray(points, np.float64) / object_scale)
+
+
+def sdf_normal(points: np.ndarray, eps: float = 1e-5, object_scale: float = 1.0) -> np.ndarray:
     """(N, 3) float64 unit normals (central differences of the SDF), unit-sphere coordinates."""
-    p = np.asarray(points, np.float64).reshape(-1, 3)
+    p = np.asarray(points, np.float64).reshape(-1, 3) / object_scale  # the normal is scale invariant
     g = np.empty_like(p)
     for i in range(3):
         e = np.zeros(3)
@@ -133,37 +145,41 @@ def albedo(points: np.ndarray) -> np.ndarray:
     return np.clip(base * (0.65 + 0.35 * soft[:, None]), 0.0, 1.0)
 
 
-def shade(points: np.ndarray) -> np.ndarray:
-    """(N, 3) float64 RGB in [0, 1]: albedo times ambient plus Lambertian light (view independent)."""
-    n = sdf_normal(points)
+def shade(points: np.ndarray, object_scale: float = 1.0) -> np.ndarray:
+    """(N, 3) float64 RGB in [0, 1]: albedo times ambient plus Lambertian light (view independent).
+    With ``object_scale`` the texture is scaled with the object (evaluated at ``p / s``)."""
+    n = sdf_normal(points, object_scale=object_scale)
     lam = np.maximum(n @ LIGHT, 0.0)
-    return albedo(points) * (0.35 + 0.65 * lam)[:, None]
+    p = points if object_scale == 1.0 else np.asarray(points, np.float64) / object_scale
+    return albedo(p) * (0.35 + 0.65 * lam)[:, None]
 
 
-def _sdf_chunked(p: np.ndarray, chunk: int = 16384) -> np.ndarray:
-    """:func:`synthetic_sdf_unit` in cache-sized pieces (numpy temporaries stay in cache)."""
+def _sdf_chunked(p: np.ndarray, chunk: int = 16384, object_scale: float = 1.0) -> np.ndarray:
+    """:func:`scaled_sdf_unit` in cache-sized pieces (numpy temporaries stay in cache)."""
     if len(p) <= chunk:
-        return synthetic_sdf_unit(p)
+        return scaled_sdf_unit(p, object_scale)
     out = np.empty(len(p))
     for s in range(0, len(p), chunk):
-        out[s:s + chunk] = synthetic_sdf_unit(p[s:s + chunk])
+        out[s:s + chunk] = scaled_sdf_unit(p[s:s + chunk], object_scale)
     return out
 
 
-def sphere_trace(origins: np.ndarray, dirs: np.ndarray, max_steps: int = 256, eps: float = 1e-6):
+def sphere_trace(origins: np.ndarray, dirs: np.ndarray, max_steps: int = 256, eps: float = 1e-6,
+                 object_scale: float = 1.0):
     """Vectorised sphere tracing of :func:`synthetic_sdf_unit` (Hart 1996).
 
     Args:
         origins: (N, 3) float, unit-sphere coordinates; dirs: (N, 3) float unit directions.
         max_steps: iteration cap; a ray still marching after it counts as a miss.
         eps: a ray hits when the SDF falls below this (unit-sphere units).
+        object_scale: trace :func:`scaled_sdf_unit` with this scale (1: the default object).
     Returns:
         hit: (N,) bool; t: (N,) float64 distance along the ray to the hit (inf for misses);
         points: (N, 3) float64 hit points (NaN for misses).
     """
     o = np.asarray(origins, np.float64).reshape(-1, 3)
     d = np.asarray(dirs, np.float64).reshape(-1, 3)
-    near, far, inside = unit_sphere_near_far(o, d, radius=BOUND_RADIUS)
+    near, far, inside = unit_sphere_near_far(o, d, radius=BOUND_RADIUS * object_scale)
     t = np.full(len(o), np.inf)
     # Marching rays only, compacted as they finish: index, position, direction, distance, exit.
     idx = np.flatnonzero(inside)
@@ -173,7 +189,7 @@ def sphere_trace(origins: np.ndarray, dirs: np.ndarray, max_steps: int = 256, ep
     for _ in range(max_steps):
         if idx.size == 0:
             break
-        f = _sdf_chunked(pos)
+        f = _sdf_chunked(pos, object_scale=object_scale)
         done = f < eps
         t[idx[done]] = at[done]
         at += f
@@ -197,8 +213,9 @@ def look_at(centre: np.ndarray, target=(0.0, 0.0, 0.0), up=UP) -> tuple[np.ndarr
     return R, -R @ centre
 
 
-def camera_centres(n_views: int, seed: int = 0) -> np.ndarray:
-    """(n_views, 3) float64 camera positions on the radius-2.7 sphere, elevations -25..65 degrees.
+def camera_centres(n_views: int, seed: int = 0, radius: float = CAMERA_RADIUS) -> np.ndarray:
+    """(n_views, 3) float64 camera positions on the sphere of ``radius`` (default 2.7), elevations
+    -25..65 degrees.
 
     A golden-angle spiral in azimuth with elevations spread evenly (shuffled jitter by ``seed``).
     """
@@ -208,19 +225,23 @@ def camera_centres(n_views: int, seed: int = 0) -> np.ndarray:
     el = np.deg2rad(-25.0 + 90.0 * (i + rng.uniform(0.2, 0.8, n_views)) / n_views)
     el = rng.permutation(el)
     horiz = np.stack([np.cos(az), np.zeros(n_views), np.sin(az)], axis=-1) * np.cos(el)[:, None]
-    return CAMERA_RADIUS * (horiz + np.sin(el)[:, None] * UP)
+    return radius * (horiz + np.sin(el)[:, None] * UP)
 
 
-def intrinsics(width: int, height: int) -> np.ndarray:
+def intrinsics(width: int, height: int, camera_radius: float = CAMERA_RADIUS,
+               bound_radius: float = BOUND_RADIUS) -> np.ndarray:
     """(3, 3) float64 K: the bounding sphere fills ~80% of the shorter side; fy != fx slightly,
-    principal point off-centre by a pixel, no skew (so nothing relies on a centred, square K)."""
-    tan_half = 1.05 * BOUND_RADIUS / np.sqrt(CAMERA_RADIUS**2 - BOUND_RADIUS**2)
+    principal point off-centre by a pixel, no skew (so nothing relies on a centred, square K).
+    ``camera_radius`` / ``bound_radius``: the cameras' distance and the object's bounding radius."""
+    tan_half = 1.05 * bound_radius / np.sqrt(camera_radius**2 - bound_radius**2)
     f = 0.5 * min(width, height) / tan_half
     return np.array([[f, 0.0, 0.5 * width + 0.7], [0.0, 1.02 * f, 0.5 * height - 0.6], [0.0, 0.0, 1.0]])
 
 
-def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Render views sharing intrinsics ``K`` (3, 3) from camera-to-world ``c2ws`` (V, 4, 4).
+def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int,
+                 object_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Render views sharing intrinsics ``K`` (3, 3) from camera-to-world ``c2ws`` (V, 4, 4)
+    (``object_scale``: see :func:`scaled_sdf_unit`).
 
     Returns (V, H, W, 3) uint8 colour, 2x2 supersampled, black background, and (V, H, W) bool
     masks (the ray through the pixel centre hits the surface). Views are traced together, at
@@ -239,9 +260,9 @@ def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int) -> tu
         rays = [pixel_rays(K, c2ws[v], pix) for v in vs]
         o = np.concatenate([r[0] for r in rays])
         d = np.concatenate([r[1] for r in rays])
-        hit, _, pts = sphere_trace(o, d)
+        hit, _, pts = sphere_trace(o, d, object_scale=object_scale)
         rgb = np.zeros((len(o), 3))
-        rgb[hit] = shade(pts[hit])
+        rgb[hit] = shade(pts[hit], object_scale)
         rgb = rgb.reshape(len(vs), 5, n, 3)
         colour = rgb[:, :4].mean(axis=1)
         images[v0:v0 + len(vs)] = np.clip(np.round(colour * 255.0), 0, 255).reshape(-1, height, width, 3)
@@ -249,8 +270,13 @@ def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int) -> tu
     return images, masks
 
 
-def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: int = 96, seed: int = 0):
+def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: int = 96, seed: int = 0,
+                         camera_radius: float = CAMERA_RADIUS, object_scale: float = 1.0):
     """Render the synthetic scene into ``out_dir`` in the NeuS layout; returns the path.
+
+    ``camera_radius`` (unit-sphere units; may be < 1, cameras inside the modelled region) and
+    ``object_scale`` (the object's bounding radius is ``0.8 * object_scale``) change the scene; the
+    defaults are the built-in scene. The intrinsics keep the object filling ~80% of the image.
 
     Writes ``image/000.png`` .. (RGB), ``mask/000.png`` .. (3-channel 0/255),
     ``cameras_sphere.npz`` (float64 ``world_mat_i`` = K[R|t] padded to 4x4, projecting WORLD
@@ -259,10 +285,15 @@ def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: in
     out = pathlib.Path(out_dir)
     (out / "image").mkdir(parents=True, exist_ok=True)
     (out / "mask").mkdir(parents=True, exist_ok=True)
-    K = intrinsics(width, height)
+    bound = BOUND_RADIUS * object_scale
+    if not (object_scale > 0 and camera_radius > bound):
+        raise UserInputError(f"synthetic scene: the cameras (radius {camera_radius}) must lie outside the object "
+                             f"(bounding radius {bound:.3g}); increase camera_radius or decrease object_scale.")
+    K = intrinsics(width, height, camera_radius, bound)
     S = scale_mat()
-    poses = [look_at(c) for c in camera_centres(n_views, seed)]
-    images, masks = render_views(K, np.stack([camera_to_world(R, t) for R, t in poses]), width, height)
+    poses = [look_at(c) for c in camera_centres(n_views, seed, camera_radius)]
+    images, masks = render_views(K, np.stack([camera_to_world(R, t) for R, t in poses]), width, height,
+                                 object_scale)
     cams = {}
     for i, (R, t) in enumerate(poses):
         Image.fromarray(images[i]).save(out / "image" / f"{i:03d}.png")
@@ -275,13 +306,16 @@ def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: in
         cams[f"scale_mat_{i}"] = S
     np.savez(out / "cameras_sphere.npz", **cams)
     meta = {"version": VERSION, "n_views": n_views, "width": width, "height": height, "seed": seed,
-            "scale": SCALE, "offset": OFFSET.tolist(), "camera_radius": CAMERA_RADIUS}
+            "scale": SCALE, "offset": OFFSET.tolist(), "camera_radius": camera_radius}
+    if object_scale != 1.0:
+        meta["object_scale"] = object_scale
     (out / "scene.json").write_text(json.dumps(meta, indent=1))
     return out
 
 
-def sample_surface(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 3) float64 points on the object's surface, WORLD units, uniform by area.
+def sample_surface(n: int, seed: int = 0, object_scale: float = 1.0) -> np.ndarray:
+    """(n, 3) float64 points on the object's surface, WORLD units, uniform by area
+    (``object_scale``: of the scaled object of :func:`scaled_sdf_unit`).
 
     Uniform samples in a thin shell |f| < band are accepted with probability |grad f| (so the
     density is uniform in area, by the coarea formula), then projected onto f = 0 by Newton steps
@@ -304,7 +338,7 @@ def sample_surface(n: int, seed: int = 0) -> np.ndarray:
         x = x[np.abs(synthetic_sdf_unit(x)) < 1e-10]
         got.append(x)
         count += len(x)
-    x = np.concatenate(got)[:n]
+    x = np.concatenate(got)[:n] * object_scale
     return x * SCALE + OFFSET
 
 
