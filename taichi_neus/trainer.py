@@ -118,9 +118,12 @@ class Trainer:
         self.grad_scaling = GradScaling(tc.grad_scaling, sigma=sigma)
         use_masks = cfg.data.use_masks and scene.masks is not None
         self.use_masks = use_masks
+        # step-based schedules of the samplers follow the run's length: the quadtree's all-pixel phase,
+        # soft mining's alpha warm-up over the first third (1000 of the default 3000 steps)
+        sampler_opts = {"quadtree": {"total_steps": tc.iters},
+                        "soft_mining": {"warmup_steps": max(1, tc.iters // 3)}}.get(tc.pixel_sampler, {})
         self.pixels = make_sampler(tc.pixel_sampler, scene.images, scene.masks if use_masks else None,
-                                   view_ids=scene.train_ids, **({"total_steps": tc.iters}
-                                                                if tc.pixel_sampler == "quadtree" else {}))
+                                   view_ids=scene.train_ids, **sampler_opts)
         self.s3im = None
         if tc.s3im_weight > 0:
             from .s3im import S3IM
@@ -177,10 +180,10 @@ class Trainer:
         vids, pix, weights = self.pixels.sample(n_rays, self.rng)
         o, d = pixel_rays(sc.K[vids], sc.c2w[vids], pix)
         near, far, _ = unit_sphere_near_far(o, d, min_near=self.cfg.render.near)
-        xi = np.clip(pix[:, 0].astype(np.int64), 0, sc.W - 1)
-        yi = np.clip(pix[:, 1].astype(np.int64), 0, sc.H - 1)
-        gt = sc.images[vids, yi, xi].astype(np.float32) / 255.0
-        mask = (sc.masks[vids, yi, xi] > 127).astype(np.float32) if self.use_masks else None
+        # bilinear at the ray's pixel position: exact at pixel centres, and right for soft mining's
+        # continuous positions (its rays do not go through centres)
+        gt = self.pixels.colors(vids, pix)
+        mask = (self.pixels.mask_values(vids, pix) > 0.5).astype(np.float32) if self.use_masks else None
         return vids, pix, o, d, near, far, gt, mask, np.asarray(weights, np.float32)
 
     # ------------------------------------------------------------- one step
@@ -213,9 +216,14 @@ class Trainer:
             _scale_rows(g_colour, self._upload("ray_w", ray_w))
         colour = None
         s3im_loss = 0.0
+        # With masks the model is asked to render the photo on the foreground and the background colour
+        # elsewhere (the L1 sees foreground rays only, the mask loss the rest): S3IM and the samplers' error
+        # compare with that image, not with the photo's real background.
+        bg = np.asarray(rc.background, np.float32)
+        target = gt if mask is None else gt * mask[:, None] + bg * (1 - mask[:, None])
         if self.s3im is not None:
             colour = comp.colour.to_numpy()
-            s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, gt, seed=tc.seed * 7919 + step)
+            s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, target, seed=tc.seed * 7919 + step)
             _add_rows(g_colour, self._upload("g_s3im", g_s3im))
         bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight)
                           if mask_dev is not None else (0.0, None))
@@ -235,7 +243,7 @@ class Trainer:
         self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor)
 
         colour = comp.colour.to_numpy() if colour is None else colour
-        err = np.abs(colour - gt).mean(axis=1)
+        err = np.abs(colour - target).mean(axis=1)
         self.pixels.update(vids, pix, err, step)
         sel = mask > 0.5 if mask is not None else slice(None)
         mse = float(np.mean((colour[sel] - gt[sel]) ** 2)) if np.any(sel) else float("nan")
@@ -269,8 +277,11 @@ class Trainer:
                 "samples_per_ray": 0.0, "rejected": True}
 
     # ------------------------------------------------------------- rendering
-    def render_rays(self, o: np.ndarray, d: np.ndarray, chunk: int = 4096) -> dict:
-        """Render rays (no gradient): rgb (N,3), opacity (N,), depth (N,), normal (N,3) world-aligned."""
+    def render_rays(self, o: np.ndarray, d: np.ndarray, chunk: int = 4096, max_t: np.ndarray | None = None) -> dict:
+        """Render rays (no gradient): rgb (N,3), opacity (N,), depth (N,), normal (N,3) world-aligned.
+
+        ``max_t`` (N,) float, optional: end each ray at this distance from its origin (if before its exit
+        from the unit sphere), e.g. to measure the opacity accumulated close to the camera."""
         n = o.shape[0]
         res = {"rgb": np.zeros((n, 3), np.float32), "opacity": np.zeros(n, np.float32),
                "depth": np.zeros(n, np.float32), "normal": np.zeros((n, 3), np.float32)}
@@ -284,6 +295,8 @@ class Trainer:
             dd[:, 2] = 1.0
             oo[:e - s], dd[:e - s] = o[s:e], d[s:e]
             near, far, _ = unit_sphere_near_far(oo, dd, min_near=self.cfg.render.near)
+            if max_t is not None:
+                far[:e - s] = np.maximum(near[:e - s], np.minimum(far[:e - s], max_t[s:e]))
             if e - s < chunk:
                 near[e - s:] = far[e - s:] = 0.0
             d_dev = self._upload("r_d", dd)
