@@ -64,12 +64,39 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--no-mask", action="store_true", help="ignore the masks")
     tr.add_argument("--config", default="", help="JSON file with a config (e.g. a run's config.json)")
+    tr.add_argument("--gui", action="store_true", help="live preview window while training (ti.GUI)")
+    tr.add_argument("--gui-frames", default="", metavar="DIR",
+                    help="save preview frames as PNGs into DIR (headless unless --gui has a display)")
+    tr.add_argument("--gui-share", type=float, default=0.2, help="largest share of time the preview may take")
+    tr.add_argument("--gui-width", type=int, default=160, help="preview render width in pixels")
     me = sub.add_parser("mesh", help="extract a mesh from a run's latest checkpoint")
     me.add_argument("--out", required=True, help="the run folder")
     me.add_argument("--arch", default="auto")
     me.add_argument("--resolution", type=int, default=0)
     me.add_argument("--clean", action="store_true", help="cull with the masks as NeuS's DTU evaluation does")
     me.add_argument("--name", default="", help="output file name (default mesh_<step>.ply)")
+    re_ = sub.add_parser("render", help="render a camera path of a run's latest checkpoint into RUN/renders/")
+    re_.add_argument("--out", required=True, help="the run folder")
+    re_.add_argument("--arch", default="auto")
+    re_.add_argument("--path", default="orbit", choices=("train", "test", "orbit"), help="camera path")
+    re_.add_argument("--frames", type=int, default=0, help="frames (orbit: default 36; views: default all)")
+    re_.add_argument("--downscale", type=int, default=1, help="image size 1/K of the training resolution")
+    re_.add_argument("--modes", default="rgb,normal,depth", help="comma-separated: rgb, normal, depth")
+    re_.add_argument("--gif", action="store_true", help="also write <mode>.gif")
+    re_.add_argument("--mp4", action="store_true", help="also write <mode>.mp4 (needs imageio-ffmpeg or av)")
+    re_.add_argument("--fps", type=int, default=12)
+    ev = sub.add_parser("eval", help="score a run: held-out PSNR/SSIM/mask IoU, Chamfer; writes RUN/eval.json")
+    ev.add_argument("--out", required=True, help="the run folder")
+    ev.add_argument("--arch", default="auto")
+    gt = ev.add_mutually_exclusive_group()
+    gt.add_argument("--gt-points", default="", metavar="PLY", help="ground-truth point cloud, world units")
+    gt.add_argument("--gt-mesh", default="", metavar="PLY", help="ground-truth mesh, world units")
+    ev.add_argument("--dtu-dir", default="", help="folder with DTU's Points/stl and ObsMask (official protocol)")
+    ev.add_argument("--scan", type=int, default=0, help="DTU scan number (default: from the scene name)")
+    ev.add_argument("--clean", action="store_true", help="cull the mesh with the masks first (NeuS's DTU step)")
+    ev.add_argument("--mesh", default="", metavar="PLY", help="score this mesh instead of the run's")
+    ev.add_argument("--downscale", type=int, default=1, help="render held-out views at 1/K resolution")
+    ev.add_argument("--points", type=int, default=100000, help="points sampled per surface for Chamfer")
     return ap
 
 
@@ -132,6 +159,7 @@ def cmd_train(args, overrides) -> int:
         saved = Config.from_dict(json.loads((out / "config.json").read_text()))
         saved.train.iters = cfg.train.iters if any(k == "train.iters" for k, _ in overrides) else saved.train.iters
         cfg = saved
+    preview_settings = _preview_settings(args)
     runtime.init(cfg.arch)
     scene = _load_scene(cfg)
     masks = "yes" if scene.masks is not None and cfg.data.use_masks else "no"
@@ -146,7 +174,17 @@ def cmd_train(args, overrides) -> int:
         print(f"[taichi_neus] resumed at step {step}" if step is not None
               else "[taichi_neus] no checkpoint: fresh start")
     t0 = time.time()
-    summary = tr.fit()
+    preview = None
+    if preview_settings is not None:
+        from .preview import LivePreview
+        preview = LivePreview(tr, preview_settings)
+    try:
+        summary = tr.fit(callback=preview)
+    finally:
+        if preview is not None:
+            preview.close()
+    if preview is not None:
+        summary["preview_share"] = preview.share
     t_mesh = time.time()
     mesh = tr.extract_mesh()
     mesh_path = out / f"mesh_{tr.step:06d}.ply"
@@ -165,6 +203,21 @@ def cmd_train(args, overrides) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _preview_settings(args):
+    """The live preview's settings from ``--gui``/``--gui-frames``, or None; refuses ``--gui`` without a display
+    (checked before anything is written)."""
+    if not (args.gui or args.gui_frames):
+        return None
+    from .preview import PreviewSettings, display_available
+    show = bool(args.gui) and display_available()
+    if args.gui and not show and not args.gui_frames:
+        raise UserInputError("--gui needs a display and none was found (DISPLAY is not set); run with "
+                             "--gui-frames DIR to save the preview as PNG frames instead.")
+    st = PreviewSettings(width=args.gui_width, share=args.gui_share, frames_dir=args.gui_frames, show=show)
+    st.check()
+    return st
 
 
 def _synthetic_mesh_error(mesh) -> dict:
@@ -198,6 +251,42 @@ def cmd_mesh(args) -> int:
     return 0
 
 
+def cmd_render(args) -> int:
+    from .results import load_run, parse_modes, render_run
+    modes = parse_modes(args.modes)
+    if args.frames < 0:
+        raise UserInputError(f"--frames must be 0 (default) or positive, got {args.frames}.")
+    if args.mp4:
+        from .results import require_mp4
+        require_mp4()  # refuse before loading anything
+    _, _, tr = load_run(args.out, args.arch)
+    r = render_run(tr, args.path, args.frames, args.downscale, modes, gif=args.gif, mp4=args.mp4, fps=args.fps)
+    print(f"[taichi_neus] wrote {r['frames']} frames ({r['size'][0]}x{r['size'][1]}, {', '.join(modes)}) "
+          f"of step {tr.step} into {r['dir']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .results import evaluate_geometry, evaluate_images, format_table, load_run, run_mesh
+    for flag, path in (("--gt-points", args.gt_points), ("--gt-mesh", args.gt_mesh), ("--mesh", args.mesh)):
+        if path and not pathlib.Path(path).is_file():
+            raise UserInputError(f"{flag} {path} does not exist.")
+    if args.dtu_dir and not pathlib.Path(args.dtu_dir).is_dir():
+        raise UserInputError(f"--dtu-dir {args.dtu_dir} is not a folder.")
+    _, _, tr = load_run(args.out, args.arch)
+    result = {"run": str(args.out), "step": tr.step, "images": evaluate_images(tr, args.downscale)}
+    mesh, mesh_path = run_mesh(tr, clean=args.clean, mesh_path=args.mesh)
+    result.update(mesh=str(mesh_path), clean=bool(args.clean), mesh_vertices=int(len(mesh.vertices)),
+                  mesh_faces=int(len(mesh.faces)))
+    result["geometry"] = evaluate_geometry(tr, mesh, args.gt_points, args.gt_mesh, args.dtu_dir, args.scan,
+                                           n_points=args.points)
+    path = pathlib.Path(args.out) / "eval.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"[taichi_neus] wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     from .runtime import BackendError
     argv = sys.argv[1:] if argv is None else argv
@@ -206,7 +295,11 @@ def main(argv=None) -> int:
         if args.cmd == "train":
             return cmd_train(args, overrides)
         if overrides:
-            raise UserInputError(f"unrecognised argument '--{overrides[0][0]}' for 'mesh'.")
+            raise UserInputError(f"unrecognised argument '--{overrides[0][0]}' for '{args.cmd}'.")
+        if args.cmd == "render":
+            return cmd_render(args)
+        if args.cmd == "eval":
+            return cmd_eval(args)
         return cmd_mesh(args)
     except (UserInputError, BackendError) as exc:
         print(f"taichi-neus: error: {exc}", file=sys.stderr)

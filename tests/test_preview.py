@@ -1,0 +1,241 @@
+"""Live preview: headless frames during a short training run, the camera/mode controller driven by
+events, the progressive image, and the time budget."""
+
+import math
+import time
+import types
+
+import numpy as np
+import pytest
+from run_helpers import STEPS, frame_image, small_run
+
+from taichi_neus import cli
+from taichi_neus.data import default_scene_path, load_dtu
+from taichi_neus.preview import LivePreview, PreviewSettings, ProgressiveImage, ViewController
+from taichi_neus.results import load_run
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return load_dtu(default_scene_path())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ti_arch):
+    return small_run(tmp_path_factory, ti_arch)
+
+
+@pytest.fixture(scope="module")
+def preview(run, ti_arch):
+    _, _, tr = load_run(run["run"], ti_arch, log=lambda *a: None)
+    return LivePreview(tr, PreviewSettings(width=48, show=False), log=lambda *a: None)
+
+
+def _eye(c2w):
+    return c2w[:3, 3]
+
+
+# ----------------------------------------------------------------------------- headless run
+@pytest.mark.slow
+def test_headless_preview_saves_frames_that_show_the_object(run):
+    assert run["rc"] == 0
+    frames = sorted(run["frames"].glob("frame_*.png"))
+    assert len(frames) >= 2, frames
+    steps = [int(f.stem.split("step")[1]) for f in frames]
+    assert steps == sorted(steps) and steps[0] < STEPS and steps[-1] == STEPS
+    last = frame_image(frames[-1])
+    assert last.shape[1] >= 640  # the window is widened for the text
+    grey = last.mean(axis=2)
+    h, w = grey.shape
+    centre = grey[h // 3: 2 * h // 3, w // 3: 2 * w // 3].mean()
+    corners = np.mean([grey[:h // 8, :w // 8].mean(), grey[:h // 8, -w // 8:].mean(),
+                       grey[-h // 8:, :w // 8].mean(), grey[-h // 8:, -w // 8:].mean()])
+    # the object in the middle of a black background; measured after 60 steps: centre 0.23, corners 0.0
+    assert centre > corners + 0.1, (centre, corners)
+    assert grey.std() > 0.05
+    # training changes what the preview shows (the first pass still shows the initial sphere)
+    first = frame_image(frames[0])
+    assert np.abs(first - last).mean() > 0.03  # measured 0.12
+    assert 0 < run["metrics"]["preview_share"] <= 0.45  # --gui-share 0.3; timing: only a loose sanity bound
+
+
+def test_gui_without_display_is_refused(tmp_path, monkeypatch, capsys, ti_arch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    out = tmp_path / "out"
+    assert cli.main(["train", "--out", str(out), "--arch", ti_arch, "--gui"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "display" in err[0] and "--gui-frames" in err[0]
+    assert not out.exists()
+    assert cli.main(["train", "--out", str(out), "--arch", ti_arch, "--gui-frames", str(tmp_path / "f"),
+                     "--gui-share", "1.5"]) == 2
+    assert "--gui-share" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ controller
+def test_orbit_camera_looks_at_centre_from_mean_distance(scene):
+    c = ViewController(scene, width=64)
+    K, c2w = c.camera()
+    centres = scene.c2w[scene.train_ids, :3, 3]
+    assert np.linalg.norm(_eye(c2w)) == pytest.approx(np.linalg.norm(centres, axis=1).mean())
+    np.testing.assert_allclose(c2w[:3, :3] @ c2w[:3, :3].T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(c2w[:3, :3]) == pytest.approx(1.0)
+    # the origin projects to the principal point: the camera looks at the centre
+    w2c = np.linalg.inv(c2w)
+    p = K @ w2c[:3, 3]
+    np.testing.assert_allclose(p[:2] / p[2], K[:2, 2], atol=1e-9)
+    # up on screen (-y) is the rig's up, the synthetic scene's (0, -1, 0)
+    assert -c2w[:3, 1] @ np.array([0, -1.0, 0]) > 0.8
+    assert c.H == 64 and c.W == 64  # the scene's aspect ratio (96 x 96)
+    assert K[0, 0] == pytest.approx(scene.K[scene.train_ids, 0, 0].mean() * 64 / 96)
+
+
+def test_drag_orbits_and_wheel_zooms(scene):
+    c = ViewController(scene, width=64)
+    _, before = c.camera()
+    v0 = c.version
+    c.event("press", "LMB", (0.5, 0.5))
+    c.event("motion", "Motion", (0.75, 0.5))  # a quarter window to the right: -45° of azimuth
+    c.event("release", "LMB", (0.75, 0.5))
+    _, after = c.camera()
+    assert c.version > v0
+    assert c.azimuth == pytest.approx(-math.pi / 4)
+    up = c.rig.up
+    e0, e1 = _eye(before), _eye(after)
+    # a rotation about the up axis through the centre: same height and distance, 45° apart
+    assert e1 @ up == pytest.approx(e0 @ up) and np.linalg.norm(e1) == pytest.approx(np.linalg.norm(e0))
+    h0, h1 = e0 - (e0 @ up) * up, e1 - (e1 @ up) * up
+    assert math.degrees(math.acos(h0 @ h1 / np.linalg.norm(h0) / np.linalg.norm(h1))) == pytest.approx(45.0)
+    c.event("motion", "Motion", (0.1, 0.9))  # no button held: nothing moves
+    np.testing.assert_array_equal(c.camera()[1], after)
+    # vertical drags change the elevation, clamped short of the pole
+    c.event("press", "LMB", (0.5, 0.0))
+    c.event("motion", "Motion", (0.5, 1.0))
+    c.event("release", "LMB", (0.5, 1.0))
+    assert c.elevation == pytest.approx(-c.MAX_ELEVATION)
+    r = c.radius
+    c.event("motion", "Wheel", (0.5, 0.5), (0, 240))  # two notches in
+    assert c.radius == pytest.approx(r * 0.81)
+    assert np.linalg.norm(_eye(c.camera()[1])) == pytest.approx(r * 0.81)
+    c.zoom(-100)
+    assert c.radius == pytest.approx(c.max_radius)
+
+
+def test_keys_switch_mode_pause_mesh_close_and_snap(scene):
+    c = ViewController(scene, width=64)
+    for key, mode in (("2", "normal"), ("3", "depth"), ("1", "rgb"), ("Tab", "normal"), ("Tab", "depth"),
+                      ("Tab", "rgb")):
+        c.event("press", key)
+        assert c.mode == mode
+    c.event("press", " ")
+    assert c.paused
+    c.event("press", " ")
+    assert not c.paused
+    c.event("press", "m")
+    assert c.want_mesh
+    # v: the training view nearest the camera, exactly (pose and scaled intrinsics) ...
+    eye = _eye(c.camera()[1])
+    dist = np.linalg.norm(scene.c2w[scene.train_ids, :3, 3] - eye, axis=1)
+    nearest = int(scene.train_ids[np.argmin(dist)])
+    c.event("press", "v")
+    K, c2w = c.camera()
+    assert c.view == nearest
+    np.testing.assert_allclose(c2w, scene.c2w[nearest])
+    np.testing.assert_allclose(K[:2], scene.K[nearest][:2] * 64 / 96)
+    # ... v again: the next training view; an orbit leaves the view and continues from its position
+    c.event("press", "v")
+    k = list(scene.train_ids).index(nearest)
+    nxt = int(scene.train_ids[(k + 1) % len(scene.train_ids)])
+    assert c.view == nxt
+    c.orbit(0.01, 0.0)
+    assert c.view == -1
+    assert np.linalg.norm(_eye(c.camera()[1]) - scene.c2w[nxt, :3, 3]) < 0.1
+    c.event("press", "o")
+    assert c.azimuth == 0 and c.view == -1
+    c.event("press", "Escape")
+    assert c.closed
+
+
+def test_progressive_image_coarse_to_fine():
+    p = ProgressiveImage(10, 12)
+    p.restart(keep=False)
+    first = p.next_pixels(4)
+    y, x = np.divmod(first, 12)
+    assert np.all(y % 8 == 0) and np.all(x % 8 == 0)  # the stride-8 grid comes first: (0,0) (0,8) (8,0) (8,8)
+    p.put(first, {"rgb": np.ones((4, 3)) * np.arange(1, 5)[:, None], "normal": np.zeros((4, 3)),
+                  "depth": np.zeros(4), "opacity": np.ones(4)})
+    img = p.image()["rgb"][..., 0]
+    # every pixel shows the coarse pixel of its 8x8 block
+    assert img[0, 0] == 1 and img[7, 7] == 1 and img[0, 8] == 2 and img[9, 11] == 4 and img[8, 3] == 3
+    while not p.done:
+        idx = p.next_pixels(7)
+        p.put(idx, {"rgb": np.full((len(idx), 3), 9.0), "normal": np.zeros((len(idx), 3)),
+                    "depth": np.zeros(len(idx)), "opacity": np.ones(len(idx))})
+    assert p.filled.all() and sorted(p.order) == list(range(120))
+    p.restart(keep=True)  # same camera, newer model: row-major over the old image, which stays visible
+    np.testing.assert_array_equal(p.next_pixels(5), np.arange(5))
+    assert p.image()["rgb"][..., 0].min() >= 1
+
+
+# ------------------------------------------------------------------- the image responds
+@pytest.mark.slow
+def test_image_responds_to_mode_zoom_orbit_and_snap(preview, scene):
+    pv, c = preview, preview.ctrl
+    c.reset_camera()
+    c.set_mode("rgb")
+    rgb = pv.render_full()
+    c.set_mode("normal")
+    normal = pv.frame()  # a mode switch re-colours without re-rendering
+    c.set_mode("depth")
+    depth = pv.frame()
+    assert np.abs(rgb - normal).mean() > 0.05 and np.abs(rgb - depth).mean() > 0.05
+    c.set_mode("rgb")
+    area = (pv.prog.image()["opacity"] > 0.5).mean()
+    assert 0.05 < area < 0.9
+    c.zoom(3)  # closer by 0.9^3: the object covers more of the image
+    pv.render_full()
+    zoomed = (pv.prog.image()["opacity"] > 0.5).mean()
+    assert zoomed > 1.4 * area, (area, zoomed)  # measured 0.30 -> 0.58
+    c.zoom(-3)
+    c.orbit(0.5, 0.0)  # half a turn: the object is asymmetric, the image changes
+    assert np.abs(pv.render_full() - rgb).mean() > 0.03  # measured 0.065
+    # snapped to a training view, the rendered silhouette matches that view's mask (pose conventions)
+    c.snap()
+    v = c.view
+    pv.render_full()
+    op = pv.prog.image()["opacity"]
+    mask = scene.masks[v].astype(float) / 255.0
+    mask = mask.reshape(48, 2, 48, 2).mean(axis=(1, 3)) > 0.5
+    inter, union = np.logical_and(op > 0.5, mask).sum(), np.logical_or(op > 0.5, mask).sum()
+    assert inter / union > 0.7, inter / union  # measured 0.80-0.90 after 60 steps
+
+
+class _FakeTrainer:
+    """Training and rendering replaced by sleeps: 20 ms per step, 3 ms per render call."""
+
+    def __init__(self, scene, out):
+        self.scene, self.out, self.step = scene, out, 0
+        self.cfg = types.SimpleNamespace(train=types.SimpleNamespace(iters=80))
+
+    def render_rays(self, o, d, chunk):
+        time.sleep(0.003)
+        n = o.shape[0]
+        return {"rgb": np.full((n, 3), 0.5, np.float32), "opacity": np.ones(n, np.float32),
+                "depth": np.full(n, 2.0, np.float32), "normal": np.zeros((n, 3), np.float32)}
+
+
+def test_preview_time_stays_within_its_share(scene, tmp_path):
+    tr = _FakeTrainer(scene, tmp_path)
+    pv = LivePreview(tr, PreviewSettings(width=64, share=0.2, chunk=256, show=False,
+                                         frames_dir=str(tmp_path / "f")), log=lambda *a: None)
+    for _ in range(tr.cfg.train.iters):
+        time.sleep(0.02)
+        tr.step += 1
+        pv(tr, {"loss": 0.1, "psnr": 20.0, "s": 50.0})
+    # the budget is cumulative and each render call is predicted from the last ones; slack for
+    # scheduler noise on a busy machine
+    assert 0.1 < pv.share <= 0.23, pv.share
+    assert pv.passes >= 1 and pv.rays > 4096
+    pv.close()
+    assert len(pv.frames) == pv.passes and all(f.is_file() for f in pv.frames)

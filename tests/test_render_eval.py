@@ -1,0 +1,192 @@
+"""`taichi-neus render` and `taichi-neus eval` on a small trained run, on known shapes and on a
+stand-in for DTU's files; their refusals."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from run_helpers import small_run
+from test_evaluation import fake_dtu, fibonacci_sphere, quad  # noqa: F401  (fake_dtu is a fixture)
+
+from taichi_neus import cli
+from taichi_neus.camera_paths import OrbitRig, look_at, orbit_path
+from taichi_neus.data import default_scene_path, load_dtu
+from taichi_neus.evaluation import psnr
+from taichi_neus.ply import write_ply
+from taichi_neus.results import mp4_backend
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ti_arch):
+    r = small_run(tmp_path_factory, ti_arch)
+    assert r["rc"] == 0
+    return r
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return load_dtu(default_scene_path())
+
+
+def _refused(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("taichi-neus: error:"), err
+    for w in words:
+        assert w in err[0], err[0]
+
+
+def uv_sphere(r, n_lat=96, n_lon=192):
+    """A triangulated sphere of radius r (chords sag by at most r (1 - cos(pi / n_lon)) ~ 1.3e-4 r)."""
+    th = np.linspace(0, np.pi, n_lat + 1)[1:-1]
+    ph = np.linspace(0, 2 * np.pi, n_lon, endpoint=False)
+    t, p = np.meshgrid(th, ph, indexing="ij")
+    v = np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], -1).reshape(-1, 3)
+    v = np.concatenate([[[0, 0, 1.0]], v, [[0, 0, -1.0]]]) * r
+    idx = np.arange(1, 1 + (n_lat - 1) * n_lon).reshape(n_lat - 1, n_lon)
+    nxt = np.roll(idx, -1, axis=1)
+    f = [np.stack([np.zeros(n_lon, int), idx[0], nxt[0]], 1),
+         np.stack([idx[:-1].ravel(), idx[1:].ravel(), nxt[1:].ravel()], 1),
+         np.stack([idx[:-1].ravel(), nxt[1:].ravel(), nxt[:-1].ravel()], 1),
+         np.stack([np.full(n_lon, len(v) - 1), nxt[-1], idx[-1]], 1)]
+    return v, np.concatenate(f)
+
+
+# --------------------------------------------------------------------------- camera paths
+def test_orbit_path_circles_the_centre_at_the_cameras_distance_and_elevation(scene):
+    c2w = scene.c2w[scene.train_ids]
+    poses = orbit_path(c2w, 8)
+    rig = OrbitRig.from_cameras(c2w)
+    assert rig.up @ np.array([0, -1.0, 0]) > 0.95  # the synthetic scene's up is -y
+    dist = np.linalg.norm(c2w[:, :3, 3], axis=1)
+    for k, p in enumerate(poses):
+        eye = p[:3, 3]
+        assert np.linalg.norm(eye) == pytest.approx(dist.mean())
+        az, el, r = rig.spherical(eye)
+        assert el == pytest.approx(rig.elevation) and np.cos(az - 2 * np.pi * k / 8) == pytest.approx(1.0)
+        np.testing.assert_allclose(p[:3, 2], -eye / np.linalg.norm(eye), atol=1e-12)  # looks at the origin
+        np.testing.assert_allclose(p[:3, :3].T @ p[:3, :3], np.eye(3), atol=1e-12)
+    # look_at agrees with the synthetic scene's own cameras (OpenCV axes)
+    from taichi_neus.data.synthetic import look_at as scene_look_at
+
+    eye = np.array([0.3, -2.0, 1.5])
+    R, t = scene_look_at(eye)
+    np.testing.assert_allclose(np.linalg.inv(look_at(eye))[:3], np.concatenate([R, t[:, None]], 1), atol=1e-12)
+
+
+# --------------------------------------------------------------------------------- render
+def test_render_orbit_writes_pngs_and_gif(run, capsys, ti_arch):
+    assert cli.main(["render", "--out", str(run["run"]), "--arch", ti_arch, "--path", "orbit", "--frames", "4",
+                     "--downscale", "2", "--modes", "rgb,depth", "--gif"]) == 0
+    d = run["run"] / "renders" / "orbit"
+    names = sorted(p.name for p in d.iterdir())
+    assert names == sorted([f"{m}_{i:03d}.png" for m in ("rgb", "depth") for i in range(4)]
+                           + ["rgb.gif", "depth.gif", "cameras.json"])
+    for m in ("rgb", "depth"):
+        with Image.open(d / f"{m}.gif") as g:
+            assert g.n_frames == 4 and g.size == (48, 48)
+    frames = [np.asarray(Image.open(d / f"rgb_{i:03d}.png"), float) / 255 for i in range(4)]
+    assert frames[0].shape == (48, 48, 3)
+    assert frames[0].std() > 0.05 and frames[0][:4, :4].max() < 0.05  # an object on a black background
+    assert np.abs(frames[0] - frames[2]).mean() > 0.01  # the other side of the object
+    depth = np.asarray(Image.open(d / "depth_000.png"), float) / 255
+    fg = frames[0].max(axis=2) > 0.15
+    assert depth[fg].mean() > 0.3 and depth[~fg].mean() < 0.1
+    cams = json.loads((d / "cameras.json").read_text())
+    assert cams["step"] == 60 and [f["view"] for f in cams["frames"]] == [-1] * 4
+
+
+def test_render_test_views_match_the_photographs(run, scene, ti_arch):
+    assert cli.main(["render", "--out", str(run["run"]), "--arch", ti_arch, "--path", "test", "--modes", "rgb"]) == 0
+    d = run["run"] / "renders" / "test"
+    cams = json.loads((d / "cameras.json").read_text())
+    assert [f["view"] for f in cams["frames"]] == [int(v) for v in scene.test_ids]
+    for i, v in enumerate(scene.test_ids):
+        img = np.asarray(Image.open(d / f"rgb_{i:03d}.png"))
+        assert img.shape == (96, 96, 3)
+        # the run's own held-out PSNR after 60 steps is ~19 dB; a wrong pose gives < 12
+        assert psnr(img, scene.images[v]) > 15.0
+
+
+def test_render_refusals(run, tmp_path, capsys, ti_arch):
+    if mp4_backend() is None:
+        assert cli.main(["render", "--out", str(run["run"]), "--arch", ti_arch, "--mp4"]) == 2
+        _refused(capsys, "--mp4", "--gif")
+    assert cli.main(["render", "--out", str(tmp_path / "nothing"), "--arch", ti_arch]) == 2
+    _refused(capsys, "nothing", "does not exist")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((run["run"] / "config.json").read_text())
+    assert cli.main(["render", "--out", str(bare), "--arch", ti_arch]) == 2
+    _refused(capsys, "checkpoint")
+    assert cli.main(["render", "--out", str(run["run"]), "--arch", ti_arch, "--modes", "rgb,albedo"]) == 2
+    _refused(capsys, "--modes")
+
+
+# ----------------------------------------------------------------------------------- eval
+def test_eval_synthetic_run_uses_the_exact_surface(run, capsys, ti_arch):
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "2",
+                     "--points", "20000"]) == 0
+    table = capsys.readouterr().out
+    for label in ("PSNR, full image", "PSNR, inside mask", "SSIM", "mask IoU", "Chamfer mean"):
+        assert label in table
+    ev = json.loads((run["run"] / "eval.json").read_text())
+    m, train_metrics = ev["images"]["mean"], run["metrics"]
+    assert len(ev["images"]["views"]) == 4 and ev["step"] == 60
+    # the same renders and photos as the training command's own held-out evaluation (downscale 2) ...
+    assert m["psnr"] == pytest.approx(train_metrics["heldout_psnr"], abs=1e-3)
+    assert m["psnr_masked"] == pytest.approx(train_metrics["heldout_psnr_masked"], abs=1e-3)
+    assert 0.1 < m["ssim"] <= 1 and 0.5 < m["mask_iou"] <= 1  # measured after 60 steps: 0.33, 0.83
+    # ... and the same Chamfer distance to the exact surface (same mesh file, point counts and seeds)
+    g = ev["geometry"]
+    assert "synthetic" in g["ground_truth"] and g["units"] == "world"
+    assert g["chamfer"] == pytest.approx(train_metrics["chamfer_to_true_surface"], rel=1e-6)
+    assert ev["mesh"].endswith("mesh_000060.ply")
+
+
+def test_eval_sphere_against_larger_sphere(run, tmp_path, ti_arch):
+    v, f = uv_sphere(1.0)
+    write_ply(tmp_path / "r1.ply", v, f)
+    write_ply(tmp_path / "r11_points.ply", fibonacci_sphere(40000, 1.1))
+    v2, f2 = uv_sphere(1.1)
+    write_ply(tmp_path / "r11_mesh.ply", v2, f2)
+    for flag, gt in (("--gt-points", "r11_points.ply"), ("--gt-mesh", "r11_mesh.ply")):
+        assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "4", "--mesh",
+                         str(tmp_path / "r1.ply"), flag, str(tmp_path / gt), "--points", "40000"]) == 0
+        g = json.loads((run["run"] / "eval.json").read_text())["geometry"]
+        # |r1 - r2| = 0.1; sampling adds about (spacing / 2)^2 / 0.2 < 2e-3 at 40000 points
+        assert g["accuracy"] == pytest.approx(0.1, abs=2e-3)
+        assert g["completeness"] == pytest.approx(0.1, abs=2e-3)
+        assert g["chamfer"] == pytest.approx(0.1, abs=2e-3)
+
+
+def test_eval_dtu_protocol_through_the_command(run, fake_dtu, tmp_path, ti_arch):  # noqa: F811
+    root, _ = fake_dtu
+    v, f = quad(0, 20, 0, 10, 1.0)  # 1 mm above the stand-in STL plane (see test_evaluation)
+    write_ply(tmp_path / "plane.ply", v, f)
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "4", "--mesh",
+                     str(tmp_path / "plane.ply"), "--dtu-dir", str(root), "--scan", "7"]) == 0
+    g = json.loads((run["run"] / "eval.json").read_text())["geometry"]
+    assert g["protocol"] == "dtu" and g["units"] == "mm" and g["scan"] == 7
+    # 0.2 mm sampling against a 0.1 mm STL grid adds at most sqrt(1 + 2 * 0.1^2) - 1 = 0.01
+    assert g["accuracy"] == pytest.approx(1.0, abs=0.012)
+    assert g["completeness"] == pytest.approx(1.0, abs=0.012)
+    assert g["chamfer"] == pytest.approx(1.0, abs=0.012)
+
+
+def test_eval_clean_and_refusals(run, tmp_path, capsys, ti_arch):
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "4", "--clean",
+                     "--points", "5000"]) == 0
+    ev = json.loads((run["run"] / "eval.json").read_text())
+    assert ev["clean"] and 0 < ev["mesh_faces"] <= run["metrics"]["mesh_faces"]
+    capsys.readouterr()
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--gt-points",
+                     str(tmp_path / "missing.ply")]) == 2
+    _refused(capsys, "missing.ply")
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--dtu-dir",
+                     str(tmp_path / "nodtu")]) == 2
+    _refused(capsys, "nodtu")
+    assert cli.main(["eval", "--out", str(tmp_path / "norun"), "--arch", ti_arch]) == 2
+    _refused(capsys, "norun")
