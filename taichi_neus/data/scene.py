@@ -29,6 +29,7 @@ class Scene:
         path: the folder it was loaded from.
         downscale: the integer factor the images were reduced by.
         image_names: file name of each view's image.
+        background: RGB in [0, 1] the images were composited onto (NeRF-synthetic RGBA), or None.
     """
 
     images: np.ndarray
@@ -44,6 +45,7 @@ class Scene:
     path: pathlib.Path
     downscale: int = 1
     image_names: list[str] = field(default_factory=list)
+    background: tuple | None = None
 
     @property
     def n_views(self) -> int:
