@@ -235,7 +235,67 @@ def test_preview_time_stays_within_its_share(scene, tmp_path):
         pv(tr, {"loss": 0.1, "psnr": 20.0, "s": 50.0})
     # the budget is cumulative and each render call is predicted from the last ones; slack for
     # scheduler noise on a busy machine
-    assert 0.1 < pv.share <= 0.23, pv.share
-    assert pv.passes >= 1 and pv.rays > 4096
+    assert 0.1 < pv.share <= 0.25, pv.share
+    assert pv.passes >= 1 and pv.rays >= 4096  # at least one whole 64 x 64 view
     pv.close()
     assert len(pv.frames) == pv.passes and all(f.is_file() for f in pv.frames)
+
+
+class _FakeGUI:
+    """Stands in for ti.GUI: hands out scripted event batches, records what is drawn."""
+
+    def __init__(self, batches):
+        self.batches, self.shown, self.images = list(batches), 0, []
+
+    def get_events(self):
+        return self.batches.pop(0) if self.batches else []
+
+    def set_image(self, img):
+        self.images.append(np.array(img))
+
+    def text(self, *a, **k):
+        pass
+
+    def show(self, file=None):
+        self.shown += 1
+
+    def close(self):
+        pass
+
+
+def _ev(kind, key, pos=(0.5, 0.5), delta=(0, 0)):
+    import taichi as ti
+
+    t = {"press": ti.GUI.PRESS, "release": ti.GUI.RELEASE, "motion": ti.GUI.MOTION}[kind]
+    return types.SimpleNamespace(type=t, key=key, pos=pos, delta=delta)
+
+
+def test_window_events_reach_the_controller_pause_and_export(scene, tmp_path):
+    from taichi_neus.mesh import Mesh
+
+    tr = _FakeTrainer(scene, tmp_path)
+    tr.extract_mesh = lambda: Mesh(np.eye(3, dtype=np.float32), np.array([[0, 1, 2]], np.int32))
+    pv = LivePreview(tr, PreviewSettings(width=32, show=False), log=lambda *a: None)
+    pv.settings.show = True
+    pv.gui = _FakeGUI([
+        [_ev("press", "2"), _ev("press", "LMB", (0.5, 0.5)), _ev("motion", "Motion", (0.6, 0.5)),
+         _ev("release", "LMB", (0.6, 0.5)), _ev("motion", "Wheel", delta=(0, 120))],
+        [_ev("press", " ")],  # pause: the callback keeps the window alive until resumed
+        [],
+        [_ev("press", "m"), _ev("press", " ")],  # export a mesh while paused, then resume
+    ])
+    stats = {"loss": 0.1, "psnr": 20.0, "s": 50.0}
+    tr.step = 1
+    pv(tr, stats)  # no training time measured yet: events handled, nothing rendered
+    assert pv.ctrl.mode == "normal" and pv.ctrl.azimuth == pytest.approx(-0.1 * math.pi)
+    assert pv.ctrl.radius == pytest.approx(0.9 * pv.ctrl.rig.radius)
+    time.sleep(0.05)
+    tr.step = 2
+    t0 = time.perf_counter()
+    pv(tr, stats)  # pauses, renders the whole view unbudgeted, exports, resumes
+    assert not pv.ctrl.paused and not pv.ctrl.want_mesh
+    assert (tmp_path / "mesh_000002.ply").is_file() and pv.message == "wrote mesh_000002.ply"
+    assert pv.prog.done and pv.gui.shown >= 2
+    assert pv.gui.images[-1].shape == (pv.res[0], pv.res[1], 3)  # ti.GUI's (x, y) layout
+    # time spent paused or exporting is not charged to the preview's share
+    assert pv.preview_time < 0.5 * (time.perf_counter() - t0)
