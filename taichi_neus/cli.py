@@ -180,10 +180,12 @@ def cmd_train(args, overrides) -> int:
         preview = LivePreview(tr, preview_settings)
     try:
         summary = tr.fit(callback=preview)
-    finally:
+    except BaseException:
         if preview is not None:
-            preview.close()
+            preview.close(finish=False)
+        raise
     if preview is not None:
+        preview.close()
         summary["preview_share"] = preview.share
     t_mesh = time.time()
     mesh = tr.extract_mesh()

@@ -300,8 +300,10 @@ class LivePreview:
         self.ctrl = ViewController(trainer.scene, st.width)
         self.prog = ProgressiveImage(self.ctrl.H, self.ctrl.W)
         self.frames_dir = pathlib.Path(st.frames_dir) if st.frames_dir else None
+        self._frame0 = 0  # frame numbers continue after the frames already there (a resumed run)
         if self.frames_dir is not None:
             self.frames_dir.mkdir(parents=True, exist_ok=True)
+            self._frame0 = len(list(self.frames_dir.glob("frame_*.png")))
         self.scale = max(st.scale, -(-MIN_WINDOW_WIDTH // self.ctrl.W))  # room for the text
         self.res = (self.ctrl.W * self.scale, self.ctrl.H * self.scale + BAND)
         try:
@@ -433,7 +435,7 @@ class LivePreview:
         gui.text(HELP, pos=(0.01, (BAND - 35) / h), font_size=11, color=0x8C8C8C)
         path = None
         if save:
-            path = self.frames_dir / f"frame_{len(self.frames):04d}_step{self.trainer.step:06d}.png"
+            path = self.frames_dir / f"frame_{self._frame0 + len(self.frames):04d}_step{self.trainer.step:06d}.png"
             self.frames.append(path)
         gui.show(str(path) if path is not None else None)
         self._draw_s = _ema(self._draw_s, time.perf_counter() - t0)
@@ -458,11 +460,12 @@ class LivePreview:
         if self.settings.show:
             self._draw(save=False)
 
-    def close(self) -> None:
-        """Stop the preview (training goes on); headless, the current pass is finished and saved first."""
+    def close(self, finish: bool = True) -> None:
+        """Stop the preview (training goes on). With ``finish`` and a frame folder, a last frame of the
+        current model is rendered and saved first (not after an interruption: ``finish=False``)."""
         if not self._active:
             return
-        if self.frames_dir is not None and not self.ctrl.closed and (
+        if finish and self.frames_dir is not None and not self.ctrl.closed and (
                 not self._pass_saved or self.trainer.step != self._pass_step):
             self._render(time.perf_counter(), budgeted=False)  # finish the pass, or one of the final model
             self._pass_saved = True
