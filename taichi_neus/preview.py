@@ -35,7 +35,7 @@ import numpy as np
 from taichi_neus.camera_paths import OrbitRig, mean_intrinsics, scale_intrinsics
 from taichi_neus.data.rays import pixel_rays
 from taichi_neus.errors import UserInputError
-from taichi_neus.render import MODES, colorize, depth_range
+from taichi_neus.render import MODES, colorize
 
 __all__ = ["PreviewSettings", "ViewController", "ProgressiveImage", "LivePreview", "display_available"]
 
@@ -412,8 +412,7 @@ class LivePreview:
     def frame(self) -> np.ndarray:
         """The displayed image ``(H, W, 3) float32`` (render resolution, current mode)."""
         img = self.prog.image()
-        near_far = depth_range(self.ctrl.camera()[1])
-        return colorize(img, self.ctrl.mode, near_far)
+        return colorize(img, self.ctrl.mode)  # depth: this frame's own range
 
     def _draw(self, save: bool) -> None:
         t0 = time.perf_counter()

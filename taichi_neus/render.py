@@ -33,11 +33,24 @@ def render_image(trainer, K, c2w, H: int, W: int, chunk: int = 4096, block: int 
     return {k: v.reshape(H, W, 3) if v.ndim == 2 else v.reshape(H, W) for k, v in out.items()}
 
 
-def depth_range(c2w) -> tuple[float, float]:
-    """Depth range that covers the unit sphere from a camera: ``(max(d - 1, 0), d + 1)``, with ``d``
-    the camera's distance from the origin (so all frames of a path share a scale)."""
+def depth_range(img: dict, c2w, offsets: tuple[float, float] | None = None) -> tuple[tuple[float, float], tuple]:
+    """Depth range for :func:`colorize` that frames of a camera path share.
+
+    The range is ``(d + lo, d + hi)`` with ``d`` the camera's distance from the origin. Without
+    ``offsets`` they are measured on ``img``: the 2nd and 98th percentiles of the expected depth of
+    its opaque pixels (opacity > 0.5) minus ``d`` (the whole unit sphere, ``(-1, 1)``, if none is
+    opaque); pass the returned offsets for the following frames.
+
+    Returns:
+        ``((near, far), offsets)``, unit-sphere units.
+    """
     d = float(np.linalg.norm(np.asarray(c2w, np.float64)[:3, 3]))
-    return max(d - 1.0, 0.0), d + 1.0
+    if offsets is None:
+        op = img["opacity"]
+        z = (img["depth"] / np.maximum(op, 1e-6))[op > 0.5]
+        offsets = (float(np.percentile(z, 2)) - d, float(np.percentile(z, 98)) - d) if z.size else (-1.0, 1.0)
+    lo, hi = offsets
+    return (max(d + lo, 0.0), max(d + hi, d + lo + 1e-3)), offsets
 
 
 def colorize(img: dict, mode: str, near_far: tuple[float, float] | None = None) -> np.ndarray:

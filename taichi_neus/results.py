@@ -117,11 +117,13 @@ def render_run(tr, path: str, frames: int = 0, downscale: int = 1, modes=("rgb",
     out_dir = tr.out / "renders" / path
     out_dir.mkdir(parents=True, exist_ok=True)
     files, stacks, meta = [], {m: [] for m in modes}, []
+    offsets = None  # depth colours: the first frame's range, relative to the camera distance, for all frames
     for i, cam in enumerate(cams):
         K = scale_intrinsics(cam.K, W / scene.W, H / scene.H)
         img = render_image(tr, K, cam.c2w, H, W)
+        near_far, offsets = depth_range(img, cam.c2w, offsets)
         for m in modes:
-            a = _u8(colorize(img, m, depth_range(cam.c2w)))
+            a = _u8(colorize(img, m, near_far))
             p = out_dir / f"{m}_{i:03d}.png"
             _imwrite(p, a)
             files.append(p)
