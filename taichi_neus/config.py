@@ -7,16 +7,19 @@ import json
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 
+from .background import BackgroundConfig
 from .field import FieldConfig
 from .hash_grid import HashGridConfig
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # scene folder (NeuS/DTU layout); empty = the built-in synthetic scene
+    path: str = ""  # scene folder (NeuS/DTU, NeRF-synthetic or COLMAP); empty = the built-in synthetic scene
     downscale: int = 1
     holdout_every: int = 8  # every k-th view is held out for evaluation (0: none)
     use_masks: bool = True
+    alpha_background: str = "white"  # NeRF-synthetic: colour RGBA images are composited on ("white" | "black")
+    roi: tuple = ()  # cx,cy,cz,radius (world units): the unit sphere for NeRF-synthetic/COLMAP; () = automatic
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Config:
     render: RenderConfig = dc_field(default_factory=RenderConfig)
     train: TrainConfig = dc_field(default_factory=TrainConfig)
     mesh: MeshConfig = dc_field(default_factory=MeshConfig)
+    background: BackgroundConfig = dc_field(default_factory=BackgroundConfig)
     arch: str = "auto"
 
     def to_dict(self) -> dict:

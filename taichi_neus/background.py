@@ -1,0 +1,268 @@
+"""Background model for scenes trained without masks (NeRF++, Zhang et al. 2020; mip-NeRF 360,
+Barron et al. CVPR 2022).
+
+Everything a ray sees beyond the unit sphere is explained by a small NeRF of its own, so the
+SDF inside the sphere is not pulled towards the walls and table of the photographs:
+
+- ``n_samples`` samples per ray from the unit sphere's exit to infinity, evenly spaced in
+  disparity (1/t), the last at infinity;
+- positions contracted as in mip-NeRF 360: c(x) = x for |x| ≤ 1, (2 − 1/|x|)·x/|x| outside, so
+  all of space fits in the ball of radius 2 that a hash grid with ``bound = 2`` covers;
+- density σ = softplus(raw) from hash encoding → MLP, colour from MLP(SH₄(dir), feature);
+- volume rendering α_k = 1 − exp(−σ_k·δ_k) with δ_k measured in contracted space, and α = 1 for
+  the last sample (nothing is behind infinity), so the background is opaque;
+- the per-ray background colour B enters the foreground as C = C_fg + (1 − O_fg)·B.
+
+Forward and backward are Taichi kernels (no autodiff), tested against torch in float64.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import taichi as ti
+
+from . import buffers
+from .hash_grid import HashGrid, HashGridConfig
+from .mlp import Linear, kaiming_uniform, set_weight
+from .params import ParamLayout
+from .sh import SH_DIM, sh16
+
+
+def _bg_grid() -> HashGridConfig:
+    return HashGridConfig(n_levels=8, n_features=2, log2_table=17, base_resolution=16, per_level_scale=1.5,
+                          bound=2.0)
+
+
+@dataclass
+class BackgroundConfig:
+    mode: str = "auto"  # "auto": on when training without masks; "on"; "off"
+    n_samples: int = 32
+    grid: HashGridConfig = field(default_factory=_bg_grid)
+    hidden: int = 64
+    feature_dim: int = 15
+    far_disparity_ratio: float = 1e-3  # the second-to-last sample sits at 1000× the sphere exit distance
+
+
+@ti.func
+def _contract(p):
+    r = p.norm()
+    out = p
+    if r > 1.0:
+        out = (2.0 - 1.0 / r) * p / r
+    return out
+
+
+@ti.kernel
+def _bg_sample(origins: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
+               t0: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32, far_ratio: ti.f32, jitter: ti.i32,
+               seed: ti.u32, X: ti.types.ndarray(dtype=ti.f32, ndim=2),
+               delta: ti.types.ndarray(dtype=ti.f32, ndim=1), Xc: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    """Sample positions (contracted, in X[:, 0:3]), contracted spacing δ, and SH(dir) into Xc[:, 0:16]."""
+    for r in range(t0.shape[0]):
+        o = ti.Vector([origins[r, 0], origins[r, 1], origins[r, 2]])
+        d = ti.Vector([dirs[r, 0], dirs[r, 1], dirs[r, 2]])
+        start = ti.max(t0[r], 1e-4)
+        u = 0.5
+        if jitter != 0:
+            h = (ti.u32(r) * ti.u32(747796405) + seed * ti.u32(2891336453) + ti.u32(1))
+            h = ((h >> ((h >> ti.u32(28)) + ti.u32(4))) ^ h) * ti.u32(277803737)
+            h = (h >> ti.u32(22)) ^ h
+            u = ti.cast(h >> ti.u32(8), ti.f32) * (1.0 / 16777216.0)
+        sh = sh16(d[0], d[1], d[2])
+        prev = ti.Vector([0.0, 0.0, 0.0])
+        for k in range(ns):
+            # disparity from 1/start down to far_ratio/start over the first ns-1 samples; the last is at ∞
+            c = ti.Vector([0.0, 0.0, 0.0])
+            if k < ns - 1:
+                f = (k + u) / (ns - 1)
+                disp = (1.0 - f) / start + f * far_ratio / start
+                c = _contract(o + d / disp)
+            else:
+                c = 2.0 * d  # the contraction of the point at infinity along d
+            row = r * ns + k
+            for a in ti.static(range(3)):
+                X[row, a] = c[a]
+            for i in ti.static(range(SH_DIM)):
+                Xc[row, i] = sh[i]
+            if k > 0:
+                delta[row - 1] = (c - prev).norm()
+            prev = c
+        delta[r * ns + ns - 1] = 0.0
+
+
+@ti.func
+def _softplus(x):
+    return x if x > 20.0 else ti.log(1.0 + ti.exp(x))
+
+
+@ti.kernel
+def _bg_composite(raw: ti.types.ndarray(dtype=ti.f32, ndim=2), rgb: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                  delta: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32,
+                  trans: ti.types.ndarray(dtype=ti.f32, ndim=1), alpha: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                  out: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    """NeRF volume rendering of each ray's ns samples; saves T_k and α_k for the backward scan."""
+    for r in range(out.shape[0]):
+        T = 1.0
+        acc = ti.Vector([0.0, 0.0, 0.0])
+        for k in range(ns):
+            i = r * ns + k
+            a = 1.0
+            if k < ns - 1:
+                a = 1.0 - ti.exp(-_softplus(raw[i, 0]) * delta[i])
+            trans[i] = T
+            alpha[i] = a
+            w = T * a
+            for c in ti.static(range(3)):
+                acc[c] += w * rgb[i, c]
+            T = T * (1.0 - a)
+        for c in ti.static(range(3)):
+            out[r, c] = acc[c]
+
+
+@ti.kernel
+def _bg_composite_backward(raw: ti.types.ndarray(dtype=ti.f32, ndim=2), rgb: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                           delta: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32,
+                           trans: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                           alpha: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                           g_out: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                           g_raw: ti.types.ndarray(dtype=ti.f32, ndim=2), feat: ti.i32,
+                           g_rgb: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    """Reverse scan. With w_k = T_k α_k, α_k = 1 − e^{−σ_k δ_k}:
+    ∂L/∂c_k = w_k g;  ∂L/∂σ_k = δ_k (T_{k+1} g·c_k − Σ_{j>k} w_j g·c_j);  σ = softplus(raw)."""
+    for r in range(g_out.shape[0]):
+        g = ti.Vector([g_out[r, 0], g_out[r, 1], g_out[r, 2]])
+        behind = 0.0  # Σ_{j>k} w_j g·c_j
+        for kk in range(ns):
+            k = ns - 1 - kk
+            i = r * ns + k
+            a = alpha[i]
+            T = trans[i]
+            w = T * a
+            gc = 0.0
+            for c in ti.static(range(3)):
+                g_rgb[i, c] = w * g[c]
+                gc += g[c] * rgb[i, c]
+            gs = 0.0
+            if k < ns - 1:
+                gs = delta[i] * (T * (1.0 - a) * gc - behind)
+                gs *= 1.0 / (1.0 + ti.exp(-raw[i, 0]))  # softplus'
+            g_raw[i, 0] = gs
+            for f in range(feat):
+                g_raw[i, 1 + f] = 0.0
+            behind += w * gc
+
+
+@ti.kernel
+def _blend(fg: ti.types.ndarray(dtype=ti.f32, ndim=2), opacity: ti.types.ndarray(dtype=ti.f32, ndim=1),
+           bg: ti.types.ndarray(dtype=ti.f32, ndim=2), out: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    for r in range(out.shape[0]):
+        for c in ti.static(range(3)):
+            out[r, c] = fg[r, c] + (1.0 - opacity[r]) * bg[r, c]
+
+
+@ti.kernel
+def _blend_backward(g_out: ti.types.ndarray(dtype=ti.f32, ndim=2), opacity: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                    bg: ti.types.ndarray(dtype=ti.f32, ndim=2), g_opacity: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                    accumulate: ti.i32, g_bg: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    """C = C_fg + (1 − O)·B: ∂L/∂C_fg = g (the caller reuses g), ∂L/∂O = −g·B, ∂L/∂B = (1 − O)·g."""
+    for r in range(g_out.shape[0]):
+        go = 0.0
+        for c in ti.static(range(3)):
+            go -= g_out[r, c] * bg[r, c]
+            g_bg[r, c] = (1.0 - opacity[r]) * g_out[r, c]
+        if accumulate != 0:
+            g_opacity[r] += go
+        else:
+            g_opacity[r] = go
+
+
+@ti.kernel
+def _copy_cols(src: ti.types.ndarray(dtype=ti.f32, ndim=2), c0: ti.i32, n_cols: ti.i32,
+               dst: ti.types.ndarray(dtype=ti.f32, ndim=2), d0: ti.i32, n: ti.i32):
+    for m, c in ti.ndrange(n, n_cols):
+        dst[m, d0 + c] = src[m, c0 + c]
+
+
+class Background:
+    """The background NeRF: parameters in slices of the model's flat buffer (group ``background``)."""
+
+    def __init__(self, cfg: BackgroundConfig, layout: ParamLayout):
+        self.cfg = cfg
+        self.encoding = HashGrid(cfg.grid, layout, name="background")
+        self.x_cols = 3 + cfg.grid.out_dim
+        self.density = [Linear(layout, "bg.density.0", cfg.grid.out_dim, cfg.hidden, act="relu", group="background"),
+                        Linear(layout, "bg.density.1", cfg.hidden, 1 + cfg.feature_dim, group="background")]
+        self.c_cols = SH_DIM + cfg.feature_dim
+        self.color = [Linear(layout, "bg.color.0", self.c_cols, cfg.hidden, act="relu", group="background"),
+                      Linear(layout, "bg.color.1", cfg.hidden, 3, act="sigmoid", group="background")]
+        self._bufs: dict = {}
+
+    def init_params(self, params, seed: int = 0) -> None:
+        self.encoding.init_params(params, seed + 101)
+        host = buffers.to_numpy(params).copy()
+        rng = np.random.default_rng(seed + 101)
+        for lin in self.density + self.color:
+            set_weight(host, lin, kaiming_uniform(rng, lin.n_out, lin.n_in))
+            host[lin.b.offset:lin.b.offset + lin.b.size] = 0.0
+        buffers.from_numpy(params, host)
+
+    def _buf(self, name, *shape):
+        b = self._bufs.get(name)
+        if b is None or tuple(b.shape) != shape:
+            b = buffers.f32(*shape)
+            self._bufs[name] = b
+        return b
+
+    def forward(self, origins, dirs, t0, params, seed: int = 0, perturb: bool = False):
+        """Background colour (R,3) of rays starting at distance ``t0`` (R,) (the unit sphere's exit)."""
+        R, ns = t0.shape[0], self.cfg.n_samples
+        M = R * ns
+        X = self._buf("X", M, self.x_cols)
+        Xc = self._buf("Xc", M, self.c_cols)
+        delta = self._buf("delta", M)
+        _bg_sample(origins, dirs, t0, ns, self.cfg.far_disparity_ratio, int(perturb), seed & 0x7FFFFFFF, X, delta,
+                   Xc)
+        self.encoding.forward(X, M, 3, params)
+        h0 = self._buf("h0", M, self.cfg.hidden)
+        raw = self._buf("raw", M, 1 + self.cfg.feature_dim)
+        self.density[0].forward(X, 3, h0, M, params)
+        self.density[1].forward(h0, 0, raw, M, params)
+        _copy_cols(raw, 1, self.cfg.feature_dim, Xc, SH_DIM, M)
+        c0 = self._buf("c0", M, self.cfg.hidden)
+        rgb = self._buf("rgb", M, 3)
+        self.color[0].forward(Xc, 0, c0, M, params)
+        self.color[1].forward(c0, 0, rgb, M, params)
+        trans, alpha = self._buf("trans", M), self._buf("alpha", M)
+        out = self._buf("out", R, 3)
+        _bg_composite(raw, rgb, delta, ns, trans, alpha, out)
+        self._saved = (R, M)
+        return out
+
+    def backward(self, g_out, params, grads) -> None:
+        """Add dL/dθ of the background into ``grads`` given dL/d(background colour) (R,3)."""
+        R, M = self._saved
+        ns, feat = self.cfg.n_samples, self.cfg.feature_dim
+        b = self._bufs
+        g_raw = self._buf("g_raw", M, 1 + feat)
+        g_rgb = self._buf("g_rgb", M, 3)
+        _bg_composite_backward(b["raw"], b["rgb"], b["delta"], ns, b["trans"], b["alpha"], g_out, g_raw, feat, g_rgb)
+        g_c0 = self._buf("g_c0", M, self.cfg.hidden)
+        g_Xc = self._buf("g_Xc", M, self.c_cols)
+        self.color[1].backward(b["c0"], 0, b["rgb"], g_rgb, M, params, grads, dX=g_c0)
+        self.color[0].backward(b["Xc"], 0, b["c0"], g_c0, M, params, grads, dX=g_Xc, dx_range=(SH_DIM, self.c_cols))
+        _copy_cols(g_Xc, SH_DIM, feat, g_raw, 1, M)  # the feature's gradient joins the density head's
+        g_h0 = self._buf("g_h0", M, self.cfg.hidden)
+        g_X = self._buf("g_X", M, self.x_cols)
+        self.density[1].backward(b["h0"], 0, b["raw"], g_raw, M, params, grads, dX=g_h0)
+        self.density[0].backward(b["X"], 3, b["h0"], g_h0, M, params, grads, dX=g_X, dxcol=3)
+        self.encoding.backward(b["X"], g_X, M, 3, grads)
+
+
+def blend(fg, opacity, bg, out) -> None:
+    """out (R,3) = fg + (1 − opacity)·bg."""
+    _blend(fg, opacity, bg, out)
+
+
+def blend_backward(g_out, opacity, bg, g_opacity, g_bg, accumulate: bool = False) -> None:
+    """Gradients of :func:`blend`: into g_opacity (R,) (added if ``accumulate``) and g_bg (R,3)."""
+    _blend_backward(g_out, opacity, bg, g_opacity, int(accumulate), g_bg)
