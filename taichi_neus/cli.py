@@ -7,6 +7,7 @@ Bad input is reported as one sentence and exit status 2 — never a traceback.
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import pathlib
 import sys
@@ -138,7 +139,7 @@ def _load_scene(cfg: Config):
     from .data.loader import load_scene
     path = cfg.data.path or str(default_scene_path())
     return load_scene(path, downscale=cfg.data.downscale, holdout_every=cfg.data.holdout_every,
-                      use_masks=cfg.data.use_masks)
+                      use_masks=cfg.data.use_masks, background=cfg.data.alpha_background, roi=cfg.data.roi)
 
 
 def cmd_train(args, overrides) -> int:
@@ -150,6 +151,8 @@ def cmd_train(args, overrides) -> int:
     if args.no_mask:
         cfg.data.use_masks = False
     out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out} is a file, not a folder; choose another --out.")
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise UserInputError(f"output folder {out} already holds files; choose another --out, or pass --resume "
                              "to continue the run in it.")
@@ -160,8 +163,15 @@ def cmd_train(args, overrides) -> int:
         saved.train.iters = cfg.train.iters if any(k == "train.iters" for k, _ in overrides) else saved.train.iters
         cfg = saved
     preview_settings = _preview_settings(args)
+    from .memory import check_step
+    check_step(cfg)  # an impossible batch is refused before anything is allocated or written
     runtime.init(cfg.arch)
     scene = _load_scene(cfg)
+    if scene.background is not None and not args.resume and not any(k == "render.background" for k, _ in overrides):
+        cfg.render.background = tuple(scene.background)  # RGBA composited on this colour: render onto it too
+    if not cfg.data.roi and not (scene.path / "cameras_sphere.npz").is_file():
+        # NeRF-synthetic / COLMAP: keep the chosen unit sphere in config.json, so --resume and mesh reuse it
+        cfg.data.roi = (*(float(x) for x in scene.scale_mat[:3, 3]), float(scene.scale_mat[0, 0]))
     masks = "yes" if scene.masks is not None and cfg.data.use_masks else "no"
     print(f"[taichi_neus] scene {scene.name}: {scene.n_views} views {scene.W}x{scene.H}, "
           f"{len(scene.train_ids)} train / {len(scene.test_ids)} held out, masks={masks}")
@@ -171,8 +181,12 @@ def cmd_train(args, overrides) -> int:
     tr = Trainer(scene, cfg, out)
     if args.resume:
         step = tr.resume_latest()
-        print(f"[taichi_neus] resumed at step {step}" if step is not None
-              else "[taichi_neus] no checkpoint: fresh start")
+        if step is None:
+            print("[taichi_neus] no checkpoint: fresh start")
+        else:
+            digest = hashlib.sha1(tr.state()["params"].tobytes()).hexdigest()[:16]
+            print(f"[taichi_neus] resumed at step {step} from checkpoints/ckpt_{step:07d}.npz "
+                  f"(parameters sha1 {digest})")
     t0 = time.time()
     preview = None
     if preview_settings is not None:

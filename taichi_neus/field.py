@@ -158,6 +158,7 @@ class _Workspace:
         self._bufs: dict = {}
 
     def get(self, name: str, rows: int, cols: int | None = None):
+        rows = max(int(rows), 1)  # a batch without samples still gets a (1-row) buffer: ndarrays can't be empty
         cur = self._bufs.get(name)
         if cur is not None and cur.shape[0] >= rows and (cols is None or cur.shape[1] == cols):
             return cur

@@ -31,6 +31,8 @@ from .progress import Progress
 from .sampling import RaySampler
 
 CKPT_KEEP = 2
+CKPT_KEYS = ("params", "adam_m", "adam_v", "adam_step", "step", "occupancy", "n_rays", "samples_per_ray",
+             "train_time", "rng", "layout_total")
 
 
 @ti.kernel
@@ -56,11 +58,28 @@ def _add_slot(g: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray
 
 @ti.kernel
 def _all_finite(a: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32) -> ti.i32:
+    """Number of NaN/Inf entries in a[:n] (on the bits: fast math folds ``x == x`` to true)."""
     bad = 0
     ti.loop_config(block_dim=1024)
     for i in range(n):
-        x = a[i]
-        if not (x == x) or ti.abs(x) > 3.0e38:
+        if ti.bit_cast(a[i], ti.u32) & ti.u32(0x7F800000) == ti.u32(0x7F800000):
+            bad += 1
+    return bad
+
+
+@ti.kernel
+def _count_nonfinite2(a: ti.types.ndarray(dtype=ti.f32, ndim=1), b: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                      n: ti.i32) -> ti.i32:
+    """Number of NaN/Inf entries in a[:n] and b[:n] (gradients and parameters, one pass).
+
+    Tested on the bits (exponent all ones), since the compilers' fast math folds ``x == x`` to true.
+    """
+    bad = 0
+    ti.loop_config(block_dim=1024)
+    for i in range(n):
+        ea = ti.bit_cast(a[i], ti.u32) & ti.u32(0x7F800000)
+        eb = ti.bit_cast(b[i], ti.u32) & ti.u32(0x7F800000)
+        if ea == ti.u32(0x7F800000) or eb == ti.u32(0x7F800000):
             bad += 1
     return bad
 
@@ -237,7 +256,7 @@ class Trainer:
             self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
         loss = l1 + bce + eik + s3im_loss
-        if not math.isfinite(loss) or _all_finite(self.grads, self.layout.total) > 0:
+        if not math.isfinite(loss) or _count_nonfinite2(self.grads, self.params, self.layout.total) > 0:
             return self._reject_step(step, loss)
         self.bad_steps = 0
         self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor)
@@ -416,8 +435,15 @@ class Trainer:
         ck.mkdir(parents=True, exist_ok=True)
         path = ck / f"ckpt_{self.step:07d}.npz"
         tmp = ck / f".tmp_{self.step:07d}.npz"
+        st = self.state()
+        bad = [k for k in ("params", "adam_m", "adam_v") if not np.isfinite(st[k]).all()]
+        if bad:  # never write a poisoned checkpoint: the previous ones stay the newest
+            raise TrainingDiverged(f"not writing checkpoint {path}: {' and '.join(bad)} hold NaN or Inf at step "
+                                   f"{self.step}; resume from the last checkpoint with a lower --train.lr.")
+        for stale in ck.glob(".tmp_*.npz"):  # left by a run killed while writing
+            stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
-            np.savez(f, **self.state())
+            np.savez(f, **st)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -428,9 +454,19 @@ class Trainer:
     def load_checkpoint(self, path) -> None:
         with np.load(path) as z:
             st = {k: z[k] for k in z.files}
+        # Everything is checked before any state changes, so a bad file leaves the trainer as it was.
+        missing = [k for k in CKPT_KEYS if k not in st]
+        if missing:
+            raise ValueError(f"partial checkpoint, missing {', '.join(missing)}")
         if int(st["layout_total"]) != self.layout.total:
             raise UserInputError(f"checkpoint {path} was written by a model of another size; "
                                  "resume with the configuration it was trained with.")
+        for k in ("params", "adam_m", "adam_v"):
+            if st[k].shape != (self.layout.total,) or not np.isfinite(st[k]).all():
+                raise ValueError(f"'{k}' has shape {st[k].shape} or holds NaN/Inf")
+        if st["occupancy"].shape != tuple(self.occupancy.bits.shape):
+            raise ValueError(f"occupancy grid of shape {st['occupancy'].shape}")
+        json.loads(bytes(st["rng"]).decode())
         buffers.from_numpy(self.params, st["params"])
         self.opt.load_state_dict({"m": st["adam_m"], "v": st["adam_v"], "step": st["adam_step"]})
         self.occupancy.bits.from_numpy(st["occupancy"])

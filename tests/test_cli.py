@@ -91,3 +91,98 @@ def test_existing_run_is_not_overwritten(tmp_path):
     p, _ = _run(["--arch", "cpu"], tmp_path)
     assert p.returncode == 2 and "already holds" in p.stderr
     assert keep.read_bytes() == b"precious"
+
+
+# In-process from here (main() returns the exit status): the same refusals, one per kind of bad input.
+def _refused_inprocess(capsys, args, tmp_path, *words):
+    from taichi_neus.cli import main
+    out = tmp_path / "out"
+    code = main(["train", "--out", str(out), "--arch", "cpu", "--iters", "1", *args])  # 1 step if not refused
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("taichi-neus: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert not out.exists()
+
+
+def _broken_copy(scene_copy, tmp_path, name):
+    bad = tmp_path / name
+    shutil.copytree(scene_copy, bad)
+    return bad
+
+
+def test_refuses_missing_folder(tmp_path, capsys):
+    _refused_inprocess(capsys, ["--data", str(tmp_path / "nowhere")], tmp_path, "nowhere", "does not exist")
+
+
+def test_refuses_no_images(scene_copy, tmp_path, capsys):
+    bad = _broken_copy(scene_copy, tmp_path, "noimg")
+    for p in (bad / "image").iterdir():
+        p.unlink()
+    _refused_inprocess(capsys, ["--data", str(bad)], tmp_path, "image", "no .png")
+
+
+def test_refuses_mask_size_mismatch(scene_copy, tmp_path, capsys):
+    bad = _broken_copy(scene_copy, tmp_path, "masksize")
+    from PIL import Image
+    Image.new("L", (50, 40)).save(bad / "mask" / "005.png")
+    _refused_inprocess(capsys, ["--data", str(bad)], tmp_path, "005.png", "50x40")
+
+
+def test_refuses_image_sizes_that_differ(scene_copy, tmp_path, capsys):
+    bad = _broken_copy(scene_copy, tmp_path, "imgsize")
+    from PIL import Image
+    Image.new("RGB", (64, 96)).save(bad / "image" / "007.png")
+    _refused_inprocess(capsys, ["--data", str(bad)], tmp_path, "007.png", "64x96")
+
+
+def test_refuses_camera_file_missing_keys(scene_copy, tmp_path, capsys):
+    bad = _broken_copy(scene_copy, tmp_path, "nokey")
+    cams = dict(np.load(bad / "cameras_sphere.npz"))
+    del cams["world_mat_4"]
+    np.savez(bad / "cameras_sphere.npz", **cams)
+    _refused_inprocess(capsys, ["--data", str(bad)], tmp_path, "cameras_sphere.npz", "world_mat_4")
+
+
+def test_refuses_singular_camera(scene_copy, tmp_path, capsys):
+    bad = _broken_copy(scene_copy, tmp_path, "singular")
+    cams = dict(np.load(bad / "cameras_sphere.npz"))
+    cams["world_mat_3"][:3, 1] = cams["world_mat_3"][:3, 0]
+    np.savez(bad / "cameras_sphere.npz", **cams)
+    _refused_inprocess(capsys, ["--data", str(bad)], tmp_path, "cameras_sphere.npz", "singular")
+
+
+def test_refuses_cameras_not_seeing_the_unit_sphere(scene_copy, tmp_path, capsys):
+    bad = _broken_copy(scene_copy, tmp_path, "away")
+    cams = dict(np.load(bad / "cameras_sphere.npz"))
+    from taichi_neus.data.cameras import decompose_projection, projection_matrix
+    S = cams["scale_mat_6"]
+    K, R, t = decompose_projection(cams["world_mat_6"][:3] @ S)
+    t[2] = -t[2]  # the unit sphere's centre is now behind the camera
+    cams["world_mat_6"][:3] = projection_matrix(K, R, t) @ np.linalg.inv(S)
+    np.savez(bad / "cameras_sphere.npz", **cams)
+    _refused_inprocess(capsys, ["--data", str(bad)], tmp_path, "camera 6", "unit sphere")
+
+
+def test_refuses_colmap_unsupported_camera_model(tmp_path, capsys):
+    from format_helpers import write_colmap
+    root = tmp_path / "colmap"
+    write_colmap(root, n_views=3, W=24, H=24, seed=0, n_points=50)
+    (root / "sparse" / "0" / "cameras.txt").write_text("1 OPENCV_FISHEYE 24 24 30 30 12 12 0.1 0 0 0\n")
+    _refused_inprocess(capsys, ["--data", str(root)], tmp_path, "OPENCV_FISHEYE", "cameras.txt")
+
+
+def test_refuses_nerf_synthetic_bad_json(tmp_path, capsys):
+    from format_helpers import write_blender
+    root = tmp_path / "blender"
+    write_blender(root, n_train=2, n_test=1, W=16, H=16, with_val=False)
+    (root / "transforms_train.json").write_text('{"camera_angle_x": 0.6, "frames": [{"file_path": "x"}]}')
+    _refused_inprocess(capsys, ["--data", str(root)], tmp_path, "transforms_train.json", "frame 0")
+
+
+def test_refuses_batch_too_large_for_memory(tmp_path, capsys):
+    # (over 2^31 elements here; tests/test_faults.py checks the memory rule with a given available size)
+    _refused_inprocess(capsys, ["--train.max_rays", "50000000", "--train.sample_budget", "10000000000"], tmp_path,
+                       "--train.max_rays 50000000", "lower --train.max_rays")

@@ -50,3 +50,45 @@ def test_resume_continues_from_checkpoint(tmp_path):
     ck[-1].write_bytes(ck[-1].read_bytes()[:1000])
     c = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
     assert c.resume_latest() == 10
+
+
+def test_resume_skips_partial_and_poisoned_checkpoints(tmp_path):
+    """Each kind of bad newest checkpoint falls back to the previous one; with no good one, resume
+    returns None and leaves the fresh model untouched (nothing is half-loaded)."""
+    scene = load_dtu(default_scene_path())
+    cfg = small_config(iters=10)
+    cfg.train.ckpt_every = 5
+    Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None).fit()
+    ck = tmp_path / "run" / "checkpoints"
+    good = {p.name: p.read_bytes() for p in ck.glob("ckpt_*.npz")}
+    newest = ck / "ckpt_0000010.npz"
+
+    def rewrite(**changes):
+        with np.load(ck / "ckpt_0000010.npz") as z:
+            st = {k: z[k] for k in z.files}
+        st.update(changes)
+        for k in [k for k, v in changes.items() if v is None]:
+            del st[k]
+        return st
+
+    bad = {
+        "empty": b"",
+        "missing key": rewrite(adam_v=None),
+        "nan params": rewrite(params=np.full_like(rewrite()["params"], np.nan)),
+        "short params": rewrite(params=rewrite()["params"][:-3]),
+    }
+    for what, content in bad.items():
+        for name, data in good.items():
+            (ck / name).write_bytes(data)
+        if isinstance(content, bytes):
+            newest.write_bytes(content)
+        else:
+            np.savez(newest, **content)
+        (ck / ".tmp_0000015.npz").write_bytes(b"half")  # a write cut short: ignored
+        t = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+        assert t.resume_latest() == 5, what
+    (ck / "ckpt_0000005.npz").write_bytes(b"PK\x03\x04 truncated")
+    fresh = Trainer(scene, cfg, tmp_path / "other", log=lambda *a: None).state()["params"]
+    t = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+    assert t.resume_latest() is None and t.step == 0
+    np.testing.assert_array_equal(t.state()["params"], fresh)

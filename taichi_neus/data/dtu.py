@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from taichi_neus import memory
 from taichi_neus.data.cameras import camera_to_world, decompose_projection, read_matrix, require_view_keys
 from taichi_neus.data.scene import Scene
 from taichi_neus.errors import UserInputError
@@ -334,6 +335,7 @@ def load_dtu(path, downscale: int = 1, holdout_every: int = 8, use_masks: bool =
     K[:, :2, :] /= k
 
     H, W = H0 // k, W0 // k
+    memory.check_images(V, H, W, str(image_dir), with_masks=mask_files is not None)
     images = np.empty((V, H, W, 3), np.uint8)
     _read_all(read_rgb, image_files, k, images)
     masks = None

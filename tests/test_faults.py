@@ -1,0 +1,261 @@
+"""Faults a run survives: SIGKILL then --resume, NaN steps, poisoned checkpoints, output folders that
+are never overwritten, and memory that stays bounded (images uint8, impossible batches refused)."""
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from training_helpers import small_config
+
+from taichi_neus import buffers, memory
+from taichi_neus.cli import main
+from taichi_neus.config import Config
+from taichi_neus.data import default_scene_path, load_dtu
+from taichi_neus.trainer import Trainer, TrainingDiverged
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _readable_checkpoints(run: pathlib.Path) -> dict[int, np.ndarray]:
+    """step -> params of every checkpoint that opens and holds finite parameters."""
+    out = {}
+    for p in sorted((run / "checkpoints").glob("ckpt_*.npz")):
+        try:
+            with np.load(p) as z:
+                params = z["params"]
+                step = int(z["step"])
+        except Exception:
+            continue
+        assert np.isfinite(params).all(), f"{p} holds non-finite parameters"
+        out[step] = params
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
+    """`taichi-neus train` killed with SIGKILL mid-run resumes with --resume from its newest intact
+    checkpoint: same step, bit-identical parameters (sha1 printed by the CLI), then trains on."""
+    cfg = small_config(iters=100000)
+    cfg.train.ckpt_every = 5
+    cfg.train.log_every = 5
+    cfg.mesh.resolution = 32
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(cfg.to_json())
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "taichi_neus.cli", "train", "--config", str(cfg_file), "--arch", "cpu",
+           "--out", str(run)]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        t0 = time.time()
+        try:
+            while time.time() - t0 < 300 and proc.poll() is None:
+                if len(_readable_checkpoints(run)) >= 2:
+                    break
+                time.sleep(0.05)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-2000:]
+    ckpts = _readable_checkpoints(run)
+    assert ckpts, (tmp_path / "first.log").read_text()[-2000:]
+    k = max(ckpts)
+    digest = hashlib.sha1(ckpts[k].tobytes()).hexdigest()[:16]
+
+    p = subprocess.run(cmd + ["--resume", "--iters", str(k + 10)], capture_output=True, text=True, timeout=400,
+                       env=_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resumed at step {k} from checkpoints/ckpt_{k:07d}.npz (parameters sha1 {digest})" in p.stdout, \
+        p.stdout[-2000:]
+    after = _readable_checkpoints(run)
+    assert max(after) == k + 10
+    assert not np.array_equal(after[k + 10], ckpts[k])  # it trained on from there
+    assert json.loads((run / "metrics.json").read_text())["steps"] == k + 10
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+
+
+# --------------------------------------------------------------------------------- NaN steps
+@pytest.mark.portable
+def test_nonfinite_counts_see_nan_and_inf():
+    """The step's check counts NaN and ±Inf (fast math folds ``x == x``, so it tests the bits), not
+    large finite values or denormals."""
+    from taichi_neus.trainer import _all_finite, _count_nonfinite2
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=5000).astype(np.float32)
+    a[[3, 700, 4999]] = [3.0e38, -3.0e38, 1e-40]
+    b = a.copy()
+    a[[10, 20]] = [np.nan, np.inf]
+    b[[30, 40, 50]] = [-np.inf, np.nan, -np.nan]
+    da, db = buffers.upload(a), buffers.upload(b)
+    assert _all_finite(da, 5000) == (~np.isfinite(a)).sum() == 2
+    assert _all_finite(db, 5000) == 3 and _all_finite(da, 10) == 0
+    assert _count_nonfinite2(da, db, 5000) == 5
+    assert _count_nonfinite2(da, da, 15) == 1
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return load_dtu(default_scene_path())
+
+
+def _trainer(scene, out, iters=30, **train):
+    cfg = small_config(iters=iters)
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return Trainer(scene, cfg, out, log=lambda *a: None)
+
+
+def test_nan_in_the_loss_skips_the_update_and_lowers_the_rate(scene, tmp_path, monkeypatch):
+    tr = _trainer(scene, tmp_path)
+    for _ in range(3):
+        tr.train_step()
+    before = buffers.to_numpy(tr.params).copy()
+    adam_steps = tr.opt.state_dict()["step"]
+    real_batch = tr._batch
+
+    def poisoned(n_rays):  # NaN target colours (a corrupt batch): the loss and gradients go non-finite
+        b = list(real_batch(n_rays))
+        b[6] = np.full_like(b[6], np.nan)
+        return tuple(b)
+
+    monkeypatch.setattr(tr, "_batch", poisoned)
+    st = tr.train_step()
+    assert st.get("rejected") and tr.step == 4
+    np.testing.assert_array_equal(buffers.to_numpy(tr.params), before)  # no update applied
+    assert tr.opt.state_dict()["step"] == adam_steps
+    assert tr.lr_factor == 0.5 and tr.bad_steps == 1
+    monkeypatch.setattr(tr, "_batch", real_batch)
+    st = tr.train_step()
+    assert not st.get("rejected") and np.isfinite(st["loss"]) and tr.bad_steps == 0
+    assert st["lr_scale"] == pytest.approx(0.5 * tr.schedules(4)["lr_scale"])
+    assert not np.array_equal(buffers.to_numpy(tr.params), before)
+
+
+def test_repeated_nan_stops_training_and_no_poisoned_checkpoint(scene, tmp_path):
+    tr = _trainer(scene, tmp_path, max_bad_steps=3)
+    for _ in range(2):
+        tr.train_step()
+    tr.save_checkpoint()
+    host = buffers.to_numpy(tr.params).copy()
+    host[tr.var_slice.offset] = np.nan  # a parameter goes NaN: every step from here is non-finite
+    buffers.from_numpy(tr.params, host)
+    with pytest.raises(TrainingDiverged) as e:
+        tr.fit()
+    msg = str(e.value)
+    assert "diverged" in msg and "3 consecutive" in msg and "\n" not in msg
+    with pytest.raises(TrainingDiverged, match="not writing checkpoint"):
+        tr.save_checkpoint()
+    ckpts = _readable_checkpoints(tmp_path)  # asserts every checkpoint on disk is finite
+    assert sorted(ckpts) == [2]
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
+
+
+def test_cli_stops_a_diverging_run_with_exit_2(tmp_path, capsys):
+    f = tmp_path / "cfg.json"
+    f.write_text(small_config(iters=50).to_json())
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(f), "--train.init_variance", "nan", "--arch", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("taichi-neus: error:")]
+    assert len(lines) == 1 and "diverged" in lines[0], err
+    _readable_checkpoints(out)  # none poisoned
+
+
+# ---------------------------------------------------------------- never overwrite a run's files
+def test_mesh_and_train_never_overwrite(scene, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = small_config(iters=5)
+    cfg.train.ckpt_every = 5
+    cfg.mesh.resolution = 24
+    run.mkdir()
+    (run / "config.json").write_text(cfg.to_json())
+    Trainer(scene, cfg, run, log=lambda *a: None).fit()
+    assert main(["mesh", "--out", str(run), "--arch", "cpu", "--name", "m.ply"]) == 0
+    first = (run / "m.ply").read_bytes()
+    assert main(["mesh", "--out", str(run), "--arch", "cpu", "--name", "m.ply", "--resolution", "32"]) == 2
+    assert "m.ply" in capsys.readouterr().err
+    assert (run / "m.ply").read_bytes() == first
+    listing = sorted(p.name for p in run.rglob("*"))
+    assert main(["train", "--out", str(run), "--arch", "cpu"]) == 2  # a run is there: refused
+    assert "already holds" in capsys.readouterr().err
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert main(["train", "--out", str(afile), "--arch", "cpu"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert sorted(p.name for p in run.rglob("*")) == listing and afile.read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------ memory
+def test_step_memory_estimate_covers_the_buffers(scene, tmp_path):
+    """memory.step_bytes is an upper bound of the sampler and field buffers a step allocates at the
+    largest batch, and not a loose one (within 2.5x: it assumes every ray marches max_coarse bins;
+    measured 2.0x for the small model with the occupancy grid all occupied)."""
+    for normal_mode in ("tetrahedral", "central"):
+        cfg = small_config(iters=5)
+        cfg.train.sample_budget = 10**9  # the ray count starts (and stays) at max_rays
+        cfg.train.max_rays = 512
+        cfg.render.occupancy_warmup = 1000  # every cell occupied: the most coarse samples
+        cfg.field.normal_mode = normal_mode
+        tr = Trainer(scene, cfg, tmp_path / normal_mode, log=lambda *a: None)
+        for _ in range(2):
+            tr.train_step()
+        assert tr.n_rays == 512
+        field = sum(4 * int(np.prod(b.shape)) for b in tr.field.ws._bufs.values())
+        smp = tr.sampler
+        sampler = sum(4 * int(np.prod(getattr(smp, a).shape)) for a in (
+            "c_lo", "c_hi", "c_seg_lo", "c_seg_hi", "c_w", "c_cum", "t", "delta", "positions", "ray_ids"))
+        sampler += sum(4 * int(np.prod(b.shape)) for b in smp._pts.values())
+        est = memory.step_bytes(cfg)
+        assert est["rays"] == 512
+        assert field + sampler <= est["field"] + est["sampler"] <= 2.5 * (field + sampler), (field, sampler, est)
+        # (the table bound assumes every level hashed; coarse levels are dense and smaller)
+        assert 4 * 4 * tr.layout.total <= est["params"] <= 2.5 * 4 * 4 * tr.layout.total
+
+
+def test_impossible_batch_is_refused_before_allocating(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--out", str(out), "--arch", "cpu", "--train.max_rays", "100000000",
+                 "--train.sample_budget", "100000000000"])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "per training step" in err or "2^31" in err, err
+    with pytest.raises(Exception, match="per training step"):
+        cfg = Config()
+        cfg.train.max_rays = 8192
+        cfg.train.sample_budget = 10**6
+        memory.check_step(cfg, available=10**8)
+    assert memory.check_step(Config(), available=10**11)["total"] < 4 * 10**9  # the default fits easily
+
+
+def test_too_many_images_for_memory_are_refused(tmp_path):
+    with pytest.raises(Exception, match="--downscale"):
+        memory.check_images(5000, 3000, 4000, "images/", available=16 * 10**9)
+
+
+@pytest.mark.slow
+def test_peak_memory_with_many_large_images(tmp_path):
+    """48 images of 640x480 (44 MB as uint8, 177 MB if they were float32): loading them and training
+    a few steps grows the peak RSS by less than the uint8 images and masks plus a fixed allowance."""
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "memory_probe.py"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=400, env=_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = re.search(r"MEMORY (\{.*\})", p.stdout)
+    r = json.loads(m.group(1))
+    data = r["image_bytes"] + r["mask_bytes"]
+    # measured: growth ≈ data + 60-70 MB (Taichi buffers of the small model and one step's batch)
+    assert r["growth"] < data + 150e6, r
+    assert r["growth"] < 4 * r["image_bytes"], r  # float32 copies of the images alone would exceed this
