@@ -370,7 +370,10 @@ class Trainer:
             if downscale > 1:
                 m = m[:h * downscale, :w * downscale].reshape(h, downscale, w, downscale).mean((1, 3))
             mask = m > 0.5
-        gt_eval = gt * mask[..., None] if (mask is not None and self.use_masks) else gt
+        gt_eval = gt
+        if mask is not None and self.use_masks:  # masked training renders the object on the render background
+            bg = np.asarray(self.cfg.render.background, np.float32)
+            gt_eval = gt * mask[..., None] + bg * (1.0 - mask[..., None])
         out = {"psnr": float(psnr(np.clip(r["rgb"], 0, 1), gt_eval))}
         if mask is not None:
             out["psnr_masked"] = float(psnr(np.clip(r["rgb"], 0, 1), gt, mask=mask))
