@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="taichi-neus", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train on a scene folder and write a mesh")
-    tr.add_argument("--data", default="", help="scene folder in the NeuS/DTU layout (default: built-in synthetic)")
+    tr.add_argument("--data", default="",
+                    help="scene folder: NeuS/DTU, NeRF-synthetic or COLMAP (default: built-in synthetic)")
     tr.add_argument("--out", default="runs/latest", help="output folder (refused if it holds another run)")
     tr.add_argument("--arch", default="auto", help="auto|cpu|cuda|vulkan|metal")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
