@@ -18,6 +18,7 @@ import taichi as ti
 
 from . import buffers, losses
 from .adam import Adam, GroupSettings
+from .background import Background, blend, blend_backward
 from .compositing import NeuSCompositor
 from .config import Config
 from .data.rays import iter_image_rays, pixel_rays, unit_sphere_near_far
@@ -118,15 +119,25 @@ class Trainer:
         self.layout = ParamLayout()
         self.field = SDFField(cfg.field, self.layout)
         self.var_slice = self.layout.add("variance", (1,), "variance")
+        masks_used = cfg.data.use_masks and scene.masks is not None
+        mode = cfg.background.mode
+        if mode not in ("auto", "on", "off"):
+            raise UserInputError(f"--background.mode must be auto, on or off, not '{mode}'.")
+        # Without masks, whatever lies beyond the unit sphere needs a model of its own (background.py).
+        self.bg = Background(cfg.background, self.layout) if (mode == "on" or (mode == "auto" and not masks_used)) \
+            else None
         self.params = self.layout.allocate()
         self.grads = self.layout.allocate()
         self.field.init_params(self.params, tc.seed)
+        if self.bg is not None:
+            self.bg.init_params(self.params, tc.seed)
         host = buffers.to_numpy(self.params).copy()
         host[self.var_slice.offset] = tc.init_variance
         buffers.from_numpy(self.params, host)
         self.opt = Adam(self.layout, {
             "encoding": GroupSettings(tc.lr), "sdf_mlp": GroupSettings(tc.lr), "color_mlp": GroupSettings(tc.lr),
-            "variance": GroupSettings(tc.lr_variance)}, betas=(0.9, 0.99), eps=1e-15)
+            "variance": GroupSettings(tc.lr_variance), "background": GroupSettings(tc.lr)},
+            betas=(0.9, 0.99), eps=1e-15)
         self.occupancy = OccupancyGrid(rc.occupancy_resolution, 1.0)
         self.sampler = RaySampler(self.occupancy, step=rc.coarse_step, max_coarse=rc.max_coarse, n_fine=rc.n_fine)
         self.render_sampler = RaySampler(self.occupancy, step=rc.coarse_step, max_coarse=rc.max_coarse,
@@ -215,8 +226,8 @@ class Trainer:
             self.occupancy.update(self.sdf_fn, inv_s, step)
 
         vids, pix, o, d, near, far, gt, mask, ray_w = self._batch(self.n_rays)
-        o_dev, d_dev = self._upload("o", o), self._upload("d", d)
-        smp = self.sampler.sample(o_dev, d_dev, self._upload("near", near), self._upload("far", far),
+        o_dev, d_dev, far_dev = self._upload("o", o), self._upload("d", d), self._upload("far", far)
+        smp = self.sampler.sample(o_dev, d_dev, self._upload("near", near), far_dev,
                                   self.sdf_fn, inv_s, rng_seed=tc.seed * 1000003 + step, perturb=True)
         S, S_cap = smp.n_samples, smp.t.shape[0]
         sdirs = self.field.ws.exact("sample_dirs", S_cap, 3)
@@ -225,11 +236,17 @@ class Trainer:
         out = self.field.forward(smp.positions, sdirs, S, self.params, eps=sch["eps"], out_rows=S_cap)
         _read_slot(self.params, self.var_slice.offset, self._var_buf)
         comp = self.compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev, smp.ray_offsets,
-                                       smp.ray_counts, self._var_buf, sch["cos_anneal"], rc.background)
+                                       smp.ray_counts, self._var_buf, sch["cos_anneal"],
+                                       rc.background if self.bg is None else (0.0, 0.0, 0.0))
+        pred = comp.colour
+        if self.bg is not None:  # C = C_fg + (1 − O)·C_bg, the background NeRF seen beyond the sphere
+            bg_colour = self.bg.forward(o_dev, d_dev, far_dev, self.params, seed=step, perturb=True)
+            pred = self.field.ws.exact("blended", self.n_rays, 3)
+            blend(comp.colour, comp.opacity, bg_colour, pred)
 
         gt_dev = self._upload("gt", gt)
         mask_dev = self._upload("mask", mask) if mask is not None else None
-        l1, g_colour = losses.colour_l1(comp.colour, gt_dev, mask_dev, weight=1.0)
+        l1, g_colour = losses.colour_l1(pred, gt_dev, mask_dev, weight=1.0)
         weighted = not np.allclose(ray_w, 1.0)
         if weighted:  # importance weights of the pixel sampler (soft mining): per-ray L1 × w
             _scale_rows(g_colour, self._upload("ray_w", ray_w))
@@ -241,11 +258,16 @@ class Trainer:
         bg = np.asarray(rc.background, np.float32)
         target = gt if mask is None else gt * mask[:, None] + bg * (1 - mask[:, None])
         if self.s3im is not None:
-            colour = comp.colour.to_numpy()
+            colour = pred.to_numpy()
             s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, target, seed=tc.seed * 7919 + step)
             _add_rows(g_colour, self._upload("g_s3im", g_s3im))
         bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight)
                           if mask_dev is not None else (0.0, None))
+        if self.bg is not None:
+            g_bg = self.field.ws.exact("g_bg", self.n_rays, 3)
+            g_op = g_opacity if g_opacity is not None else self.field.ws.exact("g_op", self.n_rays)
+            blend_backward(g_colour, comp.opacity, bg_colour, g_op, g_bg, accumulate=g_opacity is not None)
+            g_opacity = g_op
         g = self.compositor.backward(g_colour, g_opacity, None)
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
         eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
@@ -254,6 +276,8 @@ class Trainer:
         buffers.zero_(self.grads)
         if S > 0:
             self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads)
+        if self.bg is not None:
+            self.bg.backward(g_bg, self.params, self.grads)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
         loss = l1 + bce + eik + s3im_loss
         if not math.isfinite(loss) or _count_nonfinite2(self.grads, self.params, self.layout.total) > 0:
@@ -261,7 +285,7 @@ class Trainer:
         self.bad_steps = 0
         self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor)
 
-        colour = comp.colour.to_numpy() if colour is None else colour
+        colour = pred.to_numpy() if colour is None else colour
         err = np.abs(colour - target).mean(axis=1)
         self.pixels.update(vids, pix, err, step)
         sel = mask > 0.5 if mask is not None else slice(None)
@@ -314,6 +338,7 @@ class Trainer:
             dd[:, 2] = 1.0
             oo[:e - s], dd[:e - s] = o[s:e], d[s:e]
             near, far, _ = unit_sphere_near_far(oo, dd, min_near=self.cfg.render.near)
+            exit_t = far.copy()  # the background starts where the ray leaves the unit sphere
             if max_t is not None:
                 far[:e - s] = np.maximum(near[:e - s], np.minimum(far[:e - s], max_t[s:e]))
             if e - s < chunk:
@@ -328,9 +353,15 @@ class Trainer:
             _read_slot(self.params, self.var_slice.offset, self._var_buf)
             comp = self.render_compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev,
                                                   smp.ray_offsets, smp.ray_counts, self._var_buf, cos_r,
-                                                  self.cfg.render.background)
+                                                  self.cfg.render.background if self.bg is None else (0.0, 0.0, 0.0))
             m = e - s
-            res["rgb"][s:e] = comp.colour.to_numpy()[:m]
+            if self.bg is not None:
+                bg_colour = self.bg.forward(self._upload("r_o", oo), d_dev, self._upload("r_exit", exit_t), self.params)
+                pred = self.field.ws.exact("r_blended", chunk, 3)
+                blend(comp.colour, comp.opacity, bg_colour, pred)
+                res["rgb"][s:e] = pred.to_numpy()[:m]
+            else:
+                res["rgb"][s:e] = comp.colour.to_numpy()[:m]
             res["opacity"][s:e] = comp.opacity.to_numpy()[:m]
             res["depth"][s:e] = comp.depth.to_numpy()[:m]
             if S > 0:
@@ -405,7 +436,9 @@ class Trainer:
                 blk[:m] = p[s:s + m]
                 q.from_numpy(blk)
                 out[s:s + m] = self.field.sdf(q, m, self.params).to_numpy()[:m]
-            return out
+            # The field is trained only inside the unit sphere (rays are clipped to it); outside it the
+            # hash grid holds untrained values. Intersect with the sphere so no surface comes from there.
+            return np.maximum(out, np.linalg.norm(p, axis=1).astype(np.float32) - 1.0)
 
         def color_np(p: np.ndarray, nrm: np.ndarray) -> np.ndarray:
             out = np.empty((p.shape[0], 3), np.float32)
