@@ -249,10 +249,15 @@ def test_refuses_bad_masks(copy):
 def test_refuses_bad_poses(copy):
     lines = (copy / "sparse" / "0" / "images.txt").read_text().splitlines()
     tok = lines[1].split()
+    orig = list(tok)
     tok[1:5] = ["0", "0", "0", "0"]
     lines[1] = " ".join(tok)
     (copy / "sparse" / "0" / "images.txt").write_text("\n".join(lines) + "\n")
     _refused(copy, "zero quaternion")
+    orig[5:8] = ["1e300", "0", "1e300"]  # a camera absurdly far away
+    lines[1] = " ".join(orig)
+    (copy / "sparse" / "0" / "images.txt").write_text("\n".join(lines) + "\n")
+    _refused(copy, orig[9], "too far")
 
 
 def test_refuses_camera_looking_away(tmp_path, text_scene):

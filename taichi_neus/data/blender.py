@@ -92,8 +92,10 @@ def _pose(frame: dict, where: str) -> np.ndarray:
     if not np.isfinite(M).all():
         raise UserInputError(f"'transform_matrix' of {where} contains NaN or Inf values; re-export the cameras.")
     R = M[:3, :3]
-    if np.abs(M[3] - [0, 0, 0, 1]).max() > 1e-6 or np.abs(R.T @ R - np.eye(3)).max() > 1e-3 \
-            or np.linalg.det(R) < 0:
+    with np.errstate(all="ignore"):  # huge entries overflow to inf/NaN: "not <=" refuses those too
+        rigid = np.abs(M[3] - [0, 0, 0, 1]).max() <= 1e-6 and np.abs(R.T @ R - np.eye(3)).max() <= 1e-3 \
+            and np.linalg.det(R) > 0
+    if not rigid:
         raise UserInputError(f"'transform_matrix' of {where} is not a rigid camera pose (rotation and "
                              "translation); re-export the cameras without scaling.")
     return M @ OPENGL_TO_OPENCV
@@ -277,15 +279,16 @@ def load_blender(path, downscale: int = 1, holdout_every: int = 8, use_masks: bo
             pass
 
     first = root / (SPLIT_FILES[0] if split else SINGLE_FILE)
-    if roi is not None and len(roi) > 0:
-        chosen = roi_mod.given(roi, c2w, str(first))
-    elif masks is not None:
-        chosen = roi_mod.from_masks(K, c2w, masks, f"{root} (alpha)")
-    else:
-        chosen = roi_mod.from_frusta(K, c2w, W, H, str(first))
-    log(chosen.summary(f"NeRF-synthetic {root}"))
-    c2w_unit = roi_mod.to_unit(c2w, chosen)
-    roi_mod.check_cameras_see_sphere(K, c2w_unit, W, H, str(first), names=[f[1][1] for f in frames])
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd poses are refused below, not warned
+        if roi is not None and len(roi) > 0:
+            chosen = roi_mod.given(roi, c2w, str(first))
+        elif masks is not None:
+            chosen = roi_mod.from_masks(K, c2w, masks, f"{root} (alpha)")
+        else:
+            chosen = roi_mod.from_frusta(K, c2w, W, H, str(first))
+        log(chosen.summary(f"NeRF-synthetic {root}"))
+        c2w_unit = roi_mod.to_unit(c2w, chosen)
+        roi_mod.check_cameras_see_sphere(K, c2w_unit, W, H, str(first), names=[f[1][1] for f in frames])
 
     return Scene(images=images, masks=masks if use_masks else None, K=K.astype(np.float32),
                  c2w=c2w_unit.astype(np.float32), scale_mat=chosen.scale_mat(), train_ids=train_ids,

@@ -280,7 +280,9 @@ def read_model(model: pathlib.Path):
 # ------------------------------------------------------------------------------------- geometry
 def qvec_to_rotation(q: np.ndarray) -> np.ndarray:
     """(3, 3) rotation of a unit quaternion ``(w, x, y, z)`` (normalised first)."""
-    w, x, y, z = np.asarray(q, np.float64) / np.linalg.norm(q)
+    q = np.asarray(q, np.float64)
+    q = q / np.abs(q).max()  # first to O(1): the norm of huge entries would overflow
+    w, x, y, z = q / np.linalg.norm(q)
     return np.array([
         [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
         [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
@@ -462,7 +464,7 @@ def load_colmap(path, downscale: int = 1, holdout_every: int = 8, use_masks: boo
             raise UserInputError(
                 f"camera {cam.id} in {cam_file} uses the {cam.model} model, which this tool does not read "
                 f"({', '.join(SUPPORTED)} only); run 'colmap image_undistorter' and load its output.")
-        if not (np.isfinite(rec.qvec).all() and np.isfinite(rec.tvec).all() and np.linalg.norm(rec.qvec) > 1e-9):
+        if not (np.isfinite(rec.qvec).all() and np.isfinite(rec.tvec).all() and np.abs(rec.qvec).max() > 1e-9):
             raise UserInputError(f"the pose of image {rec.name} in {img_file} holds NaN, infinity or a zero "
                                  "quaternion; re-run COLMAP.")
     image_dir = _find_dir(root, ("images", "image"), "image")
@@ -534,17 +536,19 @@ def load_colmap(path, downscale: int = 1, holdout_every: int = 8, use_masks: boo
         _parallel(one_mask, V)
 
     where = str(model)
-    if roi is not None and len(roi) > 0:
-        chosen = roi_mod.given(roi, c2w, where)
-    elif masks is not None:
-        chosen = roi_mod.from_masks(K_out, c2w, masks, str(mask_dir))
-    elif points is not None and len(points) >= MIN_POINTS:
-        chosen = roi_mod.from_points(points, c2w, str(pts_file))
-    else:
-        chosen = roi_mod.from_frusta(K_out, c2w, W, H, where)
-    log(chosen.summary(f"COLMAP {where}"))
-    c2w_unit = roi_mod.to_unit(c2w, chosen)
-    roi_mod.check_cameras_see_sphere(K_out, c2w_unit, W, H, str(img_file), names=[f"image {r.name}" for r in records])
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd poses are refused below, not warned
+        if roi is not None and len(roi) > 0:
+            chosen = roi_mod.given(roi, c2w, where)
+        elif masks is not None:
+            chosen = roi_mod.from_masks(K_out, c2w, masks, str(mask_dir))
+        elif points is not None and len(points) >= MIN_POINTS:
+            chosen = roi_mod.from_points(points, c2w, str(pts_file))
+        else:
+            chosen = roi_mod.from_frusta(K_out, c2w, W, H, where)
+        log(chosen.summary(f"COLMAP {where}"))
+        c2w_unit = roi_mod.to_unit(c2w, chosen)
+        roi_mod.check_cameras_see_sphere(K_out, c2w_unit, W, H, str(img_file),
+                                         names=[f"image {r.name}" for r in records])
 
     images = np.empty((V, H, W, 3), np.uint8)
 

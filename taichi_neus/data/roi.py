@@ -30,6 +30,8 @@ from taichi_neus.errors import UserInputError
 
 # The sphere never reaches closer to a camera than this fraction of the camera's distance.
 CAMERA_CLEARANCE = 0.9
+# A camera farther than this (unit-sphere radii) cannot see the region at any useful resolution.
+MAX_CAMERA_DISTANCE = 1e4
 
 
 @dataclass
@@ -254,6 +256,10 @@ def check_cameras_see_sphere(K: np.ndarray, c2w: np.ndarray, W: int, H: int, whe
     for v in range(len(c2w)):
         x = -c2w[v, :3, :3].T @ c2w[v, :3, 3]  # the origin in the camera frame
         name = names[v] if names is not None else f"camera {v}"
+        dist = float(np.linalg.norm(c2w[v, :3, 3]))
+        if not dist < MAX_CAMERA_DISTANCE:
+            raise UserInputError(f"{name} in {where} is {dist:.3g} unit-sphere radii from the region of interest, "
+                                 "too far to see it; check its pose or give --data.roi.")
         if not x[2] > 0:
             raise UserInputError(f"{name} in {where} faces away from the region of interest (it is behind the "
                                  "camera); check its pose or give --data.roi.")
