@@ -89,7 +89,7 @@ def test_masks_visual_hull_of_a_sphere():
 def test_given_sphere():
     c2w = ring(4, 5.0)
     r = roi.given((0, 0, 0, 1.5), c2w, "x")
-    assert r.method == "given" and r.radius == 1.5
+    assert r.method == "option --data.roi" and r.radius == 1.5
     with pytest.raises(UserInputError, match="contains a camera"):
         roi.given((0, 0, 0, 6.0), c2w, "x")
     with pytest.raises(UserInputError, match="radius > 0"):

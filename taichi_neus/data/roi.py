@@ -41,7 +41,7 @@ class ROI:
     Attributes:
         centre: (3,) float64, world units.
         radius: world units (> 0).
-        method: "masks" | "points" | "frusta" | "given".
+        method: "masks" | "sparse points" | "camera frusta" | "option --data.roi".
         detail: words for the one-line summary (how centre and radius were found).
     """
 
@@ -235,7 +235,7 @@ def given(roi, c2w: np.ndarray, where: str) -> ROI:
         raise UserInputError(
             f"--data.roi {tuple(vals.tolist())} contains a camera of {where} (the nearest is {d_min:.4g} from its "
             "centre); choose a sphere around the object only.")
-    return ROI(vals[:3], float(vals[3]), "given", "--data.roi")
+    return ROI(vals[:3], float(vals[3]), "option --data.roi")
 
 
 def to_unit(c2w: np.ndarray, roi: ROI) -> np.ndarray:
