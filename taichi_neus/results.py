@@ -304,9 +304,11 @@ def format_table(result: dict) -> str:
     else:
         rows.append(("held-out views", "none"))
     geo = result.get("geometry")
+    if "mesh" in result:
+        rows.append((f"mesh {result['mesh']}" + (" (cleaned with masks)" if result.get("clean") else ""),
+                     f"{result.get('mesh_faces', 0)} faces"))
     if geo:
         u = geo["units"]
-        rows.append((f"mesh {result.get('mesh', '')}" + (" (cleaned with masks)" if result.get("clean") else ""), ""))
         rows.append(("  vs " + (f"DTU scan {geo['scan']} (official protocol)" if geo["protocol"] == "dtu"
                                 else geo["ground_truth"]), ""))
         for k in ("accuracy", "completeness", "chamfer"):
