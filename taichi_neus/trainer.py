@@ -192,14 +192,28 @@ class Trainer:
         buf.from_numpy(arr)
         return buf
 
+    def progress(self, step: int | None = None) -> float:
+        """Share of training done, in [0, 1]: steps over ``iters``, or elapsed training time over
+        ``time_budget`` if that is further along (so a time-budgeted run ends fully annealed)."""
+        tc = self.cfg.train
+        p = (self.step if step is None else step) / max(tc.iters, 1)
+        if tc.time_budget > 0:
+            p = max(p, self.train_time / tc.time_budget)
+        return min(p, 1.0)
+
+    def done(self) -> bool:
+        tc = self.cfg.train
+        return self.step >= tc.iters or (tc.time_budget > 0 and self.train_time >= tc.time_budget)
+
     def schedules(self, step: int) -> dict:
         tc = self.cfg.train
-        p = step / max(tc.iters, 1)
+        p = self.progress(step)
         if step < tc.warmup:
             lr = (step + 1) / tc.warmup
         else:
-            q = (step - tc.warmup) / max(tc.iters - tc.warmup, 1)
-            lr = tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * min(q, 1.0)))
+            p_w = min(tc.warmup / max(tc.iters, 1), 0.5)
+            q = (p - p_w) / (1.0 - p_w)
+            lr = tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * min(max(q, 0.0), 1.0)))
         cos_r = min(1.0, p / tc.anneal_end) if tc.anneal_end > 0 else 1.0
         eps = _log_lerp(tc.eps_start, tc.eps_end, p / tc.eps_anneal if tc.eps_anneal > 0 else 1.0)
         return {"lr_scale": lr, "cos_anneal": cos_r, "eps": eps}
@@ -527,28 +541,30 @@ class Trainer:
 
     # ------------------------------------------------------------------- fit
     def fit(self, callback=None) -> dict:
-        """Train to ``cfg.train.iters``. ``callback(trainer, stats)`` runs after every step (e.g. the live
-        preview); returning False stops training early (a checkpoint is written)."""
+        """Train to ``cfg.train.iters`` steps or ``cfg.train.time_budget`` seconds, whichever comes first.
+        ``callback(trainer, stats)`` runs after every step (e.g. the live preview); returning False stops
+        training early (a checkpoint is written)."""
         tc = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
         bar = Progress(tc.iters, start=self.step, every=tc.log_every)
         val_view = int(self.scene.test_ids[0]) if len(self.scene.test_ids) else int(self.scene.train_ids[0])
         with open(metrics_path, "a") as mf:
-            while self.step < tc.iters:
+            while not self.done():
                 t0 = time.time()
                 st = self.train_step()
                 self.train_time += time.time() - t0
                 st["time"] = self.train_time
-                if self.step % tc.log_every == 0 or self.step == tc.iters:
+                last = self.done()
+                if self.step % tc.log_every == 0 or last:
                     mf.write(json.dumps(st) + "\n")
                     mf.flush()
                 bar.update(self.step, loss=st["loss"], psnr=st["psnr"], s=st["s"], spr=st["samples_per_ray"])
-                if tc.val_every and (self.step % tc.val_every == 0 or self.step == tc.iters):
+                if tc.val_every and (self.step % tc.val_every == 0 or last):
                     v = self.save_validation(val_view)
                     mf.write(json.dumps({"step": self.step, "val_view": val_view, **v}) + "\n")
                     mf.flush()
-                if tc.ckpt_every and (self.step % tc.ckpt_every == 0 or self.step == tc.iters):
+                if tc.ckpt_every and (self.step % tc.ckpt_every == 0 or last):
                     self.save_checkpoint()
                 if callback is not None and callback(self, st) is False:
                     if tc.ckpt_every:
