@@ -45,13 +45,21 @@ def _arch_available(name: str) -> bool:
     return bool(fn and fn())
 
 
+def _only_software_vulkan() -> bool:
+    """True on Linux when no GPU render node exists: a Vulkan driver there can only be a software
+    rasteriser (lavapipe/llvmpipe), far slower than Taichi's own CPU backend."""
+    import glob
+    import sys
+    return sys.platform.startswith("linux") and not glob.glob("/dev/dri/renderD*")
+
+
 def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offline_cache: bool = True,
          **kwargs) -> str:
     """Initialise Taichi on ``arch`` and return the name of the arch actually used.
 
     ``arch`` is one of ``auto|cpu|cuda|vulkan|metal``. ``auto`` tries CUDA, then
-    Metal, then Vulkan, then the CPU. An explicit arch that is missing raises
-    :class:`BackendError` with a sentence saying what to do. Taichi's offline
+    Metal, then Vulkan (skipped when only a software Vulkan driver can exist), then the CPU.
+    An explicit arch that is missing raises :class:`BackendError` with a sentence saying what to do. Taichi's offline
     kernel cache is on by default so a second process starts fast.
     Calling ``init`` again with a different arch resets Taichi (all fields and
     ndarrays made before become invalid).
@@ -71,6 +79,8 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     if offline_cache:
         kwargs.setdefault("offline_cache_file_path", cache_dir)
     candidates = ["cuda", "metal", "vulkan", "cpu"] if arch == "auto" else [arch]
+    if arch == "auto" and _only_software_vulkan():
+        candidates.remove("vulkan")
     used = None
     for name in candidates:
         if name != "cpu" and not _arch_available(name):
