@@ -23,8 +23,9 @@ the same number of rays instead of changing it. Samples per ray still follow the
 Metrics: held-out views (every 8th view): PSNR and SSIM of the render against the photo with the
 background set to the background colour (the model is trained with masks), and on the built-in
 scene the Chamfer distance (world units, mean of accuracy and completeness, 20k points each way)
-of the ``--mesh-res`` marching-cubes mesh to the analytic surface; steps done, rays/s. Output: a
-table on stdout and JSON (default ``benchmarks/results/ablation.json``).
+of the ``--mesh-res`` marching-cubes mesh to the analytic surface; steps done, rays per CPU-second
+and rays/s of the median step (both steadier than rays/s over the run on a shared machine). Output:
+a table on stdout and JSON (default ``benchmarks/results/ablation.json``).
 """
 
 import argparse
@@ -157,14 +158,15 @@ def fmt(x, spec):
 
 def table(results: list[dict], has_mesh: bool) -> str:
     head = "| run | held-out PSNR (dB) | SSIM |" + (" Chamfer (world) |" if has_mesh else "") + \
-           " steps | rays/s | train s (wall / CPU) |"
-    sep = "|---|---:|---:|" + ("---:|" if has_mesh else "") + "---:|---:|---:|"
+           " steps | rays per CPU-s | rays/s (median step) | train s (wall / CPU) |"
+    sep = "|---|---:|---:|" + ("---:|" if has_mesh else "") + "---:|---:|---:|---:|"
     rows = [head, sep]
     for r in results:
         row = f"| {r['name']} | {fmt(r['psnr'], '.2f')} | {fmt(r['ssim'], '.4f')} |"
         if has_mesh:
             row += f" {fmt(r.get('chamfer'), '.4f')} |"
-        row += f" {r['steps']} | {r['rays_per_s']:.0f} | {r['train_wall_s']:.0f} / {r['train_cpu_s']:.0f} |"
+        row += (f" {r['steps']} | {r['rays'] / r['train_cpu_s']:.0f} | {fmt(r.get('rays_per_s_median_step'), '.0f')} |"
+                f" {r['train_wall_s']:.0f} / {r['train_cpu_s']:.0f} |")
         rows.append(row)
     return "\n".join(rows)
 
@@ -210,7 +212,15 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="cpu")
     ap.add_argument("--progress", type=float, default=30.0, help="print progress every this many seconds (0: off)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "ablation.json"))
+    ap.add_argument("--table-from", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    if args.table_from:
+        d = json.loads(pathlib.Path(args.table_from).read_text())
+        has_mesh = not d["meta"]["args"]["data"]
+        print(d["meta"]["command"] + "\n\n" + table(d["runs"], has_mesh))
+        for line in noise_rows(d["runs"], has_mesh):
+            print("noise: " + line)
+        return 0
     if args.rays % args.s3im_patch:
         ap.error(f"--rays ({args.rays}) must be a multiple of --s3im-patch ({args.s3im_patch})")
 

@@ -72,6 +72,7 @@ class BudgetTrainer(Trainer):
         """Train until the budget is used up. Returns steps, rays, samples and times."""
         steps = rays = samples = rejected = 0
         last_print = 0.0
+        step_wall = []
         while self.used_s < self.budget_s:
             w0, c0 = time.perf_counter(), _cpu_time()
             st = self.train_step()
@@ -79,6 +80,7 @@ class BudgetTrainer(Trainer):
             self.wall_s += dw
             self.cpu_s += dc
             self.used_s += dw if self.clock == "wall" else dc
+            step_wall.append(dw)
             self.train_time = self.wall_s
             steps += 1
             if st.get("rejected"):
@@ -90,9 +92,14 @@ class BudgetTrainer(Trainer):
                 last_print = self.used_s
                 print(f"  [{label}] {self.used_s:6.1f}/{self.budget_s:.0f} s  step {steps:5d}  "
                       f"loss {st['loss']:.4f}  psnr {st['psnr']:5.2f}  s {st['s']:.0f}", flush=True)
+        # rays/s over the whole run is at the mercy of other processes on a shared machine (and of a
+        # paused process); rays per CPU-second and the median step are steadier.
+        med = float(np.median(step_wall)) if step_wall else float("nan")
         return {"steps": steps, "rejected_steps": rejected, "rays": rays, "samples": samples,
                 "train_wall_s": self.wall_s, "train_cpu_s": self.cpu_s,
-                "rays_per_s": rays / max(self.wall_s, 1e-9), "samples_per_s": samples / max(self.wall_s, 1e-9)}
+                "rays_per_s": rays / max(self.wall_s, 1e-9), "samples_per_s": samples / max(self.wall_s, 1e-9),
+                "rays_per_cpu_s": rays / max(self.cpu_s, 1e-9), "median_step_ms": 1000 * med,
+                "rays_per_s_median_step": rays / max(steps - rejected, 1) / med if step_wall else float("nan")}
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -68,6 +68,8 @@ def config(args, init_radius: float, hook: str, seed: int):
     rc.near = 0.0
     rc.background = (0.0, 0.0, 0.0)
     rc.occupancy_resolution, rc.occupancy_warmup, rc.occupancy_every = 32, 32, 8
+    if not args.occupancy:  # every cell stays occupied: the coarse march samples all space, near the camera too
+        rc.occupancy_warmup = 1 << 30
     rc.coarse_step = 2 * 3**0.5 / 96
     rc.n_fine = 24
     tc.eps_start, tc.eps_end = 1 / 32, 1 / 256
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=96, help="image side in pixels")
     ap.add_argument("--scene-seed", type=int, default=0)
     ap.add_argument("--rays", type=int, default=1024, help="rays per step")
+    ap.add_argument("--no-occupancy", dest="occupancy", action="store_false",
+                    help="never prune space with the occupancy grid (the coarse march then samples everywhere)")
     ap.add_argument("--no-masks", dest="masks", action="store_false",
                     help="train without the masks (on this scene every such run collapsed to an empty field)")
     ap.add_argument("--arch", default="cpu")
