@@ -157,15 +157,16 @@ def fmt(x, spec):
 
 
 def table(results: list[dict], has_mesh: bool) -> str:
-    head = "| run | held-out PSNR (dB) | SSIM |" + (" Chamfer (world) |" if has_mesh else "") + \
-           " steps | rays per CPU-s | rays/s (median step) | train s (wall / CPU) |"
-    sep = "|---|---:|---:|" + ("---:|" if has_mesh else "") + "---:|---:|---:|---:|"
+    head = "| run | held-out PSNR (dB) | SSIM |" + (" Chamfer (world units) |" if has_mesh else "") + \
+           " steps | CPU ms / step | samples / ray | rays per CPU-second | train s (wall / CPU) |"
+    sep = "|---|---:|---:|" + ("---:|" if has_mesh else "") + "---:|---:|---:|---:|---:|"
     rows = [head, sep]
     for r in results:
         row = f"| {r['name']} | {fmt(r['psnr'], '.2f')} | {fmt(r['ssim'], '.4f')} |"
         if has_mesh:
             row += f" {fmt(r.get('chamfer'), '.4f')} |"
-        row += (f" {r['steps']} | {r['rays'] / r['train_cpu_s']:.0f} | {fmt(r.get('rays_per_s_median_step'), '.0f')} |"
+        row += (f" {r['steps']} | {1000 * r['train_cpu_s'] / max(r['steps'], 1):.0f} |"
+                f" {r['samples'] / max(r['rays'], 1):.1f} | {r['rays'] / r['train_cpu_s']:.0f} |"
                 f" {r['train_wall_s']:.0f} / {r['train_cpu_s']:.0f} |")
         rows.append(row)
     return "\n".join(rows)
@@ -188,6 +189,31 @@ def noise_rows(results: list[dict], has_mesh: bool) -> list[str]:
             line += f", Chamfer {c:.4f} ± {cs:.4f}"
         out.append(line)
     return out
+
+
+def summary(docs: list[dict]) -> str:
+    """Mean ± sample std per run name over every run of the given JSONs; a repeated run (same seed) counts
+    once (its first copy), so the spread is over seeds."""
+    runs = {}
+    for d in docs:
+        seed = d["meta"]["args"]["seed"]
+        for r in d["runs"]:
+            runs.setdefault(r["base_name"], {}).setdefault(seed, r)
+    has_mesh = all(not d["meta"]["args"]["data"] for d in docs)
+    mesh_head = " Chamfer (world units) |" if has_mesh else ""
+    lines = ["| run | seeds | held-out PSNR (dB) | SSIM |" + mesh_head + " steps |",
+             "|---|---|---:|---:|" + ("---:|" if has_mesh else "") + "---:|"]
+    for name, by_seed in runs.items():
+        rs = [by_seed[k] for k in sorted(by_seed)]
+        cells = []
+        for key, spec in (("psnr", ".2f"), ("ssim", ".4f")) + ((("chamfer", ".4f"),) if has_mesh else ()):
+            m, sd = mean_std([r.get(key) for r in rs])
+            # one seed has no spread: print the value alone rather than a misleading "± 0"
+            cells.append(f"{m:{spec}} ± {sd:{spec}}" if len(rs) > 1 else f"{m:{spec}}")
+        steps = " / ".join(str(r["steps"]) for r in rs)
+        seeds = ", ".join(str(k) for k in sorted(by_seed))
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {steps} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -213,7 +239,12 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", type=float, default=30.0, help="print progress every this many seconds (0: off)")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "ablation.json"))
     ap.add_argument("--table-from", metavar="JSON", help="print the table of an earlier run's JSON and exit")
+    ap.add_argument("--summarize", nargs="+", metavar="JSON",
+                    help="print mean ± std per run over several runs' JSONs (e.g. one per seed) and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summary([json.loads(pathlib.Path(f).read_text()) for f in args.summarize]))
+        return 0
     if args.table_from:
         d = json.loads(pathlib.Path(args.table_from).read_text())
         has_mesh = not d["meta"]["args"]["data"]
