@@ -1,33 +1,34 @@
 """Does gradient scaling (Philip & Deschaintre 2023) keep near-camera floaters away without a near plane?
 
-    python benchmarks/floaters.py                      # ~15 min on 2 cores
+    python benchmarks/floaters.py --clock cpu --budget 150      # ~25 min on 2 cores
     python benchmarks/floaters.py --budget 60 --seeds 0 --init-radius 0.5
 
 The scene: the built-in synthetic object shrunk to a bounding radius of 0.3 (``object_scale``
 0.375) with the cameras at radius 0.9, i.e. *inside* the unit sphere the field models, looking at
-the object; 12 views, alternate ones held out, so 6 training views whose images near-camera
-density can explain (each camera's view of the space in front of it is seen by few others). Black
-background, background model off, ``render.near = 0``: every ray starts at its camera, so the field
-can put density anywhere between the camera and the object. Masks are used by default: without
-them every run on this scene (hook on or off, either start, even with a near plane at 0.3)
-collapsed within ~20 steps to an empty field (SDF positive everywhere, no samples, no gradient,
-a black image), which says nothing about floaters (``--no-masks`` reproduces it). The mask loss
-only asks for opacity inside the silhouettes, not *where* along a foreground ray it sits, so
-density in front of the object, near the cameras, is still free to form or stay.
+the object; 12 views, alternate ones held out, so 6 training views. Pixels that miss the object
+show a distant environment (a function of the ray direction only, at infinity; ``--background
+black`` for none). Nothing models that environment: no background field, no masks (``--masks``
+to use them), ``render.near = 0`` so every ray starts at its camera, and the occupancy grid off
+(``--occupancy`` to prune) so the coarse march samples all space from the camera on. Everything a
+photo shows must then be explained inside the unit sphere. The environment cannot be painted
+exactly on any surface there (the cameras sit near the sphere's edge, so its parallax differs
+from view to view), but each camera's own near space, seen by no other training camera, can hold
+a private screen that reproduces its photo: the "background collapse" of the paper. The hook
+(``paper``: per-sample gradients x min(1, d²/σ²), d the sample's distance from its camera,
+σ = 0.9 the camera distance) is claimed to prevent it.
 
-Two starts: the SDF's sphere initialisation of radius 0.5 (the default; its surface lies 0.4 in
-front of every camera, so near-camera density exists from step 0 and must be removed) and of
-radius 0.2 (inside the object; the space near the cameras starts empty and floaters must grow).
-Each is trained with gradient scaling off and on (``paper``: per-sample gradients x min(1, d²/σ²),
-σ = 0.9 the camera distance), from the same seeds, for the same wall-clock budget (schedules on
+Two starts: the SDF's sphere initialisation of radius 0.5 (its surface lies 0.4 in front of every
+camera) and of radius 0.2 (inside the object; the space near the cameras starts empty). Each is
+trained with gradient scaling off and on, from the same seeds, for the same budget (schedules on
 the elapsed share of the budget, see ``budget_training.py``).
 
 Measured on the held-out views (mean over all pixels):
 - ``near20``: opacity accumulated over the first 20% of each ray's length inside the unit sphere
-  (from the camera); the true scene has none there.
+  (from the camera): space where the true scene has nothing.
 - ``front``: opacity accumulated before the ray reaches the object's bounding sphere (radius 0.3),
   or along the whole ray if it misses it: density that cannot be the object.
-- held-out PSNR (whole image, black background).
+- held-out PSNR, over the whole image and over the object's pixels (exact masks): floaters in
+  front of the object show up in the second.
 and ``near20`` on the training views, where floaters that explain the training images would sit.
 Output: table on stdout and JSON (default ``benchmarks/results/floaters.json``).
 """
@@ -62,8 +63,7 @@ def config(args, init_radius: float, hook: str, seed: int):
                                                 per_level_scale=1.45), sdf_hidden=32, color_hidden=32,
                             feature_dim=7, sphere_init_radius=init_radius)
     cfg.data.use_masks = args.masks
-    if hasattr(cfg, "background"):  # no model beyond the unit sphere: everything must be explained inside it
-        cfg.background.mode = "off"
+    cfg.background.mode = "off"  # no model beyond the unit sphere: everything must be explained inside it
     rc, tc = cfg.render, cfg.train
     rc.near = 0.0
     rc.background = (0.0, 0.0, 0.0)
@@ -83,12 +83,16 @@ def config(args, init_radius: float, hook: str, seed: int):
 
 
 def make_scene(root: pathlib.Path, args):
+    """The training scene (masks only if ``args.masks``) and the exact (V, H, W) bool object masks,
+    which score the held-out object pixels whether or not training used them."""
     from taichi_neus.data import load_dtu
     from taichi_neus.data.synthetic import make_synthetic_scene
 
     make_synthetic_scene(root, n_views=2 * args.train_views, width=args.size, height=args.size, seed=args.scene_seed,
-                         camera_radius=CAMERA_RADIUS, object_scale=OBJECT_SCALE)
-    return load_dtu(root, holdout_every=2, use_masks=args.masks)
+                         camera_radius=CAMERA_RADIUS, object_scale=OBJECT_SCALE,
+                         with_environment=args.background == "environment")
+    exact = load_dtu(root, holdout_every=2, use_masks=True).masks > 127
+    return load_dtu(root, holdout_every=2, use_masks=args.masks), exact
 
 
 def view_rays(scene, v):
@@ -96,11 +100,11 @@ def view_rays(scene, v):
     return image_rays(scene.K[v], scene.c2w[v], scene.H, scene.W)
 
 
-def measure(tr, scene) -> dict:
+def measure(tr, scene, exact_masks) -> dict:
     from taichi_neus.data.rays import unit_sphere_near_far
     from taichi_neus.evaluation import psnr
 
-    out = {"near20": [], "front": [], "psnr": [], "near20_train": []}
+    out = {"near20": [], "front": [], "psnr": [], "psnr_object": [], "near20_train": []}
     for split, views in (("test", scene.test_ids), ("train", scene.train_ids)):
         for v in views:
             o, d = view_rays(scene, int(v))
@@ -116,7 +120,10 @@ def measure(tr, scene) -> dict:
             out["front"].append(float(front["opacity"].mean()))
             full = tr.render_rays(o, d)
             gt = scene.images[int(v)].astype(np.float32) / 255.0
-            out["psnr"].append(float(psnr(np.clip(full["rgb"].reshape(gt.shape), 0, 1), gt)))
+            rgb = np.clip(full["rgb"].reshape(gt.shape), 0, 1)
+            out["psnr"].append(float(psnr(rgb, gt)))
+            m = exact_masks[int(v)]
+            out["psnr_object"].append(float(psnr(rgb[m], gt[m])))
     return {k: float(np.mean(val)) for k, val in out.items()} | {"per_view": out}
 
 
@@ -131,10 +138,14 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=96, help="image side in pixels")
     ap.add_argument("--scene-seed", type=int, default=0)
     ap.add_argument("--rays", type=int, default=1024, help="rays per step")
-    ap.add_argument("--no-occupancy", dest="occupancy", action="store_false",
-                    help="never prune space with the occupancy grid (the coarse march then samples everywhere)")
-    ap.add_argument("--no-masks", dest="masks", action="store_false",
-                    help="train without the masks (on this scene every such run collapsed to an empty field)")
+    ap.add_argument("--occupancy", dest="occupancy", action="store_true",
+                    help="prune space with the occupancy grid (default off: the coarse march samples everywhere, "
+                         "so density can grow anywhere along a ray)")
+    ap.add_argument("--background", choices=("environment", "black"), default="environment",
+                    help="what pixels that miss the object show: a distant environment (default) or black")
+    ap.add_argument("--masks", dest="masks", action="store_true",
+                    help="train with the masks (their loss forbids opacity on background pixels, so no floaters "
+                         "can form there)")
     ap.add_argument("--arch", default="cpu")
     ap.add_argument("--progress", type=float, default=30.0)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results" / "floaters.json"))
@@ -145,7 +156,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = pathlib.Path(tmpdir)
-        scene = make_scene(tmp / "scene", args)
+        scene, exact_masks = make_scene(tmp / "scene", args)
         print(f"scene: {len(scene.train_ids)} train / {len(scene.test_ids)} held-out views {scene.W}x{scene.H}, "
               f"cameras at radius {CAMERA_RADIUS}, object radius {OBJECT_BOUND}; sigma {scene.camera_sigma():.3f}",
               flush=True)
@@ -160,25 +171,29 @@ def main(argv=None) -> int:
                     del warm
                     tr = BudgetTrainer(scene, cfg, tmp / name.replace(" ", "_"), budget_s=args.budget,
                                        clock=args.clock)
-                    before = measure(tr, scene) if hook == "none" and seed == args.seeds[0] else None
+                    before = measure(tr, scene, exact_masks) if hook == "none" and seed == args.seeds[0] else None
                     stats = tr.run(progress_every_s=args.progress, label=name)
-                    m = measure(tr, scene)
+                    m = measure(tr, scene, exact_masks)
                     r = {"name": name, "init_radius": init, "seed": seed, "grad_scaling": hook, **stats, **m}
                     if before is not None:
-                        r["at_init"] = {k: before[k] for k in ("near20", "front", "psnr", "near20_train")}
+                        r["at_init"] = {k: before[k] for k in ("near20", "front", "psnr", "psnr_object",
+                                                               "near20_train")}
                     results.append(r)
-                    print(f"{name}: held-out PSNR {m['psnr']:.2f}  near20 {m['near20']:.4f}  front {m['front']:.4f}  "
+                    print(f"{name}: held-out PSNR {m['psnr']:.2f} (object {m['psnr_object']:.2f})  "
+                          f"near20 {m['near20']:.4f}  front {m['front']:.4f}  "
                           f"near20(train views) {m['near20_train']:.4f}  steps {stats['steps']}", flush=True)
                     del tr
                     gc.collect()
-    lines = ["| start | gradient scaling | held-out PSNR (dB) | near-20% opacity, held-out | "
+    lines = ["| start | gradient scaling | held-out PSNR (dB) | held-out PSNR on the object (dB) | "
+             "near-20% opacity, held-out | "
              "opacity in front of the object, held-out | near-20% opacity, training views | steps |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for init in args.init_radius:
         for hook in ("none", "paper"):
             g = [r for r in results if r["init_radius"] == init and r["grad_scaling"] == hook]
             cells = []
-            for key, spec in (("psnr", ".2f"), ("near20", ".4f"), ("front", ".4f"), ("near20_train", ".4f")):
+            for key, spec in (("psnr", ".2f"), ("psnr_object", ".2f"), ("near20", ".4f"), ("front", ".4f"),
+                              ("near20_train", ".4f")):
                 m, s = mean_std([r[key] for r in g])
                 vals = " / ".join(format(r[key], spec) for r in g)
                 cells.append(f"{m:{spec}} ({vals})" if len(g) > 1 else format(m, spec))

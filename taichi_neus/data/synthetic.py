@@ -154,6 +154,23 @@ def shade(points: np.ndarray, object_scale: float = 1.0) -> np.ndarray:
     return albedo(p) * (0.35 + 0.65 * lam)[:, None]
 
 
+def environment(dirs: np.ndarray) -> np.ndarray:
+    """(N, 3) float64 RGB in [0.1, 0.9] of a distant environment seen along unit directions ``dirs``
+    (N, 3): a function of direction only (at infinity), smooth but with structure at several
+    scales (a vertical gradient, bands and blobs), so a field cannot explain it by one flat colour."""
+    d = np.asarray(dirs, np.float64).reshape(-1, 3)
+    d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    x, y, z = d[:, 0], d[:, 1], d[:, 2]
+    up = -y  # "up" is -y in the unit-sphere frame
+    bands = np.sin(5.0 * np.arctan2(z, x) + 2.0 * up)
+    blobs = np.sin(7.0 * x + 1.0) * np.sin(6.0 * z - 0.5) * np.sin(5.0 * up + 0.3)
+    sky = np.array([0.35, 0.55, 0.80])
+    ground = np.array([0.55, 0.45, 0.30])
+    t = 0.5 + 0.5 * np.tanh(3.0 * up)
+    base = sky * t[:, None] + ground * (1.0 - t[:, None])
+    return np.clip(base + 0.15 * bands[:, None] * np.array([1.0, 0.6, 0.2]) + 0.15 * blobs[:, None], 0.1, 0.9)
+
+
 def _sdf_chunked(p: np.ndarray, chunk: int = 16384, object_scale: float = 1.0) -> np.ndarray:
     """:func:`scaled_sdf_unit` in cache-sized pieces (numpy temporaries stay in cache)."""
     if len(p) <= chunk:
@@ -239,11 +256,12 @@ def intrinsics(width: int, height: int, camera_radius: float = CAMERA_RADIUS,
 
 
 def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int,
-                 object_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                 object_scale: float = 1.0, with_environment: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Render views sharing intrinsics ``K`` (3, 3) from camera-to-world ``c2ws`` (V, 4, 4)
     (``object_scale``: see :func:`scaled_sdf_unit`).
 
-    Returns (V, H, W, 3) uint8 colour, 2x2 supersampled, black background, and (V, H, W) bool
+    Returns (V, H, W, 3) uint8 colour, 2x2 supersampled, black background (or, with
+    ``with_environment``, the distant :func:`environment` wherever a ray misses), and (V, H, W) bool
     masks (the ray through the pixel centre hits the surface). Views are traced together, at
     most ~2^20 rays at a time, so numpy's per-call overhead is shared.
     """
@@ -263,6 +281,8 @@ def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int,
         hit, _, pts = sphere_trace(o, d, object_scale=object_scale)
         rgb = np.zeros((len(o), 3))
         rgb[hit] = shade(pts[hit], object_scale)
+        if with_environment:
+            rgb[~hit] = environment(d[~hit])
         rgb = rgb.reshape(len(vs), 5, n, 3)
         colour = rgb[:, :4].mean(axis=1)
         images[v0:v0 + len(vs)] = np.clip(np.round(colour * 255.0), 0, 255).reshape(-1, height, width, 3)
@@ -271,12 +291,15 @@ def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int,
 
 
 def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: int = 96, seed: int = 0,
-                         camera_radius: float = CAMERA_RADIUS, object_scale: float = 1.0):
+                         camera_radius: float = CAMERA_RADIUS, object_scale: float = 1.0,
+                         with_environment: bool = False):
     """Render the synthetic scene into ``out_dir`` in the NeuS layout; returns the path.
 
     ``camera_radius`` (unit-sphere units; may be < 1, cameras inside the modelled region) and
     ``object_scale`` (the object's bounding radius is ``0.8 * object_scale``) change the scene; the
     defaults are the built-in scene. The intrinsics keep the object filling ~80% of the image.
+    ``with_environment``: pixels that miss the object show the distant :func:`environment` instead
+    of black (the masks stay exact), a background that nothing inside the unit sphere models.
 
     Writes ``image/000.png`` .. (RGB), ``mask/000.png`` .. (3-channel 0/255),
     ``cameras_sphere.npz`` (float64 ``world_mat_i`` = K[R|t] padded to 4x4, projecting WORLD
@@ -293,7 +316,7 @@ def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: in
     S = scale_mat()
     poses = [look_at(c) for c in camera_centres(n_views, seed, camera_radius)]
     images, masks = render_views(K, np.stack([camera_to_world(R, t) for R, t in poses]), width, height,
-                                 object_scale)
+                                 object_scale, with_environment)
     cams = {}
     for i, (R, t) in enumerate(poses):
         Image.fromarray(images[i]).save(out / "image" / f"{i:03d}.png")
@@ -309,6 +332,8 @@ def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: in
             "scale": SCALE, "offset": OFFSET.tolist(), "camera_radius": camera_radius}
     if object_scale != 1.0:
         meta["object_scale"] = object_scale
+    if with_environment:
+        meta["environment"] = True
     (out / "scene.json").write_text(json.dumps(meta, indent=1))
     return out
 
