@@ -22,6 +22,7 @@ __all__ = [
     "psnr",
     "ssim",
     "mask_iou",
+    "background_coverage",
     "chamfer",
     "sample_mesh_points",
     "downsample_points",
@@ -102,6 +103,48 @@ def mask_iou(opacity, mask, thresh: float = 0.5) -> float:
         raise ValueError(f"mask_iou: shapes differ, {a.shape} vs {b.shape}")
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def background_coverage(covered, mask, image, dark: int = 40, margin: int = 2) -> dict:
+    """How much of a photo's background a mesh covers: the test for "background walls".
+
+    A surface that an unmasked run builds to explain what lies *beyond* the modelled region (a
+    dark backdrop, the walls of a room) shows up, seen from a training camera, on pixels outside
+    the object's mask. Such pixels are split into dark ones (the backdrop: max channel < ``dark``)
+    and the rest (typically the table, a real surface a mesh may legitimately contain).
+
+    Args:
+        covered: (H, W) bool, the mesh covers the pixel (e.g. ``np.isfinite(depth)`` from
+            :func:`taichi_neus.mesh_raster.rasterize`).
+        mask: (H, W) object mask, bool or uint8 0/255.
+        image: (H, W, 3) uint8 photograph.
+        dark: max-channel threshold (0..255) below which a background pixel is backdrop.
+        margin: pixels within this distance of the mask are left out of the background (edges).
+    Returns:
+        dict: ``object`` (covered share of mask pixels), ``backdrop`` (covered share of dark
+        background pixels), ``other_background`` (covered share of the remaining background),
+        ``iou`` (coverage vs mask) and the pixel counts ``n_backdrop``, ``n_other_background``.
+    """
+    from scipy.ndimage import binary_dilation
+
+    cov = np.asarray(covered, bool)
+    m = np.asarray(mask)
+    m = m > (127 if m.dtype == np.uint8 else 0.5)
+    img = np.asarray(image)
+    if cov.shape != m.shape or img.shape[:2] != m.shape:
+        raise ValueError(f"background_coverage: shapes differ, {cov.shape}, {m.shape}, {img.shape}")
+    near = binary_dilation(m, iterations=margin) if margin > 0 else m
+    bg = ~near
+    is_dark = img.max(axis=-1) < dark
+    backdrop, other = bg & is_dark, bg & ~is_dark
+
+    def share(region):
+        return float(cov[region].mean()) if region.any() else float("nan")
+
+    union = (cov | m).sum()
+    return {"object": share(m), "backdrop": share(backdrop), "other_background": share(other),
+            "iou": 1.0 if union == 0 else float((cov & m).sum() / union),
+            "n_backdrop": int(backdrop.sum()), "n_other_background": int(other.sum())}
 
 
 # --------------------------------------------------------------------------------------------
