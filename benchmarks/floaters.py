@@ -48,6 +48,8 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from budget_training import BudgetTrainer, mean_std  # noqa: E402
 
+from taichi_neus.data.synthetic import ROOM_RADIUS  # noqa: E402
+
 CAMERA_RADIUS = 0.9
 OBJECT_SCALE = 0.375  # bounding radius 0.8 * 0.375 = 0.3
 OBJECT_BOUND = 0.8 * OBJECT_SCALE
@@ -90,7 +92,7 @@ def make_scene(root: pathlib.Path, args):
 
     make_synthetic_scene(root, n_views=2 * args.train_views, width=args.size, height=args.size, seed=args.scene_seed,
                          camera_radius=CAMERA_RADIUS, object_scale=OBJECT_SCALE,
-                         with_environment=args.background == "environment")
+                         backdrop=args.background)
     exact = load_dtu(root, holdout_every=2, use_masks=True).masks > 127
     return load_dtu(root, holdout_every=2, use_masks=args.masks), exact
 
@@ -100,7 +102,7 @@ def view_rays(scene, v):
     return image_rays(scene.K[v], scene.c2w[v], scene.H, scene.W)
 
 
-def measure(tr, scene, exact_masks) -> dict:
+def measure(tr, scene, exact_masks, room: bool) -> dict:
     from taichi_neus.data.rays import unit_sphere_near_far
     from taichi_neus.evaluation import psnr
 
@@ -116,7 +118,10 @@ def measure(tr, scene, exact_masks) -> dict:
                 continue
             out["near20"].append(float(r20["opacity"].mean()))
             entry, _, hit = unit_sphere_near_far(o, d, radius=OBJECT_BOUND)
-            front = tr.render_rays(o, d, max_t=np.where(hit, entry, np.inf).astype(np.float32))
+            # rays that miss the object: the whole ray, or up to just before the room's wall if there is one
+            _, wall, _ = unit_sphere_near_far(o, d, radius=ROOM_RADIUS, min_near=0.0)
+            miss_stop = wall - 0.05 if room else np.inf
+            front = tr.render_rays(o, d, max_t=np.where(hit, entry, miss_stop).astype(np.float32))
             out["front"].append(float(front["opacity"].mean()))
             full = tr.render_rays(o, d)
             gt = scene.images[int(v)].astype(np.float32) / 255.0
@@ -141,8 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--occupancy", dest="occupancy", action="store_true",
                     help="prune space with the occupancy grid (default off: the coarse march samples everywhere, "
                          "so density can grow anywhere along a ray)")
-    ap.add_argument("--background", choices=("environment", "black"), default="environment",
-                    help="what pixels that miss the object show: a distant environment (default) or black")
+    ap.add_argument("--background", choices=("environment", "room", "black"), default="environment",
+                    help="what pixels that miss the object show: a distant environment (default), the same "
+                         "texture on a wall around everything inside the unit sphere (room), or black")
     ap.add_argument("--masks", dest="masks", action="store_true",
                     help="train with the masks (their loss forbids opacity on background pixels, so no floaters "
                          "can form there)")
@@ -157,6 +163,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = pathlib.Path(tmpdir)
         scene, exact_masks = make_scene(tmp / "scene", args)
+        room = args.background == "room"
         print(f"scene: {len(scene.train_ids)} train / {len(scene.test_ids)} held-out views {scene.W}x{scene.H}, "
               f"cameras at radius {CAMERA_RADIUS}, object radius {OBJECT_BOUND}; sigma {scene.camera_sigma():.3f}",
               flush=True)
@@ -171,9 +178,10 @@ def main(argv=None) -> int:
                     del warm
                     tr = BudgetTrainer(scene, cfg, tmp / name.replace(" ", "_"), budget_s=args.budget,
                                        clock=args.clock)
-                    before = measure(tr, scene, exact_masks) if hook == "none" and seed == args.seeds[0] else None
+                    first = hook == "none" and seed == args.seeds[0]
+                    before = measure(tr, scene, exact_masks, room) if first else None
                     stats = tr.run(progress_every_s=args.progress, label=name)
-                    m = measure(tr, scene, exact_masks)
+                    m = measure(tr, scene, exact_masks, room)
                     r = {"name": name, "init_radius": init, "seed": seed, "grad_scaling": hook, **stats, **m}
                     if before is not None:
                         r["at_init"] = {k: before[k] for k in ("near20", "front", "psnr", "psnr_object",

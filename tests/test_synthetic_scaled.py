@@ -49,12 +49,12 @@ def test_refuses_cameras_inside_the_object(tmp_path):
 
 
 def test_environment_fills_the_background_and_leaves_the_object(tmp_path, inside_scene):
-    """With ``with_environment`` every pixel that misses the object shows the distant environment
+    """With the environment backdrop every pixel that misses the object shows the distant environment
     of its ray direction (a pixel well inside the background: all 4 sub-pixels miss, and the
     environment is smooth, so the 2x2 average is within a few 8-bit steps of the centre ray's
     colour); object pixels and masks are exactly those of the black-background scene."""
     root = syn.make_synthetic_scene(tmp_path / "env", n_views=3, width=48, height=40, seed=1, camera_radius=0.9,
-                                    object_scale=0.375, with_environment=True)
+                                    object_scale=0.375, backdrop="environment")
     env, black = load_dtu(root, holdout_every=0), load_dtu(inside_scene, holdout_every=0)
     np.testing.assert_array_equal(env.masks, black.masks)
     for v in range(env.n_views):
@@ -80,7 +80,30 @@ def test_environment_fills_the_background_and_leaves_the_object(tmp_path, inside
         assert interior_fg.sum() > 50
         same = (env.images[v][interior_fg] == black.images[v][interior_fg]).all(axis=-1)
         assert same.mean() > 0.98
-    assert '"environment": true' in (root / "scene.json").read_text()
+    assert '"backdrop": "environment"' in (root / "scene.json").read_text()
     # a function of direction only: the same direction gives the same colour, any length
     d = np.random.default_rng(0).normal(size=(100, 3))
     np.testing.assert_allclose(syn.environment(d), syn.environment(3.0 * d), rtol=1e-12)
+
+
+def test_room_backdrop_is_a_wall_with_parallax(tmp_path):
+    """The room: the environment texture on the sphere of radius ROOM_RADIUS, seen from inside; the same
+    wall point has the same colour from two cameras (it is geometry, not a direction lookup)."""
+    o = np.array([[0.5, 0.0, 0.0], [-0.3, 0.2, 0.1]])
+    p = np.array([0.0, 0.0, syn.ROOM_RADIUS])  # a point on the wall
+    d = p - o
+    rgb = syn.backdrop_colour(o, d, "room")
+    np.testing.assert_allclose(rgb[0], rgb[1], rtol=1e-12)
+    np.testing.assert_allclose(rgb[0], syn.environment(p[None])[0], rtol=1e-12)
+    # the environment backdrop, by contrast, depends on the direction only
+    env = syn.backdrop_colour(o, d, "environment")
+    assert np.abs(env[0] - env[1]).max() > 0.01
+    np.testing.assert_array_equal(syn.backdrop_colour(o, d, "black"), 0.0)
+    with pytest.raises(UserInputError, match="inside the room"):
+        syn.make_synthetic_scene(tmp_path / "a", n_views=2, width=16, height=16, camera_radius=2.7, backdrop="room")
+    with pytest.raises(UserInputError, match="unknown backdrop"):
+        syn.make_synthetic_scene(tmp_path / "b", n_views=2, width=16, height=16, backdrop="sky")
+    root = syn.make_synthetic_scene(tmp_path / "room", n_views=2, width=32, height=32, camera_radius=0.9,
+                                    object_scale=0.375, backdrop="room")
+    s = load_dtu(root, holdout_every=0)
+    assert (s.images[s.masks == 0].max(axis=-1) > 20).mean() > 0.95  # the wall fills the background

@@ -171,6 +171,36 @@ def environment(dirs: np.ndarray) -> np.ndarray:
     return np.clip(base + 0.15 * bands[:, None] * np.array([1.0, 0.6, 0.2]) + 0.15 * blobs[:, None], 0.1, 0.9)
 
 
+BACKDROPS = ("black", "environment", "room")
+ROOM_RADIUS = 0.97  # unit-sphere units: the "room" backdrop is the inside of this sphere
+
+
+def backdrop_colour(origins: np.ndarray, dirs: np.ndarray, backdrop: str) -> np.ndarray:
+    """(N, 3) float64 RGB seen along rays (origins, dirs: (N, 3), unit-sphere units) that miss the object.
+
+    ``"black"``: zeros. ``"environment"``: :func:`environment` of the direction (infinitely far).
+    ``"room"``: the same texture painted on the inside of the sphere of radius :data:`ROOM_RADIUS`
+    centred at the origin, looked up by the direction of the point where the ray meets it (so it has
+    parallax, like a real wall); rays from outside the room see black.
+    """
+    o = np.asarray(origins, np.float64).reshape(-1, 3)
+    d = np.asarray(dirs, np.float64).reshape(-1, 3)
+    d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    if backdrop == "black":
+        return np.zeros((len(d), 3))
+    if backdrop == "environment":
+        return environment(d)
+    if backdrop != "room":
+        raise ValueError(f"unknown backdrop {backdrop!r}")
+    b = (o * d).sum(1)
+    c = (o * o).sum(1) - ROOM_RADIUS**2
+    inside = c < 0
+    t = -b + np.sqrt(np.maximum(b * b - c, 0.0))  # the far root: the wall ahead of a ray from inside
+    rgb = np.zeros((len(d), 3))
+    rgb[inside] = environment(o[inside] + t[inside, None] * d[inside])
+    return rgb
+
+
 def _sdf_chunked(p: np.ndarray, chunk: int = 16384, object_scale: float = 1.0) -> np.ndarray:
     """:func:`scaled_sdf_unit` in cache-sized pieces (numpy temporaries stay in cache)."""
     if len(p) <= chunk:
@@ -256,12 +286,12 @@ def intrinsics(width: int, height: int, camera_radius: float = CAMERA_RADIUS,
 
 
 def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int,
-                 object_scale: float = 1.0, with_environment: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 object_scale: float = 1.0, backdrop: str = "black") -> tuple[np.ndarray, np.ndarray]:
     """Render views sharing intrinsics ``K`` (3, 3) from camera-to-world ``c2ws`` (V, 4, 4)
     (``object_scale``: see :func:`scaled_sdf_unit`).
 
     Returns (V, H, W, 3) uint8 colour, 2x2 supersampled, black background (or, with
-    ``with_environment``, the distant :func:`environment` wherever a ray misses), and (V, H, W) bool
+    another ``backdrop``, see :func:`backdrop_colour`, wherever a ray misses), and (V, H, W) bool
     masks (the ray through the pixel centre hits the surface). Views are traced together, at
     most ~2^20 rays at a time, so numpy's per-call overhead is shared.
     """
@@ -281,8 +311,8 @@ def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int,
         hit, _, pts = sphere_trace(o, d, object_scale=object_scale)
         rgb = np.zeros((len(o), 3))
         rgb[hit] = shade(pts[hit], object_scale)
-        if with_environment:
-            rgb[~hit] = environment(d[~hit])
+        if backdrop != "black":
+            rgb[~hit] = backdrop_colour(o[~hit], d[~hit], backdrop)
         rgb = rgb.reshape(len(vs), 5, n, 3)
         colour = rgb[:, :4].mean(axis=1)
         images[v0:v0 + len(vs)] = np.clip(np.round(colour * 255.0), 0, 255).reshape(-1, height, width, 3)
@@ -292,14 +322,16 @@ def render_views(K: np.ndarray, c2ws: np.ndarray, width: int, height: int,
 
 def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: int = 96, seed: int = 0,
                          camera_radius: float = CAMERA_RADIUS, object_scale: float = 1.0,
-                         with_environment: bool = False):
+                         backdrop: str = "black"):
     """Render the synthetic scene into ``out_dir`` in the NeuS layout; returns the path.
 
     ``camera_radius`` (unit-sphere units; may be < 1, cameras inside the modelled region) and
     ``object_scale`` (the object's bounding radius is ``0.8 * object_scale``) change the scene; the
     defaults are the built-in scene. The intrinsics keep the object filling ~80% of the image.
-    ``with_environment``: pixels that miss the object show the distant :func:`environment` instead
-    of black (the masks stay exact), a background that nothing inside the unit sphere models.
+    ``backdrop``: what pixels that miss the object show (:func:`backdrop_colour`; the masks stay
+    exact): ``"black"``, ``"environment"`` (at infinity: nothing inside the unit sphere can hold it)
+    or ``"room"`` (the same texture on a sphere of radius :data:`ROOM_RADIUS` around everything:
+    real geometry inside the unit sphere; the cameras must then lie inside the room).
 
     Writes ``image/000.png`` .. (RGB), ``mask/000.png`` .. (3-channel 0/255),
     ``cameras_sphere.npz`` (float64 ``world_mat_i`` = K[R|t] padded to 4x4, projecting WORLD
@@ -312,11 +344,16 @@ def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: in
     if not (object_scale > 0 and camera_radius > bound):
         raise UserInputError(f"synthetic scene: the cameras (radius {camera_radius}) must lie outside the object "
                              f"(bounding radius {bound:.3g}); increase camera_radius or decrease object_scale.")
+    if backdrop not in BACKDROPS:
+        raise UserInputError(f"synthetic scene: unknown backdrop {backdrop!r}; choose one of {', '.join(BACKDROPS)}.")
+    if backdrop == "room" and not camera_radius < ROOM_RADIUS:
+        raise UserInputError(f"synthetic scene: with the room backdrop the cameras (radius {camera_radius}) must lie "
+                             f"inside the room (radius {ROOM_RADIUS}).")
     K = intrinsics(width, height, camera_radius, bound)
     S = scale_mat()
     poses = [look_at(c) for c in camera_centres(n_views, seed, camera_radius)]
     images, masks = render_views(K, np.stack([camera_to_world(R, t) for R, t in poses]), width, height,
-                                 object_scale, with_environment)
+                                 object_scale, backdrop)
     cams = {}
     for i, (R, t) in enumerate(poses):
         Image.fromarray(images[i]).save(out / "image" / f"{i:03d}.png")
@@ -332,8 +369,8 @@ def make_synthetic_scene(out_dir, n_views: int = 32, width: int = 96, height: in
             "scale": SCALE, "offset": OFFSET.tolist(), "camera_radius": camera_radius}
     if object_scale != 1.0:
         meta["object_scale"] = object_scale
-    if with_environment:
-        meta["environment"] = True
+    if backdrop != "black":
+        meta["backdrop"] = backdrop
     (out / "scene.json").write_text(json.dumps(meta, indent=1))
     return out
 
