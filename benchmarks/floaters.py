@@ -1,21 +1,28 @@
 """Does gradient scaling (Philip & Deschaintre 2023) keep near-camera floaters away without a near plane?
 
-    python benchmarks/floaters.py --clock cpu --budget 150      # ~25 min on 2 cores
-    python benchmarks/floaters.py --budget 60 --seeds 0 --init-radius 0.5
+    python benchmarks/floaters.py --clock cpu --budget 150                      # ~12 min on 2 cores
+    python benchmarks/floaters.py --clock cpu --budget 150 --background room \
+        --out benchmarks/results/floaters_room.json
 
 The scene: the built-in synthetic object shrunk to a bounding radius of 0.3 (``object_scale``
 0.375) with the cameras at radius 0.9, i.e. *inside* the unit sphere the field models, looking at
-the object; 12 views, alternate ones held out, so 6 training views. Pixels that miss the object
-show a distant environment (a function of the ray direction only, at infinity; ``--background
-black`` for none). Nothing models that environment: no background field, no masks (``--masks``
-to use them), ``render.near = 0`` so every ray starts at its camera, and the occupancy grid off
-(``--occupancy`` to prune) so the coarse march samples all space from the camera on. Everything a
-photo shows must then be explained inside the unit sphere. The environment cannot be painted
-exactly on any surface there (the cameras sit near the sphere's edge, so its parallax differs
-from view to view), but each camera's own near space, seen by no other training camera, can hold
-a private screen that reproduces its photo: the "background collapse" of the paper. The hook
-(``paper``: per-sample gradients x min(1, d²/σ²), d the sample's distance from its camera,
-σ = 0.9 the camera distance) is claimed to prevent it.
+the object; 12 views, alternate ones held out, so 6 training views. No background field, no masks
+(``--masks`` to use them), ``render.near = 0`` so every ray starts at its camera, and the occupancy
+grid off (``--occupancy`` to prune) so the coarse march samples all space from the camera on:
+everything a photo shows must be explained inside the unit sphere. Pixels that miss the object show
+(``--background``):
+
+- ``environment`` (default): a distant environment, a function of the ray direction only. No
+  surface inside the unit sphere reproduces it for every view (the cameras sit near the sphere's
+  edge, so its parallax differs from view to view), but each camera's own near space, seen by no
+  other training camera, can hold a private screen: the "background collapse" of the paper, with
+  nothing else that could explain the background.
+- ``room``: the same texture painted on a sphere of radius 0.97 around everything: a real wall
+  inside the modelled region, so a floater-free explanation exists and is the right one.
+- ``black``: nothing (only useful with ``--masks``; unmasked runs collapse to an empty field).
+
+The hook (``paper``: per-sample gradients x min(1, d²/σ²), d the sample's distance from its
+camera, σ = 0.9 the camera distance) is claimed to prevent near-camera density without a near plane.
 
 Two starts: the SDF's sphere initialisation of radius 0.5 (its surface lies 0.4 in front of every
 camera) and of radius 0.2 (inside the object; the space near the cameras starts empty). Each is
@@ -26,7 +33,8 @@ Measured on the held-out views (mean over all pixels):
 - ``near20``: opacity accumulated over the first 20% of each ray's length inside the unit sphere
   (from the camera): space where the true scene has nothing.
 - ``front``: opacity accumulated before the ray reaches the object's bounding sphere (radius 0.3),
-  or along the whole ray if it misses it: density that cannot be the object.
+  or, if it misses it, along the whole ray (``room``: up to 0.05 before the wall): density that can
+  be neither the object nor the wall.
 - held-out PSNR, over the whole image and over the object's pixels (exact masks): floaters in
   front of the object show up in the second.
 and ``near20`` on the training views, where floaters that explain the training images would sit.
@@ -67,7 +75,7 @@ def config(args, init_radius: float, hook: str, seed: int):
     cfg.data.use_masks = args.masks
     cfg.background.mode = "off"  # no model beyond the unit sphere: everything must be explained inside it
     rc, tc = cfg.render, cfg.train
-    rc.near = 0.0
+    rc.near = args.near  # 0: rays start at the camera
     rc.background = (0.0, 0.0, 0.0)
     rc.occupancy_resolution, rc.occupancy_warmup, rc.occupancy_every = 32, 32, 8
     if not args.occupancy:  # every cell stays occupied: the coarse march samples all space, near the camera too
@@ -143,6 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=96, help="image side in pixels")
     ap.add_argument("--scene-seed", type=int, default=0)
     ap.add_argument("--rays", type=int, default=1024, help="rays per step")
+    ap.add_argument("--near", type=float, default=0.0,
+                    help="near bound from the camera, unit-sphere units (default 0: no near plane)")
+    ap.add_argument("--hooks", nargs="+", choices=("none", "paper"), default=["none", "paper"],
+                    help="gradient scaling settings to train with")
     ap.add_argument("--occupancy", dest="occupancy", action="store_true",
                     help="prune space with the occupancy grid (default off: the coarse march samples everywhere, "
                          "so density can grow anywhere along a ray)")
@@ -169,7 +181,7 @@ def main(argv=None) -> int:
               flush=True)
         for init in args.init_radius:
             for seed in args.seeds:
-                for hook in ("none", "paper"):
+                for hook in args.hooks:
                     name = f"init {init} seed {seed} hook {hook}"
                     cfg = config(args, init, hook, seed)
                     warm = BudgetTrainer(scene, cfg, tmp / "warm", budget_s=1e9)
@@ -178,7 +190,7 @@ def main(argv=None) -> int:
                     del warm
                     tr = BudgetTrainer(scene, cfg, tmp / name.replace(" ", "_"), budget_s=args.budget,
                                        clock=args.clock)
-                    first = hook == "none" and seed == args.seeds[0]
+                    first = hook == args.hooks[0] and seed == args.seeds[0]
                     before = measure(tr, scene, exact_masks, room) if first else None
                     stats = tr.run(progress_every_s=args.progress, label=name)
                     m = measure(tr, scene, exact_masks, room)
@@ -197,7 +209,7 @@ def main(argv=None) -> int:
              "opacity in front of the object, held-out | near-20% opacity, training views | steps |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for init in args.init_radius:
-        for hook in ("none", "paper"):
+        for hook in args.hooks:
             g = [r for r in results if r["init_radius"] == init and r["grad_scaling"] == hook]
             cells = []
             for key, spec in (("psnr", ".2f"), ("psnr_object", ".2f"), ("near20", ".4f"), ("front", ".4f"),

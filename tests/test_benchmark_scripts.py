@@ -1,0 +1,33 @@
+"""The floaters benchmark runs end to end on a tiny budget and writes the table and JSON it promises.
+
+Its numbers are measured in benchmarks/ (never asserted here); this only guards the script against
+breaking: the scene with each backdrop, both hooks, the measures in range.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backdrop", ["environment", "room"])
+def test_floaters_benchmark_smoke(tmp_path, backdrop):
+    out = tmp_path / "floaters.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "floaters.py"), "--clock", "cpu", "--budget", "2",
+           "--seeds", "0", "--init-radius", "0.2", "--train-views", "2", "--size", "24", "--rays", "128",
+           "--progress", "0", "--background", backdrop, "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert [r["grad_scaling"] for r in d["runs"]] == ["none", "paper"]
+    for r in d["runs"]:
+        assert r["steps"] >= 1
+        for k in ("near20", "front", "near20_train"):
+            assert 0.0 <= r[k] <= 1.0
+        assert r["psnr"] > 0 and r["psnr_object"] > 0
+    assert "| sphere r=0.2 | none |" in d["table"] and d["meta"]["args"]["background"] == backdrop
