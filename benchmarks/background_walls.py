@@ -30,13 +30,11 @@ import time
 import numpy as np
 
 
-def on_sphere_share(mesh, scale_mat: np.ndarray, shell: float = 0.03) -> float:
+def on_sphere_share(mesh, scene, shell: float = 0.03) -> float:
     """Share of the mesh's area whose triangles' centres lie at |x| > 1 - shell (unit sphere)."""
     if len(mesh.faces) == 0:
         return float("nan")
-    inv = np.linalg.inv(scale_mat)
-    v = mesh.vertices.astype(np.float64) @ inv[:3, :3].T + inv[:3, 3]
-    t = v[mesh.faces]
+    t = scene.world_to_unit(mesh.vertices)[mesh.faces]
     area = 0.5 * np.linalg.norm(np.cross(t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]), axis=1)
     r = np.linalg.norm(t.mean(1), axis=1)
     return float(area[r > 1.0 - shell].sum() / max(area.sum(), 1e-30))
@@ -83,7 +81,7 @@ def main(argv=None) -> int:
             per_view.append(background_coverage(np.isfinite(depth), scene.masks[v], scene.images[v]))
         keys = ("object", "backdrop", "other_background", "iou")
         mean = {k: float(np.nanmean([p[k] for p in per_view])) for k in keys}
-        run = {"label": label, "faces": int(len(mesh.faces)), "on_sphere": on_sphere_share(mesh, scene.scale_mat),
+        run = {"label": label, "faces": int(len(mesh.faces)), "on_sphere": on_sphere_share(mesh, scene),
                **mean, "per_view": dict(zip(map(str, views), per_view, strict=True))}
         runs.append(run)
         rows.append(f"| {label} | {run['faces']} | {mean['object']:.3f} | {mean['backdrop']:.3f} | "

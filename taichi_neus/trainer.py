@@ -126,6 +126,8 @@ class Trainer:
         # Without masks, whatever lies beyond the unit sphere needs a model of its own (background.py).
         self.bg = Background(cfg.background, self.layout) if (mode == "on" or (mode == "auto" and not masks_used)) \
             else None
+        # what the foreground composites onto: black when the background model adds its colour after
+        self._fg_background = rc.background if self.bg is None else (0.0, 0.0, 0.0)
         self.params = self.layout.allocate()
         self.grads = self.layout.allocate()
         self.field.init_params(self.params, tc.seed)
@@ -251,7 +253,7 @@ class Trainer:
         _read_slot(self.params, self.var_slice.offset, self._var_buf)
         comp = self.compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev, smp.ray_offsets,
                                        smp.ray_counts, self._var_buf, sch["cos_anneal"],
-                                       rc.background if self.bg is None else (0.0, 0.0, 0.0))
+                                       self._fg_background)
         pred = comp.colour
         if self.bg is not None:  # C = C_fg + (1 − O)·C_bg, the background NeRF seen beyond the sphere
             bg_colour = self.bg.forward(o_dev, d_dev, far_dev, self.params, seed=step, perturb=True)
@@ -367,7 +369,7 @@ class Trainer:
             _read_slot(self.params, self.var_slice.offset, self._var_buf)
             comp = self.render_compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev,
                                                   smp.ray_offsets, smp.ray_counts, self._var_buf, cos_r,
-                                                  self.cfg.render.background if self.bg is None else (0.0, 0.0, 0.0))
+                                                  self._fg_background)
             m = e - s
             if self.bg is not None:
                 bg_colour = self.bg.forward(self._upload("r_o", oo), d_dev, self._upload("r_exit", exit_t), self.params)

@@ -93,8 +93,8 @@ def test_room_backdrop_is_a_wall_with_parallax(tmp_path):
     p = np.array([0.0, 0.0, syn.ROOM_RADIUS])  # a point on the wall
     d = p - o
     rgb = syn.backdrop_colour(o, d, "room")
-    np.testing.assert_allclose(rgb[0], rgb[1], rtol=1e-12)
-    np.testing.assert_allclose(rgb[0], syn.environment(p[None])[0], rtol=1e-12)
+    np.testing.assert_allclose(rgb[0], rgb[1], rtol=1e-5)
+    np.testing.assert_allclose(rgb[0], syn.environment(p[None])[0], rtol=1e-5)
     # the environment backdrop, by contrast, depends on the direction only
     env = syn.backdrop_colour(o, d, "environment")
     assert np.abs(env[0] - env[1]).max() > 0.01

@@ -192,10 +192,8 @@ def backdrop_colour(origins: np.ndarray, dirs: np.ndarray, backdrop: str) -> np.
         return environment(d)
     if backdrop != "room":
         raise ValueError(f"unknown backdrop {backdrop!r}")
-    b = (o * d).sum(1)
-    c = (o * o).sum(1) - ROOM_RADIUS**2
-    inside = c < 0
-    t = -b + np.sqrt(np.maximum(b * b - c, 0.0))  # the far root: the wall ahead of a ray from inside
+    inside = (o * o).sum(1) < ROOM_RADIUS**2
+    _, t, _ = unit_sphere_near_far(o, d, radius=ROOM_RADIUS)  # exit: the wall ahead of a ray from inside
     rgb = np.zeros((len(d), 3))
     rgb[inside] = environment(o[inside] + t[inside, None] * d[inside])
     return rgb
