@@ -55,9 +55,9 @@ RUNS = {
 
 
 def base_config(args):
-    from taichi_neus.config import Config
-    from taichi_neus.field import FieldConfig
-    from taichi_neus.hash_grid import HashGridConfig
+    from taichi_neus.field.hash_grid import HashGridConfig
+    from taichi_neus.field.sdf_field import FieldConfig
+    from taichi_neus.train.config import Config
 
     cfg = Config()
     if args.field == "small":  # the training tests' field: 8 levels x 2 features, 2^15 table
@@ -105,7 +105,9 @@ def load(args):
 
 
 def evaluate(tr, scene, args) -> dict:
-    from taichi_neus.evaluation import chamfer, sample_mesh_points, ssim
+    from taichi_neus.export.evaluation import chamfer, sample_mesh_points
+    from taichi_neus.export.mesh import mesh_from_run
+    from taichi_neus.render.image_metrics import ssim
 
     views = [int(v) for v in scene.test_ids]
     psnrs, ssims = [], []
@@ -118,7 +120,7 @@ def evaluate(tr, scene, args) -> dict:
     if not args.data:
         from taichi_neus.data import sample_surface
         t0 = time.perf_counter()
-        mesh = tr.extract_mesh(resolution=args.mesh_res, clean=False)
+        mesh = mesh_from_run(tr, resolution=args.mesh_res, clean=False)
         if mesh.is_empty:
             out.update(chamfer=None, accuracy=None, completeness=None)
         else:

@@ -3,7 +3,7 @@
     python benchmarks/background_walls.py --data ../shared/data/dtu_scan24 \
         --mesh masked=runs/scan24/mesh_003632.ply --mesh unmasked=runs/scan24_nomask/mesh_002000.ply
 
-Each mesh is rasterised (:mod:`taichi_neus.mesh_raster`) into the scene's cameras (every
+Each mesh is rasterised (:mod:`taichi_neus.export.mesh_raster`) into the scene's cameras (every
 ``--view-every``-th view, at ``--downscale``) and compared with the dataset's object masks, which
 exist for DTU even when a run trained without them. Per mesh, averaged over the views:
 
@@ -51,9 +51,9 @@ def main(argv=None) -> int:
 
     from taichi_neus.data import load_dtu
     from taichi_neus.errors import UserInputError
-    from taichi_neus.evaluation import background_coverage
-    from taichi_neus.mesh import Mesh
-    from taichi_neus.mesh_raster import rasterize
+    from taichi_neus.export.evaluation import background_coverage
+    from taichi_neus.export.mesh import Mesh
+    from taichi_neus.export.mesh_raster import rasterize
 
     try:
         meshes = {}

@@ -2,7 +2,7 @@
 
 Comparing techniques that change the cost of a step (S3IM's torch loss, the samplers' host-side
 bookkeeping) is only fair at equal time, not at equal steps. :class:`BudgetTrainer` runs the normal
-:class:`taichi_neus.trainer.Trainer` step, but every schedule that is defined in steps (learning-rate
+:class:`taichi_neus.train.trainer.Trainer` step, but every schedule that is defined in steps (learning-rate
 warm-up and cosine decay, cos-anneal, finite-difference ε, the quadtree's all-pixel phase, soft
 mining's α warm-up) follows the elapsed fraction of the budget instead: the "virtual step" is
 ``cfg.train.iters × elapsed / budget``. So every run, fast or slow, goes through the whole schedule
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from taichi_neus.trainer import Trainer
+from taichi_neus.train.trainer import Trainer
 
 
 def _cpu_time() -> float:

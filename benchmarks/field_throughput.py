@@ -25,8 +25,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 def _field_setup(n, seed=0):
     from taichi_neus import buffers
-    from taichi_neus.field import FieldConfig, SDFField
-    from taichi_neus.params import ParamLayout
+    from taichi_neus.field.params import ParamLayout
+    from taichi_neus.field.sdf_field import FieldConfig, SDFField
     layout = ParamLayout()
     field = SDFField(FieldConfig(), layout)
     params, grads = layout.allocate(), layout.allocate()
@@ -98,7 +98,7 @@ def bench_torch(n, repeats):
     import torch
 
     from taichi_neus import buffers
-    from taichi_neus.torch_reference import TorchField
+    from taichi_neus.field.torch_reference import TorchField
     torch.set_num_threads(os.cpu_count() or 1)
     field, layout, params, grads, pts, d, ups = _field_setup(n)
     theta = torch.tensor(buffers.to_numpy(params), requires_grad=True)

@@ -64,9 +64,9 @@ OBJECT_BOUND = 0.8 * OBJECT_SCALE
 
 
 def config(args, init_radius: float, hook: str, seed: int):
-    from taichi_neus.config import Config
-    from taichi_neus.field import FieldConfig
-    from taichi_neus.hash_grid import HashGridConfig
+    from taichi_neus.field.hash_grid import HashGridConfig
+    from taichi_neus.field.sdf_field import FieldConfig
+    from taichi_neus.train.config import Config
 
     cfg = Config()
     cfg.field = FieldConfig(grid=HashGridConfig(n_levels=8, n_features=2, log2_table=15, base_resolution=16,
@@ -112,7 +112,7 @@ def view_rays(scene, v):
 
 def measure(tr, scene, exact_masks, room: bool) -> dict:
     from taichi_neus.data.rays import unit_sphere_near_far
-    from taichi_neus.evaluation import psnr
+    from taichi_neus.render.image_metrics import psnr
 
     out = {"near20": [], "front": [], "psnr": [], "psnr_object": [], "near20_train": []}
     for split, views in (("test", scene.test_ids), ("train", scene.train_ids)):

@@ -4,7 +4,7 @@
         --view 0 --downscale 4 --out mesh.png
 
 The photograph, then each ``--mesh`` (several may be given, e.g. a masked and an unmasked run),
-side by side. Rasterisation: :mod:`taichi_neus.mesh_raster`.
+side by side. Rasterisation: :mod:`taichi_neus.export.mesh_raster`.
 """
 
 import argparse
@@ -15,8 +15,8 @@ import numpy as np
 
 from taichi_neus.data import load_dtu
 from taichi_neus.errors import UserInputError
-from taichi_neus.mesh import Mesh
-from taichi_neus.mesh_raster import rasterize, shaded_image
+from taichi_neus.export.mesh import Mesh
+from taichi_neus.export.mesh_raster import rasterize, shaded_image
 
 
 def render(mesh: Mesh, K: np.ndarray, c2w: np.ndarray, scale_mat: np.ndarray, H: int, W: int, splats: int = 6):

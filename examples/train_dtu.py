@@ -3,12 +3,12 @@
     python examples/train_dtu.py --data ../shared/data/dtu_scan24 --out runs/scan24 --downscale 4
 
 Without --data it trains on the built-in synthetic scene. Any config option is accepted
-(see taichi_neus/config.py), e.g. --iters 3000 --render.n_fine 48 --arch vulkan.
+(see taichi_neus/train/config.py), e.g. --iters 3000 --render.n_fine 48 --arch vulkan.
 """
 
 import sys
 
-from taichi_neus.cli import main
+from taichi_neus.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

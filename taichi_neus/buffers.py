@@ -10,7 +10,7 @@ such arrays go through chunked kernels for the same reason.
 import numpy as np
 import taichi as ti
 
-from . import runtime
+from taichi_neus import runtime
 
 _CHUNK = 1 << 21
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import UserInputError
+from taichi_neus.errors import UserInputError
 
 INT32_MAX = 2**31 - 1
 GROWTH = 1.5  # field workspace buffers grow by 1.5x when a batch needs more

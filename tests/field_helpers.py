@@ -4,9 +4,9 @@ import numpy as np
 import torch
 
 from taichi_neus import buffers
-from taichi_neus.field import FieldConfig, SDFField
-from taichi_neus.hash_grid import HashGridConfig
-from taichi_neus.params import ParamLayout
+from taichi_neus.field.hash_grid import HashGridConfig
+from taichi_neus.field.params import ParamLayout
+from taichi_neus.field.sdf_field import FieldConfig, SDFField
 
 
 def small_field(normal_mode="tetrahedral", seed=0, perturb=True, include_xyz=True):

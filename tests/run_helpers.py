@@ -6,7 +6,7 @@ import pathlib
 
 from training_helpers import small_config
 
-from taichi_neus import cli
+from taichi_neus.app import cli
 
 STEPS = 60
 _cache: dict = {}
@@ -31,7 +31,7 @@ def frame_image(path: pathlib.Path):
     """The rendered part of a saved preview frame (without the text band), float in [0, 1]."""
     import imageio.v2 as imageio
 
-    from taichi_neus.preview import BAND
+    from taichi_neus.app.preview import BAND
 
     a = imageio.imread(path).astype(float) / 255.0
     return a[: a.shape[0] - BAND]

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from taichi_neus import buffers
-from taichi_neus.adam import Adam
-from taichi_neus.params import ParamLayout
+from taichi_neus.field.params import ParamLayout
+from taichi_neus.train.adam import Adam
 
 pytestmark = pytest.mark.portable
 

@@ -6,11 +6,11 @@ import torch
 from field_helpers import t64
 
 from taichi_neus import buffers
-from taichi_neus.background import Background, BackgroundConfig, blend, blend_backward
 from taichi_neus.data.rays import unit_sphere_near_far
-from taichi_neus.hash_grid import HashGridConfig
-from taichi_neus.params import ParamLayout
-from taichi_neus.torch_reference import hash_encode, sh16
+from taichi_neus.field.hash_grid import HashGridConfig
+from taichi_neus.field.params import ParamLayout
+from taichi_neus.field.torch_reference import hash_encode, sh16
+from taichi_neus.render.background import Background, BackgroundConfig, blend, blend_backward
 
 pytestmark = pytest.mark.portable
 

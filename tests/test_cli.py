@@ -20,7 +20,7 @@ def scene_copy(tmp_path_factory):
 
 def _run(args, tmp_path):
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "-m", "taichi_neus.cli", "train", "--out", str(out), *args],
+    p = subprocess.run([sys.executable, "-m", "taichi_neus.app.cli", "train", "--out", str(out), *args],
                        capture_output=True, text=True, timeout=300)
     return p, out
 
@@ -95,7 +95,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 # In-process from here (main() returns the exit status): the same refusals, one per kind of bad input.
 def _refused_inprocess(capsys, args, tmp_path, *words):
-    from taichi_neus.cli import main
+    from taichi_neus.app.cli import main
     out = tmp_path / "out"
     code = main(["train", "--out", str(out), "--arch", "cpu", "--iters", "1", *args])  # 1 step if not refused
     err = capsys.readouterr().err

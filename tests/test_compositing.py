@@ -6,7 +6,7 @@ import taichi as ti
 import torch
 
 from taichi_neus import buffers
-from taichi_neus.compositing import NeuSCompositor
+from taichi_neus.render.compositing import NeuSCompositor
 
 torch.set_default_dtype(torch.float64)
 
@@ -166,8 +166,8 @@ def _sphere_field(p: ti.types.ndarray(dtype=ti.f32, ndim=2), sdf: ti.types.ndarr
 def test_sampler_and_compositing_render_a_sphere():
     """End to end with an analytic sphere (radius 0.5): rays that hit are opaque at the right depth,
     rays that miss show the background."""
-    from taichi_neus.occupancy import OccupancyGrid
-    from taichi_neus.sampling import RaySampler
+    from taichi_neus.render.occupancy import OccupancyGrid
+    from taichi_neus.render.sampling import RaySampler
 
     def sdf_fn(points):
         out, nrm = buffers.f32(points.shape[0]), buffers.f32(points.shape[0], 3)

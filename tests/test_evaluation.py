@@ -1,4 +1,4 @@
-"""Metrics against hand-computed answers: images, Chamfer, mesh sampling, downsampling, DTU protocol."""
+"""Metrics against hand-computed answers: images (render.image_metrics), Chamfer, mesh sampling, DTU protocol."""
 
 import numpy as np
 import pytest
@@ -6,16 +6,9 @@ from scipy.io import savemat
 from scipy.spatial import cKDTree
 
 from taichi_neus.errors import UserInputError
-from taichi_neus.evaluation import (
-    chamfer,
-    downsample_points,
-    dtu_chamfer,
-    mask_iou,
-    psnr,
-    sample_mesh_points,
-    ssim,
-)
-from taichi_neus.ply import write_ply
+from taichi_neus.export.evaluation import chamfer, downsample_points, dtu_chamfer, sample_mesh_points
+from taichi_neus.export.ply import write_ply
+from taichi_neus.render.image_metrics import mask_iou, psnr, ssim
 
 # ------------------------------------------------------------------------------ images
 

@@ -16,10 +16,10 @@ import pytest
 from training_helpers import small_config
 
 from taichi_neus import buffers, memory
-from taichi_neus.cli import main
-from taichi_neus.config import Config
+from taichi_neus.app.cli import main
 from taichi_neus.data import default_scene_path, load_dtu
-from taichi_neus.trainer import Trainer, TrainingDiverged
+from taichi_neus.train.config import Config
+from taichi_neus.train.trainer import Trainer, TrainingDiverged
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(cfg.to_json())
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "taichi_neus.cli", "train", "--config", str(cfg_file), "--arch", "cpu",
+    cmd = [sys.executable, "-m", "taichi_neus.app.cli", "train", "--config", str(cfg_file), "--arch", "cpu",
            "--out", str(run)]
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
@@ -92,7 +92,7 @@ def test_sigkill_then_resume_continues_from_the_checkpoint(tmp_path):
 def test_nonfinite_counts_see_nan_and_inf():
     """The step's check counts NaN and ±Inf (fast math folds ``x == x``, so it tests the bits), not
     large finite values or denormals."""
-    from taichi_neus.trainer import _all_finite, _count_nonfinite2
+    from taichi_neus.train.trainer import _all_finite, _count_nonfinite2
     rng = np.random.default_rng(0)
     a = rng.normal(size=5000).astype(np.float32)
     a[[3, 700, 4999]] = [3.0e38, -3.0e38, 1e-40]

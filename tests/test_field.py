@@ -6,10 +6,10 @@ import torch
 from field_helpers import random_batch, small_field, t64
 
 from taichi_neus import buffers
-from taichi_neus.hash_grid import HashGrid, HashGridConfig, level_layout
-from taichi_neus.mlp import Linear
-from taichi_neus.params import ParamLayout
-from taichi_neus.torch_reference import TorchField, hash_encode, sh16
+from taichi_neus.field.hash_grid import HashGrid, HashGridConfig, level_layout
+from taichi_neus.field.mlp import Linear
+from taichi_neus.field.params import ParamLayout
+from taichi_neus.field.torch_reference import TorchField, hash_encode, sh16
 
 pytestmark = pytest.mark.portable
 
@@ -82,7 +82,7 @@ def test_linear_layer_forward_backward(act):
 
 def test_sh_basis_is_orthonormal():
     # Gauss-Legendre in cos(theta) × uniform in phi integrates these polynomials exactly.
-    from taichi_neus.field import _gather_outputs  # noqa: F401  (SH is evaluated inside the field)
+    from taichi_neus.field.sdf_field import _gather_outputs  # noqa: F401  (SH is evaluated inside the field)
     ct, wt = np.polynomial.legendre.leggauss(12)
     phi = np.arange(24) * 2 * np.pi / 24
     C, P = np.meshgrid(ct, phi, indexing="ij")
@@ -127,7 +127,7 @@ def test_field_forward_backward_matches_torch(mode):
 def test_finite_difference_normal_matches_analytic_gradient(mode):
     # A coarse grid (finest cell 0.5 wide) so few stencils straddle a trilinear cell boundary, where the
     # analytic gradient jumps; elsewhere both stencils are O(ε²) accurate.
-    from taichi_neus.field import FieldConfig, SDFField
+    from taichi_neus.field.sdf_field import FieldConfig, SDFField
     grid = HashGridConfig(n_levels=3, log2_table=10, base_resolution=2, per_level_scale=1.5, init_scale=0.3)
     layout = ParamLayout()
     field = SDFField(FieldConfig(grid=grid, normal_mode=mode, sdf_hidden=16, feature_dim=3, softplus_beta=10.0),
@@ -191,7 +191,7 @@ def test_backward_twice_gives_same_gradient():
 
 
 def test_sphere_initialisation():
-    from taichi_neus.field import FieldConfig, SDFField
+    from taichi_neus.field.sdf_field import FieldConfig, SDFField
     grid = HashGridConfig(n_levels=4, log2_table=12, base_resolution=8, per_level_scale=2.0)
     layout = ParamLayout()
     field = SDFField(FieldConfig(grid=grid, sphere_init_radius=0.5), layout)

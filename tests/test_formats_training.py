@@ -9,10 +9,10 @@ import pytest
 from format_helpers import write_blender, write_colmap
 from training_helpers import small_config
 
-from taichi_neus.cli import main
+from taichi_neus.app.cli import main
 from taichi_neus.data import sample_surface
-from taichi_neus.evaluation import chamfer, sample_mesh_points
-from taichi_neus.mesh import Mesh
+from taichi_neus.export.evaluation import chamfer, sample_mesh_points
+from taichi_neus.export.mesh import Mesh
 
 pytestmark = pytest.mark.slow
 

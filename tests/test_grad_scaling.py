@@ -6,7 +6,7 @@ import taichi as ti
 
 from taichi_neus import buffers
 from taichi_neus.errors import UserInputError
-from taichi_neus.grad_scaling import GradScaling
+from taichi_neus.render.grad_scaling import GradScaling
 
 CAP, N = 64, 50  # capacity and number of valid samples
 

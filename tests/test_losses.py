@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from taichi_neus import buffers, losses
+from taichi_neus import buffers
+from taichi_neus.train import losses
 
 torch.set_default_dtype(torch.float64)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from taichi_neus.errors import UserInputError
-from taichi_neus.mesh import Mesh, _vertex_components, clean_mesh_with_masks, extract_mesh, largest_component
+from taichi_neus.export.mesh import Mesh, _vertex_components, clean_mesh_with_masks, extract_mesh, largest_component
 
 R = 0.5
 SCALE = 2.0

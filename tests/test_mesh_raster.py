@@ -13,10 +13,10 @@ from taichi_neus.data import load_dtu
 from taichi_neus.data import synthetic as syn
 from taichi_neus.data.cameras import camera_to_world
 from taichi_neus.data.rays import image_rays
-from taichi_neus.evaluation import background_coverage
-from taichi_neus.mesh import Mesh
-from taichi_neus.mesh_raster import rasterize, shaded_image
-from taichi_neus.ply import write_ply
+from taichi_neus.export.evaluation import background_coverage
+from taichi_neus.export.mesh import Mesh
+from taichi_neus.export.mesh_raster import rasterize, shaded_image
+from taichi_neus.export.ply import write_ply
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import taichi as ti
 
 from taichi_neus import buffers
-from taichi_neus.occupancy import OccupancyGrid
+from taichi_neus.render.occupancy import OccupancyGrid
 
 CENTRE = np.array([0.1, -0.05, 0.0])
 RADIUS = 0.5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from taichi_neus.errors import UserInputError
-from taichi_neus.pixel_samplers import (
+from taichi_neus.train.pixel_samplers import (
     PixelBatch,
     QuadtreeSampler,
     SoftMiningSampler,

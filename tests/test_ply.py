@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from taichi_neus.errors import UserInputError
-from taichi_neus.ply import read_ply, write_ply
+from taichi_neus.export.ply import read_ply, write_ply
 
 
 def test_binary_round_trip_mesh_with_colors(tmp_path):

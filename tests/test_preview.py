@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from run_helpers import STEPS, frame_image, small_run
 
-from taichi_neus import cli
+from taichi_neus.app import cli
+from taichi_neus.app.preview import LivePreview, PreviewSettings, ProgressiveImage, ViewController
+from taichi_neus.app.results import load_run
 from taichi_neus.data import default_scene_path, load_dtu
-from taichi_neus.preview import LivePreview, PreviewSettings, ProgressiveImage, ViewController
-from taichi_neus.results import load_run
 
 
 @pytest.fixture(scope="module")
@@ -270,11 +270,13 @@ def _ev(kind, key, pos=(0.5, 0.5), delta=(0, 0)):
     return types.SimpleNamespace(type=t, key=key, pos=pos, delta=delta)
 
 
-def test_window_events_reach_the_controller_pause_and_export(scene, tmp_path):
-    from taichi_neus.mesh import Mesh
+def test_window_events_reach_the_controller_pause_and_export(scene, tmp_path, monkeypatch):
+    from taichi_neus.app import preview as preview_mod
+    from taichi_neus.export.mesh import Mesh
 
     tr = _FakeTrainer(scene, tmp_path)
-    tr.extract_mesh = lambda: Mesh(np.eye(3, dtype=np.float32), np.array([[0, 1, 2]], np.int32))
+    monkeypatch.setattr(preview_mod, "mesh_from_run",
+                        lambda _tr: Mesh(np.eye(3, dtype=np.float32), np.array([[0, 1, 2]], np.int32)))
     pv = LivePreview(tr, PreviewSettings(width=32, show=False), log=lambda *a: None)
     pv.settings.show = True
     pv.gui = _FakeGUI([

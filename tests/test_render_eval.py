@@ -9,12 +9,12 @@ from PIL import Image
 from run_helpers import small_run
 from test_evaluation import fake_dtu, fibonacci_sphere, quad  # noqa: F401  (fake_dtu is a fixture)
 
-from taichi_neus import cli
-from taichi_neus.camera_paths import OrbitRig, look_at, orbit_path
+from taichi_neus.app import cli
+from taichi_neus.app.results import mp4_backend
 from taichi_neus.data import default_scene_path, load_dtu
-from taichi_neus.evaluation import psnr
-from taichi_neus.ply import write_ply
-from taichi_neus.results import mp4_backend
+from taichi_neus.export.ply import write_ply
+from taichi_neus.render.camera_paths import OrbitRig, look_at, orbit_path
+from taichi_neus.render.image_metrics import psnr
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from taichi_neus.errors import UserInputError
-from taichi_neus.s3im import S3IM
+from taichi_neus.train.s3im import S3IM
 
 
 def reference_s3im(pred, target, index, *, kernel, stride, padding, patch_height, weight, window,

@@ -6,8 +6,8 @@ import pytest
 import taichi as ti
 
 from taichi_neus import buffers
-from taichi_neus.occupancy import OccupancyGrid
-from taichi_neus.sampling import RaySampler, bucket_size
+from taichi_neus.render.occupancy import OccupancyGrid
+from taichi_neus.render.sampling import RaySampler, bucket_size
 
 CENTRE = np.array([0.1, -0.05, 0.0])
 RADIUS = 0.5

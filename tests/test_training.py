@@ -5,14 +5,15 @@ import pytest
 from training_helpers import small_config
 
 from taichi_neus.data import default_scene_path, load_dtu, sample_surface
-from taichi_neus.evaluation import chamfer, sample_mesh_points
-from taichi_neus.trainer import Trainer
+from taichi_neus.export.evaluation import chamfer, sample_mesh_points
+from taichi_neus.export.mesh import mesh_from_run
+from taichi_neus.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
 
 def _mesh_chamfer(tr) -> float:
-    mesh = tr.extract_mesh(resolution=96)
+    mesh = mesh_from_run(tr, resolution=96)
     assert not mesh.is_empty
     pts = sample_mesh_points(mesh.vertices, mesh.faces, n=20000, seed=0)
     return chamfer(pts, sample_surface(20000, seed=1))["chamfer"]

@@ -8,7 +8,7 @@ from scipy.ndimage import map_coordinates
 from training_helpers import small_config
 
 from taichi_neus.data import default_scene_path, load_dtu
-from taichi_neus.trainer import Trainer
+from taichi_neus.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
 """A small, fast configuration for training tests on the built-in synthetic scene."""
 
-from taichi_neus.config import Config
-from taichi_neus.field import FieldConfig
-from taichi_neus.hash_grid import HashGridConfig
+from taichi_neus.field.hash_grid import HashGridConfig
+from taichi_neus.field.sdf_field import FieldConfig
+from taichi_neus.train.config import Config
 
 
 def small_config(iters: int = 300, seed: int = 0) -> Config:

@@ -17,11 +17,11 @@ K and camera-to-world in unit-sphere coordinates, ``scale_mat`` (unit sphere -> 
 
 import pathlib
 
-from ..errors import UserInputError
-from .blender import is_blender, load_blender
-from .colmap import find_model, load_colmap
-from .dtu import CAMERA_FILE, load_dtu
-from .scene import Scene
+from taichi_neus.data.blender import is_blender, load_blender
+from taichi_neus.data.colmap import find_model, load_colmap
+from taichi_neus.data.dtu import CAMERA_FILE, load_dtu
+from taichi_neus.data.scene import Scene
+from taichi_neus.errors import UserInputError
 
 FORMATS = ("dtu", "blender", "colmap")
 

@@ -39,7 +39,7 @@ np.savez(root / "cameras_sphere.npz", **cams)
 del img, mask, xs, ys
 
 runtime.init("cpu", verbose=False)
-from taichi_neus.trainer import Trainer  # noqa: E402
+from taichi_neus.train.trainer import Trainer  # noqa: E402
 
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 scene = load_scene(root)

@@ -12,7 +12,7 @@ sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from training_helpers import small_config  # noqa: E402
 
 from taichi_neus.data import default_scene_path, load_dtu  # noqa: E402
-from taichi_neus.trainer import Trainer  # noqa: E402
+from taichi_neus.train.trainer import Trainer  # noqa: E402
 
 scene = load_dtu(default_scene_path())
 cfg = small_config(iters=10)

@@ -16,8 +16,8 @@ the host reads back two floats per loss.
 
 import taichi as ti
 
-from . import buffers, runtime
-from .errors import UserInputError
+from taichi_neus import buffers, runtime
+from taichi_neus.errors import UserInputError
 
 F1 = ti.types.ndarray(dtype=ti.f32, ndim=1)
 F2 = ti.types.ndarray(dtype=ti.f32, ndim=2)

@@ -1,6 +1,6 @@
 """``taichi-neus``: ``train`` (photographs → mesh) and ``mesh`` (checkpoint → mesh).
 
-Every option of :class:`taichi_neus.config.Config` is a flag: ``--train.iters 2000``,
+Every option of :class:`taichi_neus.train.config.Config` is a flag: ``--train.iters 2000``,
 ``--render.n_fine 48``; common ones have short aliases (``--iters``, ``--downscale``, ``--arch``).
 Bad input is reported as one sentence and exit status 2 — never a traceback.
 """
@@ -13,8 +13,8 @@ import pathlib
 import sys
 import time
 
-from .config import Config
-from .errors import UserInputError
+from taichi_neus.errors import UserInputError
+from taichi_neus.train.config import Config
 
 ALIASES = {"iters": "train.iters", "downscale": "data.downscale", "seed": "train.seed",
            "mesh-resolution": "mesh.resolution"}
@@ -136,15 +136,15 @@ def _make_config(args, overrides) -> Config:
 
 
 def _load_scene(cfg: Config):
-    from .data import default_scene_path
-    from .data.loader import load_scene
+    from taichi_neus.data import default_scene_path
+    from taichi_neus.data.loader import load_scene
     path = cfg.data.path or str(default_scene_path())
     return load_scene(path, downscale=cfg.data.downscale, holdout_every=cfg.data.holdout_every,
                       use_masks=cfg.data.use_masks, background=cfg.data.alpha_background, roi=cfg.data.roi)
 
 
 def cmd_train(args, overrides) -> int:
-    from . import runtime
+    from taichi_neus import runtime
     cfg = _make_config(args, overrides)
     cfg.arch = args.arch
     if args.data:
@@ -164,7 +164,7 @@ def cmd_train(args, overrides) -> int:
         saved.train.iters = cfg.train.iters if any(k == "train.iters" for k, _ in overrides) else saved.train.iters
         cfg = saved
     preview_settings = _preview_settings(args)
-    from .memory import check_step
+    from taichi_neus.memory import check_step
     check_step(cfg)  # an impossible batch is refused before anything is allocated or written
     runtime.init(cfg.arch)
     scene = _load_scene(cfg)
@@ -176,7 +176,7 @@ def cmd_train(args, overrides) -> int:
     masks = "yes" if scene.masks is not None and cfg.data.use_masks else "no"
     print(f"[taichi_neus] scene {scene.name}: {scene.n_views} views {scene.W}x{scene.H}, "
           f"{len(scene.train_ids)} train / {len(scene.test_ids)} held out, masks={masks}")
-    from .trainer import Trainer
+    from taichi_neus.train.trainer import Trainer
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
     tr = Trainer(scene, cfg, out)
@@ -191,19 +191,28 @@ def cmd_train(args, overrides) -> int:
     t0 = time.time()
     preview = None
     if preview_settings is not None:
-        from .preview import LivePreview
+        from taichi_neus.app.preview import LivePreview
         preview = LivePreview(tr, preview_settings)
+    from taichi_neus.app.progress import Progress
+    bar = Progress(cfg.train.iters, start=tr.step, every=cfg.train.log_every)
+
+    def on_step(step: int, st: dict) -> None:
+        bar.update(step, loss=st["loss"], psnr=st["psnr"], s=st["s"], spr=st["samples_per_ray"])
+
     try:
-        summary = tr.fit(callback=preview)
+        summary = tr.fit(callback=preview, on_step=on_step)
     except BaseException:
+        bar.close()
         if preview is not None:
             preview.close(finish=False)
         raise
+    bar.close()
     if preview is not None:
         preview.close()
         summary["preview_share"] = preview.share
     t_mesh = time.time()
-    mesh = tr.extract_mesh()
+    from taichi_neus.export.mesh import mesh_from_run
+    mesh = mesh_from_run(tr)
     mesh_path = out / f"mesh_{tr.step:06d}.ply"
     if not mesh.is_empty:
         mesh.save(mesh_path, overwrite=True)
@@ -227,7 +236,7 @@ def _preview_settings(args):
     (checked before anything is written)."""
     if not (args.gui or args.gui_frames):
         return None
-    from .preview import PreviewSettings, display_available
+    from taichi_neus.app.preview import PreviewSettings, display_available
     show = bool(args.gui) and display_available()
     if args.gui and not show and not args.gui_frames:
         raise UserInputError("--gui needs a display and none was found (DISPLAY is not set); run with "
@@ -241,8 +250,8 @@ def _synthetic_mesh_error(mesh) -> dict:
     """Chamfer distance of the mesh to the built-in scene's exact surface (world units)."""
     if mesh.is_empty:
         return {"chamfer_to_true_surface": None}
-    from .data import sample_surface
-    from .evaluation import chamfer, sample_mesh_points
+    from taichi_neus.data import sample_surface
+    from taichi_neus.export.evaluation import chamfer, sample_mesh_points
     pts = sample_mesh_points(mesh.vertices, mesh.faces, n=20000, seed=0)
     c = chamfer(pts, sample_surface(20000, seed=1))
     return {"chamfer_to_true_surface": float(c["chamfer"]), "accuracy": float(c["accuracy"]),
@@ -250,18 +259,19 @@ def _synthetic_mesh_error(mesh) -> dict:
 
 
 def cmd_mesh(args) -> int:
-    from . import runtime
+    from taichi_neus import runtime
     out = pathlib.Path(args.out)
     if not (out / "config.json").is_file():
         raise UserInputError(f"{out} holds no run (no config.json); train first or point --out at a run folder.")
     cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
     runtime.init(args.arch)
     scene = _load_scene(cfg)
-    from .trainer import Trainer
+    from taichi_neus.train.trainer import Trainer
     tr = Trainer(scene, cfg, out)
     if tr.resume_latest() is None:
         raise UserInputError(f"{out}/checkpoints holds no readable checkpoint.")
-    mesh = tr.extract_mesh(args.resolution or None, clean=args.clean)
+    from taichi_neus.export.mesh import mesh_from_run
+    mesh = mesh_from_run(tr, args.resolution or None, clean=args.clean)
     path = out / (args.name or f"mesh_{tr.step:06d}{'_clean' if args.clean else ''}.ply")
     mesh.save(path, overwrite=False)
     print(f"[taichi_neus] wrote {path} ({len(mesh.vertices)} vertices, {len(mesh.faces)} faces)")
@@ -269,12 +279,12 @@ def cmd_mesh(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from .results import load_run, parse_modes, render_run
+    from taichi_neus.app.results import load_run, parse_modes, render_run
     modes = parse_modes(args.modes)
     if args.frames < 0:
         raise UserInputError(f"--frames must be 0 (default) or positive, got {args.frames}.")
     if args.mp4:
-        from .results import require_mp4
+        from taichi_neus.app.results import require_mp4
         require_mp4()  # refuse before loading anything
     _, _, tr = load_run(args.out, args.arch)
     r = render_run(tr, args.path, args.frames, args.downscale, modes, gif=args.gif, mp4=args.mp4, fps=args.fps)
@@ -284,7 +294,7 @@ def cmd_render(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .results import evaluate_geometry, evaluate_images, format_table, load_run, run_mesh
+    from taichi_neus.app.results import evaluate_geometry, evaluate_images, format_table, load_run, run_mesh
     for flag, path in (("--gt-points", args.gt_points), ("--gt-mesh", args.gt_mesh), ("--mesh", args.mesh)):
         if path and not pathlib.Path(path).is_file():
             raise UserInputError(f"{flag} {path} does not exist.")
@@ -305,7 +315,7 @@ def cmd_eval(args) -> int:
 
 
 def main(argv=None) -> int:
-    from .runtime import BackendError
+    from taichi_neus.runtime import BackendError
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, overrides = _parse(argv)

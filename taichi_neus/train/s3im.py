@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserInputError
+from taichi_neus.errors import UserInputError
 
 __all__ = ["S3IM"]
 

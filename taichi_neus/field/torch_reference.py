@@ -8,7 +8,7 @@ Nothing here is used for training.
 import torch
 import torch.nn.functional as F
 
-from .field import SDFField, stencil
+from taichi_neus.field.sdf_field import SDFField, stencil
 
 PRIME_Y = 2654435761
 PRIME_Z = 805459861

@@ -14,10 +14,10 @@ import re
 
 import numpy as np
 
-from taichi_neus.camera_paths import camera_path, scale_intrinsics
-from taichi_neus.config import Config
 from taichi_neus.errors import UserInputError
-from taichi_neus.render import MODES, colorize, depth_range, render_image
+from taichi_neus.render.camera_paths import camera_path, scale_intrinsics
+from taichi_neus.render.images import MODES, colorize, depth_range, render_image
+from taichi_neus.train.config import Config
 
 __all__ = ["load_run", "parse_modes", "mp4_backend", "require_mp4", "render_run", "run_mesh", "evaluate_images",
            "evaluate_geometry", "format_table"]
@@ -46,7 +46,7 @@ def load_run(out, arch: str = "auto", log=print):
     runtime.init(arch, verbose=False)
     from taichi_neus.data import default_scene_path
     from taichi_neus.data.loader import load_scene
-    from taichi_neus.trainer import Trainer
+    from taichi_neus.train.trainer import Trainer
 
     scene = load_scene(cfg.data.path or str(default_scene_path()), downscale=cfg.data.downscale,
                        holdout_every=cfg.data.holdout_every, use_masks=cfg.data.use_masks)
@@ -105,7 +105,7 @@ def render_run(tr, path: str, frames: int = 0, downscale: int = 1, modes=("rgb",
     Writes ``<mode>_<frame:03d>.png`` for every frame and mode, ``cameras.json`` (per frame: dataset view
     or -1, ``K``, ``c2w``), and with ``gif``/``mp4`` one ``<mode>.gif`` / ``<mode>.mp4`` per mode.
     Images are ``1/downscale`` of the training resolution; rendering is chunked by
-    :func:`taichi_neus.render.render_image`.
+    :func:`taichi_neus.render.images.render_image`.
 
     Returns:
         dict with ``dir``, ``frames`` (count), ``size`` ``(W, H)``, ``files`` (paths written).
@@ -179,7 +179,7 @@ def evaluate_images(tr, downscale: int = 1, log=print) -> dict:
     """
     from skimage.metrics import structural_similarity
 
-    from taichi_neus.evaluation import mask_iou, psnr, ssim
+    from taichi_neus.render.image_metrics import mask_iou, psnr, ssim
 
     scene = tr.scene
     H, W = _downscaled_size(scene, downscale)
@@ -210,8 +210,8 @@ def evaluate_images(tr, downscale: int = 1, log=print) -> dict:
 def run_mesh(tr, clean: bool = False, mesh_path: str = "", log=print):
     """The mesh to score: ``mesh_path`` if given, else the run's ``mesh_<step>.ply`` of the loaded
     checkpoint, extracted (and saved there) when missing; optionally culled with the masks
-    (:func:`taichi_neus.mesh.clean_mesh_with_masks`). Returns ``(mesh, path)``."""
-    from taichi_neus.mesh import Mesh, clean_mesh_with_masks
+    (:func:`taichi_neus.export.mesh.clean_mesh_with_masks`). Returns ``(mesh, path)``."""
+    from taichi_neus.export.mesh import Mesh, clean_mesh_with_masks, mesh_from_run
 
     if mesh_path:
         p = pathlib.Path(mesh_path)
@@ -224,7 +224,7 @@ def run_mesh(tr, clean: bool = False, mesh_path: str = "", log=print):
             mesh = Mesh.load(p)
         else:
             log(f"[taichi_neus] eval: extracting a mesh at step {tr.step} (resolution {tr.cfg.mesh.resolution})")
-            mesh = tr.extract_mesh(clean=False)
+            mesh = mesh_from_run(tr, clean=False)
             if not mesh.is_empty:
                 mesh.save(p)
     if clean:
@@ -236,7 +236,7 @@ def run_mesh(tr, clean: bool = False, mesh_path: str = "", log=print):
 
 
 def _read_points(path, what: str) -> np.ndarray:
-    from taichi_neus.ply import read_ply
+    from taichi_neus.export.ply import read_ply
 
     p = pathlib.Path(path)
     if not p.is_file():
@@ -250,7 +250,7 @@ def evaluate_geometry(tr, mesh, gt_points: str = "", gt_mesh: str = "", dtu_dir:
     (``dtu_dir`` and ``scan``; the official protocol, mm), a ground-truth point cloud or mesh (PLY,
     world units; a mesh is sampled with ``n_points`` points), or, on the built-in synthetic scene,
     its exact surface. None when there is no ground truth."""
-    from taichi_neus.evaluation import chamfer, dtu_chamfer, sample_mesh_points
+    from taichi_neus.export.evaluation import chamfer, dtu_chamfer, sample_mesh_points
 
     if dtu_dir:
         if not scan:

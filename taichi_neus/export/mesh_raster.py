@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from taichi_neus.mesh import Mesh
+from taichi_neus.export.mesh import Mesh
 
 
 def rasterize(mesh: Mesh, K: np.ndarray, c2w: np.ndarray, scale_mat: np.ndarray, H: int, W: int,

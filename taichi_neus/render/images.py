@@ -1,6 +1,6 @@
 """Images of a trained model from any camera, and the colour maps that make them visible.
 
-Rendering goes through :meth:`taichi_neus.trainer.Trainer.render_rays` (chunked on the device);
+Rendering goes through :meth:`taichi_neus.train.trainer.Trainer.render_rays` (chunked on the device);
 rays are generated here in blocks of ``block`` pixels, so host memory beyond the output images
 stays bounded at any resolution.
 """

@@ -8,7 +8,7 @@ Two stages per batch of rays (DESIGN §4, after NerfAcc's estimators and NeuS's 
     again with the step multiplied by ``ceil(n_occupied / max_coarse)`` (and cut at ``max_coarse``
     bins). Runs of consecutive kept bins form *segments*; between segments lies empty space.
     ``sdf_fn`` is evaluated (no gradient) at the kept bins' midpoints and each bin gets a NeuS α
-    (same code as :mod:`taichi_neus.compositing`) over its own length δ,
+    (same code as :mod:`taichi_neus.render.compositing`) over its own length δ,
     ``α = 1 − Φ(s·(f + c·δ/2)) / Φ(s·(f − c·δ/2))``, then ``w_j = T_j·α_j``. The cosine term ``c``
     is NeuS's up-sampling estimate (``cos_estimate="slope"``, default): the smaller of the SDF's
     slopes to the previous and the next bin of the same segment, clipped to [−1000, 0] (−1 for a
@@ -45,10 +45,10 @@ from dataclasses import dataclass
 
 import taichi as ti
 
-from . import buffers
-from .compositing import neus_alpha
-from .errors import UserInputError
-from .occupancy import OccupancyGrid, is_occupied, uniform01
+from taichi_neus import buffers
+from taichi_neus.errors import UserInputError
+from taichi_neus.render.compositing import neus_alpha
+from taichi_neus.render.occupancy import OccupancyGrid, is_occupied, uniform01
 
 F1 = ti.types.ndarray(dtype=ti.f32, ndim=1)
 F2 = ti.types.ndarray(dtype=ti.f32, ndim=2)

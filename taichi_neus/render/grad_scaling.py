@@ -23,8 +23,8 @@ back each call: slower, for experiments).
 import numpy as np
 import taichi as ti
 
-from . import buffers
-from .errors import UserInputError
+from taichi_neus import buffers
+from taichi_neus.errors import UserInputError
 
 F1 = ti.types.ndarray(dtype=ti.f32, ndim=1)
 F2 = ti.types.ndarray(dtype=ti.f32, ndim=2)

@@ -23,7 +23,7 @@ import numpy as np
 
 from taichi_neus.errors import UserInputError
 
-__all__ = ["Mesh", "extract_mesh", "clean_mesh_with_masks", "largest_component"]
+__all__ = ["Mesh", "extract_mesh", "mesh_from_run", "clean_mesh_with_masks", "largest_component"]
 
 
 @dataclass
@@ -49,15 +49,15 @@ class Mesh:
         return self.faces.shape[0] == 0
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
-        """Write a binary PLY (see :func:`taichi_neus.ply.write_ply`); never overwrites unless asked."""
-        from taichi_neus.ply import write_ply
+        """Write a binary PLY (see :func:`taichi_neus.export.ply.write_ply`); never overwrites unless asked."""
+        from taichi_neus.export.ply import write_ply
 
         return write_ply(path, self.vertices, self.faces, self.colors, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mesh:
         """Read a PLY mesh (ASCII or binary)."""
-        from taichi_neus.ply import read_ply
+        from taichi_neus.export.ply import read_ply
 
         d = read_ply(path)
         faces = d.faces if d.faces is not None else np.zeros((0, 3), np.int32)
@@ -357,3 +357,24 @@ def clean_mesh_with_masks(
     keep = inside[mesh.faces].all(axis=1)
     out = _subset_faces(mesh, keep)
     return largest_component(out) if keep_largest else out
+
+
+def mesh_from_run(trainer, resolution: int | None = None, clean: bool | None = None) -> Mesh:
+    """The zero level set of a trained field as a world-unit mesh with vertex colours.
+
+    Args:
+        trainer: a :class:`taichi_neus.train.trainer.Trainer` (anything with ``sdf_at``,
+            ``colour_at``, ``cfg.mesh`` and ``scene``).
+        resolution: marching-cubes grid size over [-1, 1]^3 (default ``cfg.mesh.resolution``).
+        clean: cull faces outside the object masks as NeuS's DTU evaluation does (default
+            ``cfg.mesh.clean_with_masks``; ignored when the scene has no masks).
+    """
+    resolution = resolution or trainer.cfg.mesh.resolution
+    scene = trainer.scene
+    # A vertex is coloured as seen head-on: the view direction is the inward normal.
+    mesh = extract_mesh(trainer.sdf_at, resolution=resolution, bound=1.0,
+                        color_fn=lambda p, n: trainer.colour_at(p, -n), scale_mat=scene.scale_mat)
+    clean = trainer.cfg.mesh.clean_with_masks if clean is None else clean
+    if clean and scene.masks is not None and not mesh.is_empty:
+        mesh = clean_mesh_with_masks(mesh, scene.K, scene.c2w, scene.masks, scene.scale_mat)
+    return mesh

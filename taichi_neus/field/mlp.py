@@ -16,8 +16,8 @@ import math
 import numpy as np
 import taichi as ti
 
-from . import buffers
-from .params import ParamLayout
+from taichi_neus import buffers
+from taichi_neus.field.params import ParamLayout
 
 ACT_NONE, ACT_RELU, ACT_SOFTPLUS, ACT_SIGMOID = 0, 1, 2, 3
 _ACTS = {"none": ACT_NONE, "relu": ACT_RELU, "softplus": ACT_SOFTPLUS, "sigmoid": ACT_SIGMOID}
@@ -169,7 +169,7 @@ _scratch: dict = {}
 
 
 def _partial_scratch(n_chunks: int, cols: int):
-    from . import runtime
+    from taichi_neus import runtime
     key = (runtime.current_arch(), cols)
     buf = _scratch.get(key)
     if buf is None or buf.shape[0] < n_chunks:

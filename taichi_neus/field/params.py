@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import buffers
+from taichi_neus import buffers
 
 
 @dataclass

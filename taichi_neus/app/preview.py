@@ -32,10 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from taichi_neus.camera_paths import OrbitRig, mean_intrinsics, scale_intrinsics
 from taichi_neus.data.rays import pixel_rays
 from taichi_neus.errors import UserInputError
-from taichi_neus.render import MODES, colorize
+from taichi_neus.export.mesh import mesh_from_run
+from taichi_neus.render.camera_paths import OrbitRig, mean_intrinsics, scale_intrinsics
+from taichi_neus.render.images import MODES, colorize
 
 __all__ = ["PreviewSettings", "ViewController", "ProgressiveImage", "LivePreview", "display_available"]
 
@@ -92,7 +93,7 @@ class ViewController:
 
     Attributes:
         H, W: render resolution, pixels.
-        mode: one of :data:`taichi_neus.render.MODES`.
+        mode: one of :data:`taichi_neus.render.images.MODES`.
         paused, closed, want_mesh: flags the preview acts on.
         view: the training view snapped to, or -1 (orbit camera).
         version: increases whenever the camera changes (the image must be re-rendered).
@@ -280,7 +281,7 @@ class LivePreview:
     """``Trainer.fit`` callback that shows (or saves) the current model while it trains.
 
     Args:
-        trainer: the :class:`~taichi_neus.trainer.Trainer` being trained.
+        trainer: the :class:`~taichi_neus.train.trainer.Trainer` being trained.
         settings: :class:`PreviewSettings`.
         log: print-like function for messages.
 
@@ -448,7 +449,7 @@ class LivePreview:
     def _export_mesh(self) -> None:
         self.ctrl.want_mesh = False
         tr = self.trainer
-        mesh = tr.extract_mesh()
+        mesh = mesh_from_run(tr)
         if mesh.is_empty:
             self.message = "no surface yet"
         else:

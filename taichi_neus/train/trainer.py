@@ -16,20 +16,20 @@ import imageio.v2 as imageio
 import numpy as np
 import taichi as ti
 
-from . import buffers, losses
-from .adam import Adam, GroupSettings
-from .background import Background, blend, blend_backward
-from .compositing import NeuSCompositor
-from .config import Config
-from .data.rays import iter_image_rays, pixel_rays, unit_sphere_near_far
-from .errors import UserInputError
-from .field import SDFField
-from .grad_scaling import GradScaling
-from .occupancy import OccupancyGrid
-from .params import ParamLayout
-from .pixel_samplers import make_sampler
-from .progress import Progress
-from .sampling import RaySampler
+from taichi_neus import buffers
+from taichi_neus.data.rays import iter_image_rays, pixel_rays, unit_sphere_near_far
+from taichi_neus.errors import UserInputError
+from taichi_neus.field.params import ParamLayout
+from taichi_neus.field.sdf_field import SDFField
+from taichi_neus.render.background import Background, blend, blend_backward
+from taichi_neus.render.compositing import NeuSCompositor
+from taichi_neus.render.grad_scaling import GradScaling
+from taichi_neus.render.occupancy import OccupancyGrid
+from taichi_neus.render.sampling import RaySampler
+from taichi_neus.train import losses
+from taichi_neus.train.adam import Adam, GroupSettings
+from taichi_neus.train.config import Config
+from taichi_neus.train.pixel_samplers import make_sampler
 
 CKPT_KEEP = 2
 CKPT_KEYS = ("params", "adam_m", "adam_v", "adam_step", "step", "occupancy", "n_rays", "samples_per_ray",
@@ -158,7 +158,7 @@ class Trainer:
                                    view_ids=scene.train_ids, **sampler_opts)
         self.s3im = None
         if tc.s3im_weight > 0:
-            from .s3im import S3IM
+            from taichi_neus.train.s3im import S3IM
             self.s3im = S3IM(kernel=tc.s3im_kernel, stride=tc.s3im_kernel, repeats=tc.s3im_repeats,
                              patch_height=tc.s3im_patch, weight=tc.s3im_weight)
             self.s3im.check_batch(tc.s3im_batch)
@@ -404,7 +404,7 @@ class Trainer:
         return {k: v.reshape(h, w, -1).squeeze(-1) if v.ndim == 1 else v.reshape(h, w, 3) for k, v in r.items()}
 
     def evaluate_view(self, view: int, downscale: int) -> dict:
-        from .evaluation import psnr
+        from taichi_neus.render.image_metrics import psnr
         r = self.render_view(view, downscale)
         sc = self.scene
         gt = sc.images[view].astype(np.float32) / 255.0
@@ -438,39 +438,35 @@ class Trainer:
         imageio.imwrite(vdir / f"step{self.step:06d}_view{view:03d}.png", (row * 255).astype(np.uint8))
         return {k: v for k, v in ev.items() if k.startswith("psnr")}
 
-    # ------------------------------------------------------------------ mesh
-    def extract_mesh(self, resolution: int | None = None, clean: bool | None = None):
-        from .mesh import clean_mesh_with_masks, extract_mesh
-        resolution = resolution or self.cfg.mesh.resolution
-        q = buffers.f32(1 << 18, 3)
+    # -------------------------------------------------------- field queries
+    def sdf_at(self, points: np.ndarray) -> np.ndarray:
+        """Signed distance of the trained field at ``(N, 3)`` float32 unit-sphere points; ``(N,)`` float32.
 
-        def sdf_np(p: np.ndarray) -> np.ndarray:
-            out = np.empty(p.shape[0], np.float32)
-            for s in range(0, p.shape[0], 1 << 18):
-                m = min(1 << 18, p.shape[0] - s)
-                blk = np.zeros((1 << 18, 3), np.float32)
-                blk[:m] = p[s:s + m]
-                q.from_numpy(blk)
-                out[s:s + m] = self.field.sdf(q, m, self.params).to_numpy()[:m]
-            # The field is trained only inside the unit sphere (rays are clipped to it); outside it the
-            # hash grid holds untrained values. Intersect with the sphere so no surface comes from there.
-            return np.maximum(out, np.linalg.norm(p, axis=1).astype(np.float32) - 1.0)
+        Outside the unit sphere the field was never trained (rays are clipped to it), so the result is
+        intersected with the sphere: ``max(sdf, |p| - 1)``. No surface comes from untrained space.
+        """
+        block = 1 << 18
+        q = self._dev.get("q_sdf")
+        if q is None:  # fixed-size block so the SDF kernel compiles once for every call
+            q = self._dev["q_sdf"] = buffers.f32(block, 3)
+        out = np.empty(points.shape[0], np.float32)
+        for s in range(0, points.shape[0], block):
+            m = min(block, points.shape[0] - s)
+            blk = np.zeros((block, 3), np.float32)
+            blk[:m] = points[s:s + m]
+            q.from_numpy(blk)
+            out[s:s + m] = self.field.sdf(q, m, self.params).to_numpy()[:m]
+        return np.maximum(out, np.linalg.norm(points, axis=1).astype(np.float32) - 1.0)
 
-        def color_np(p: np.ndarray, nrm: np.ndarray) -> np.ndarray:
-            out = np.empty((p.shape[0], 3), np.float32)
-            for s in range(0, p.shape[0], 1 << 16):
-                m = min(1 << 16, p.shape[0] - s)
-                pts = self._upload("m_p", p[s:s + m])
-                dirs = self._upload("m_d", -nrm[s:s + m])
-                out[s:s + m] = self.field.forward(pts, dirs, m, self.params).rgb.to_numpy()[:m]
-            return out
-
-        mesh = extract_mesh(sdf_np, resolution=resolution, bound=1.0, color_fn=color_np,
-                            scale_mat=self.scene.scale_mat)
-        clean = self.cfg.mesh.clean_with_masks if clean is None else clean
-        if clean and self.scene.masks is not None and not mesh.is_empty:
-            mesh = clean_mesh_with_masks(mesh, self.scene.K, self.scene.c2w, self.scene.masks, self.scene.scale_mat)
-        return mesh
+    def colour_at(self, points: np.ndarray, view_dirs: np.ndarray) -> np.ndarray:
+        """Colour of the field at ``(N, 3)`` unit-sphere points seen along ``(N, 3)`` unit directions; ``(N, 3)``."""
+        out = np.empty((points.shape[0], 3), np.float32)
+        for s in range(0, points.shape[0], 1 << 16):
+            m = min(1 << 16, points.shape[0] - s)
+            pts = self._upload("m_p", points[s:s + m])
+            dirs = self._upload("m_d", view_dirs[s:s + m])
+            out[s:s + m] = self.field.forward(pts, dirs, m, self.params).rgb.to_numpy()[:m]
+        return out
 
     # ----------------------------------------------------------- checkpoints
     def state(self) -> dict:
@@ -542,14 +538,15 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------- fit
-    def fit(self, callback=None) -> dict:
+    def fit(self, callback=None, on_step=None) -> dict:
         """Train to ``cfg.train.iters`` steps or ``cfg.train.time_budget`` seconds, whichever comes first.
+
         ``callback(trainer, stats)`` runs after every step (e.g. the live preview); returning False stops
-        training early (a checkpoint is written)."""
+        training early (a checkpoint is written). ``on_step(step, stats)`` reports progress (the app
+        draws a progress bar from it; the trainer itself prints nothing per step)."""
         tc = self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out / "metrics.jsonl"
-        bar = Progress(tc.iters, start=self.step, every=tc.log_every)
         val_view = int(self.scene.test_ids[0]) if len(self.scene.test_ids) else int(self.scene.train_ids[0])
         with open(metrics_path, "a") as mf:
             while not self.done():
@@ -561,7 +558,8 @@ class Trainer:
                 if self.step % tc.log_every == 0 or last:
                     mf.write(json.dumps(st) + "\n")
                     mf.flush()
-                bar.update(self.step, loss=st["loss"], psnr=st["psnr"], s=st["s"], spr=st["samples_per_ray"])
+                if on_step is not None:
+                    on_step(self.step, st)
                 if tc.val_every and (self.step % tc.val_every == 0 or last):
                     v = self.save_validation(val_view)
                     mf.write(json.dumps({"step": self.step, "val_view": val_view, **v}) + "\n")
@@ -572,5 +570,4 @@ class Trainer:
                     if tc.ckpt_every:
                         self.save_checkpoint()
                     break
-        bar.close()
         return {"steps": self.step, "train_time_s": self.train_time}

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import taichi as ti
 
-from . import buffers
-from .hash_grid import HashGrid, HashGridConfig
-from .mlp import Linear, kaiming_uniform, set_weight
-from .params import ParamLayout
-from .sh import SH_DIM, sh16
+from taichi_neus import buffers
+from taichi_neus.field.hash_grid import HashGrid, HashGridConfig
+from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight
+from taichi_neus.field.params import ParamLayout
+from taichi_neus.field.sh import SH_DIM, sh16
 
 
 def _bg_grid() -> HashGridConfig:

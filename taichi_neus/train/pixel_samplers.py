@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import UserInputError
+from taichi_neus.errors import UserInputError
 
 __all__ = [
     "PixelBatch",

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import taichi as ti
 
-from . import buffers
-from .params import ParamLayout
+from taichi_neus import buffers
+from taichi_neus.field.params import ParamLayout
 
 
 @ti.kernel

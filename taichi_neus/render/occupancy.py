@@ -27,9 +27,9 @@ Each update evaluates ``sdf_fn`` once per cell meeting the sphere, in chunks of 
 import numpy as np
 import taichi as ti
 
-from . import buffers, runtime
-from .compositing import neus_alpha
-from .errors import UserInputError
+from taichi_neus import buffers, runtime
+from taichi_neus.errors import UserInputError
+from taichi_neus.render.compositing import neus_alpha
 
 F1 = ti.types.ndarray(dtype=ti.f32, ndim=1)
 F2 = ti.types.ndarray(dtype=ti.f32, ndim=2)

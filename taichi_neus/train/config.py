@@ -7,9 +7,9 @@ import json
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 
-from .background import BackgroundConfig
-from .field import FieldConfig
-from .hash_grid import HashGridConfig
+from taichi_neus.field.hash_grid import HashGridConfig
+from taichi_neus.field.sdf_field import FieldConfig
+from taichi_neus.render.background import BackgroundConfig
 
 
 @dataclass
