@@ -8,6 +8,7 @@ not available is an error (Taichi on its own silently falls back to the CPU).
 from __future__ import annotations
 
 import os
+import sys
 
 import taichi as ti
 
@@ -32,10 +33,17 @@ def _arch_name(arch) -> str:
 
 
 def _arch_available(name: str) -> bool:
+    """Whether Taichi was built with ``name`` and its driver library loads. Taichi logs a warning
+    ("libcuda.so lib not found") when it probes for CUDA on a machine without it; that is the expected
+    answer here, not news for the user, so the probe runs with Taichi's log level at ERROR (``init`` sets
+    the level again right after)."""
     from taichi._lib import core as _ti_core
 
     if name == "cpu":
         return True
+    if name == "metal" and sys.platform != "darwin":
+        return False
+    ti.set_logging_level(ti.ERROR)
     checks = {
         "cuda": "with_cuda",
         "vulkan": "with_vulkan",
@@ -45,11 +53,19 @@ def _arch_available(name: str) -> bool:
     return bool(fn and fn())
 
 
+def check_arch(arch: str) -> None:
+    """Refuse, without starting Taichi, an arch that cannot work on this kind of machine: an unknown
+    name, or Metal outside macOS. (Whether a driver and device exist is found out by :func:`init`.)"""
+    if arch not in ARCHS:
+        raise BackendError(f"unknown arch '{arch}': choose one of {', '.join(ARCHS)}.")
+    if arch == "metal" and sys.platform != "darwin":
+        raise BackendError("Metal is macOS only; on this machine use --arch cpu, vulkan, cuda or auto.")
+
+
 def _only_software_vulkan() -> bool:
     """True on Linux when no GPU render node exists: a Vulkan driver there can only be a software
     rasteriser (lavapipe/llvmpipe), far slower than Taichi's own CPU backend."""
     import glob
-    import sys
     return sys.platform.startswith("linux") and not glob.glob("/dev/dri/renderD*")
 
 
@@ -64,10 +80,13 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     Calling ``init`` again with a different arch resets Taichi (all fields and
     ndarrays made before become invalid).
     """
-    if arch not in ARCHS:
-        raise BackendError(f"unknown arch '{arch}': choose one of {', '.join(ARCHS)}.")
+    check_arch(arch)
     if _state["arch"] is not None and (arch == _state["arch"] or arch == "auto"):
         return _state["arch"]
+    if arch != "auto" and arch != "cpu" and not _arch_available(arch):
+        # refused before ti.reset(): a failed request leaves a running Taichi (and its fields) as it was
+        ti.set_logging_level(kwargs.get("log_level", ti.WARN))
+        raise BackendError(_unavailable(arch))
     if _state["arch"] is not None:
         ti.reset()
     kwargs.setdefault("default_fp", ti.f32)
@@ -82,9 +101,9 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     if arch == "auto" and _only_software_vulkan():
         candidates.remove("vulkan")
     used = None
-    for name in candidates:
-        if name != "cpu" and not _arch_available(name):
-            continue
+    available = [n for n in candidates if n == "cpu" or _arch_available(n)]
+    ti.set_logging_level(kwargs["log_level"])
+    for name in available:
         ti.init(arch=_ti_arch(name), debug=debug, offline_cache=offline_cache, **kwargs)
         used = _arch_name(ti.lang.impl.current_cfg().arch)
         if name != "cpu" and used != name:
@@ -94,14 +113,16 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
             continue
         break
     if used is None:
-        raise BackendError(
-            f"the '{arch}' backend is not available on this machine (no driver or device found); "
-            "run with --arch cpu, or --arch auto to pick the best available backend."
-        )
+        raise BackendError(_unavailable(arch))
     _state["arch"] = used
     if verbose:
         print(f"[taichi_neus] using arch: {used}")
     return used
+
+
+def _unavailable(arch: str) -> str:
+    return (f"the '{arch}' backend is not available on this machine (no driver or device found); "
+            "run with --arch cpu, or --arch auto to pick the best available backend.")
 
 
 def current_arch() -> str | None:

@@ -25,11 +25,11 @@ PRIME_Z = 805459861
 
 @dataclass
 class HashGridConfig:
-    n_levels: int = 16
-    n_features: int = 2
-    log2_table: int = 19
-    base_resolution: int = 32
-    per_level_scale: float = 1.3195079107728942  # 32 * 1.3195^15 ≈ 2048
+    n_levels: int = 16  # resolution levels
+    n_features: int = 2  # features per table entry
+    log2_table: int = 19  # log2 of the table size per level (entries)
+    base_resolution: int = 32  # cells per axis of the coarsest level
+    per_level_scale: float = 1.3195079107728942  # resolution growth per level (32 * 1.3195^15 ≈ 2048)
     bound: float = 1.0  # encoded domain is [-bound, bound]^3, unit-sphere coordinates
     init_scale: float = 1e-4  # table initialised uniformly in [-init_scale, init_scale]
 

@@ -33,16 +33,16 @@ _TETRA = np.array([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], np.float32
 
 @dataclass
 class FieldConfig:
-    grid: HashGridConfig = field(default_factory=HashGridConfig)
+    grid: HashGridConfig = field(default_factory=HashGridConfig)  # the SDF's hash grid
     include_xyz: bool = True  # SDF MLP input = [xyz, encoding] (needed for the sphere init)
-    sdf_hidden: int = 64
+    sdf_hidden: int = 64  # width of the SDF MLP's hidden layers
     sdf_layers: int = 1  # hidden layers of the SDF MLP
     feature_dim: int = 15  # geometry feature passed to the colour MLP
-    softplus_beta: float = 100.0
-    sphere_init_radius: float = 0.5
-    color_hidden: int = 64
-    color_layers: int = 2
-    normal_mode: str = "tetrahedral"  # or "central"
+    softplus_beta: float = 100.0  # β of the SDF MLP's softplus
+    sphere_init_radius: float = 0.5  # the SDF starts as a sphere of this radius (unit-sphere units)
+    color_hidden: int = 64  # width of the colour MLP's hidden layers
+    color_layers: int = 2  # hidden layers of the colour MLP
+    normal_mode: str = "tetrahedral"  # finite-difference stencil: "tetrahedral" (4 points) or "central" (6)
     fd_eps: float = 1.0 / 256  # finite-difference step, unit-sphere units (trainer anneals it)
 
 

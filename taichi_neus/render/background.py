@@ -36,10 +36,10 @@ def _bg_grid() -> HashGridConfig:
 @dataclass
 class BackgroundConfig:
     mode: str = "auto"  # "auto": on when training without masks; "on"; "off"
-    n_samples: int = 32
-    grid: HashGridConfig = field(default_factory=_bg_grid)
-    hidden: int = 64
-    feature_dim: int = 15
+    n_samples: int = 32  # samples per ray from the unit sphere's exit to infinity
+    grid: HashGridConfig = field(default_factory=_bg_grid)  # the background's hash grid (bound 2: contracted space)
+    hidden: int = 64  # width of the background MLPs
+    feature_dim: int = 15  # feature passed from the density MLP to the colour MLP
     far_disparity_ratio: float = 1e-3  # the second-to-last sample sits at 1000× the sphere exit distance
 
 

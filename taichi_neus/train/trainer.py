@@ -112,6 +112,7 @@ class Trainer:
     """Owns the model state (flat parameters, Adam moments, occupancy grid) and the output folder."""
 
     def __init__(self, scene, cfg: Config, out_dir: str | os.PathLike, log=print):
+        cfg.validate()  # the command line's checks, for library users too
         self.scene, self.cfg = scene, cfg
         self.out = pathlib.Path(out_dir)
         self.log = log
@@ -121,8 +122,6 @@ class Trainer:
         self.var_slice = self.layout.add("variance", (1,), "variance")
         masks_used = cfg.data.use_masks and scene.masks is not None
         mode = cfg.background.mode
-        if mode not in ("auto", "on", "off"):
-            raise UserInputError(f"--background.mode must be auto, on or off, not '{mode}'.")
         # Without masks, whatever lies beyond the unit sphere needs a model of its own (background.py).
         self.bg = Background(cfg.background, self.layout) if (mode == "on" or (mode == "auto" and not masks_used)) \
             else None
