@@ -31,3 +31,21 @@ def test_floaters_benchmark_smoke(tmp_path, backdrop):
             assert 0.0 <= r[k] <= 1.0
         assert r["psnr"] > 0 and r["psnr_object"] > 0
     assert "| sphere r=0.2 | none |" in d["table"] and d["meta"]["args"]["background"] == backdrop
+
+
+@pytest.mark.slow
+def test_step_throughput_benchmark_smoke(tmp_path):
+    """Every stage hook still finds the trainer call it wraps, and the stages add up to the step time."""
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--steps", "2", "--warmup", "1",
+           "--scan24", "", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["scene"] == "built-in" and r["missing_stages"] == []
+    ms = r["stage_ms_per_step"]
+    assert sum(ms.values()) == pytest.approx(1e3 * r["wall_s"] / r["steps"], rel=1e-6)
+    for stage in ("ray marching", "field fwd", "backward", "optimiser"):
+        assert ms[stage] > 0, stage
+    assert r["samples_per_s"] > 0 and r["samples_per_ray"] > 1
+    assert "| built-in |" in res.stdout

@@ -93,3 +93,26 @@ def test_resume_skips_partial_and_poisoned_checkpoints(tmp_path):
     t = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
     assert t.resume_latest() is None and t.step == 0
     np.testing.assert_array_equal(t.state()["params"], fresh)
+
+
+def test_sparse_adam_leaves_untouched_cells_and_resumes_their_counts(tmp_path):
+    scene = load_dtu(default_scene_path())
+    cfg = small_config(iters=12)
+    cfg.train.ckpt_every = 12
+    cfg.train.sparse_adam = True
+    a = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+    p0 = a.state()["params"].copy()
+    a.fit()
+    st = a.state()
+    enc = np.zeros(a.layout.total, bool)
+    for start, size in a.layout.groups()["encoding"]:
+        enc[start:start + size] = True
+    t = st["adam_t"]
+    assert (t[enc] == 0).any() and (t[enc] > 0).any()  # some cells never sampled, some sampled
+    assert t[enc].max() <= 12
+    untouched = enc & (t == 0)
+    np.testing.assert_array_equal(st["params"][untouched], p0[untouched])
+    assert (st["params"][enc & (t > 0)] != p0[enc & (t > 0)]).any()
+    b = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+    assert b.resume_latest() == 12
+    np.testing.assert_array_equal(b.state()["adam_t"], t)

@@ -3,6 +3,11 @@ parameter group, so an optimisation step never leaves the device.
 
 Groups are contiguous runs of the flat buffer (see :class:`ParamLayout.groups`), each with
 its own learning rate and (decoupled, AdamW-style) weight decay.
+
+A group may be updated *sparsely*, as tiny-cuda-nn does for hash tables (Müller et al. 2022,
+§4): an entry whose gradient is exactly zero this step (no sample touched its hash cell) is left
+alone — no moment decay, no weight decay, no step — and each entry counts its own steps for the
+bias correction, so an entry touched for the k-th time is corrected as Adam's k-th step.
 """
 
 from dataclasses import dataclass
@@ -31,10 +36,33 @@ def _adam_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.nd
         params[i] = p - lr * ((mi / bc1) / (ti.sqrt(vi / bc2) + eps) + wd * p)
 
 
+@ti.kernel
+def _adam_sparse_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                     m: ti.types.ndarray(dtype=ti.f32, ndim=1), v: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                     t: ti.types.ndarray(dtype=ti.i32, ndim=1), start: ti.i32, size: ti.i32, lr: ti.f32,
+                     beta1: ti.f32, beta2: ti.f32, eps: ti.f32, wd: ti.f32, grad_scale: ti.f32):
+    ti.loop_config(block_dim=1024)
+    for k in range(size):
+        i = start + k
+        g = grads[i] * grad_scale
+        if g != 0.0:
+            ti_ = t[i] + 1
+            t[i] = ti_
+            bc1 = 1.0 - ti.pow(beta1, ti.cast(ti_, ti.f32))
+            bc2 = 1.0 - ti.pow(beta2, ti.cast(ti_, ti.f32))
+            mi = beta1 * m[i] + (1.0 - beta1) * g
+            vi = beta2 * v[i] + (1.0 - beta2) * g * g
+            m[i] = mi
+            v[i] = vi
+            p = params[i]
+            params[i] = p - lr * ((mi / bc1) / (ti.sqrt(vi / bc2) + eps) + wd * p)
+
+
 @dataclass
 class GroupSettings:
     lr: float
     weight_decay: float = 0.0
+    sparse: bool = False  # skip entries whose gradient is exactly zero (hash tables); per-entry step counts
 
 
 class Adam:
@@ -50,6 +78,8 @@ class Adam:
         self.betas, self.eps = betas, eps
         self.m = buffers.f32(layout.total)
         self.v = buffers.f32(layout.total)
+        # Per-entry step counts exist only when some group is sparse (dense groups use step_count).
+        self.t = buffers.i32(layout.total) if any(s.sparse for s in self.settings.values()) else None
         self.step_count = 0
 
     def step(self, params, grads, lr_scale: float = 1.0, grad_scale: float = 1.0) -> None:
@@ -61,14 +91,27 @@ class Adam:
         for group, runs in self.runs.items():
             s = self.settings[group]
             for start, size in runs:
-                _adam_run(params, grads, self.m, self.v, start, size, s.lr * lr_scale, b1, b2, self.eps,
-                          bc1, bc2, s.weight_decay, grad_scale)
+                if s.sparse:
+                    _adam_sparse_run(params, grads, self.m, self.v, self.t, start, size, s.lr * lr_scale, b1, b2,
+                                     self.eps, s.weight_decay, grad_scale)
+                else:
+                    _adam_run(params, grads, self.m, self.v, start, size, s.lr * lr_scale, b1, b2, self.eps,
+                              bc1, bc2, s.weight_decay, grad_scale)
 
     def state_dict(self) -> dict:
-        return {"m": buffers.to_numpy(self.m), "v": buffers.to_numpy(self.v),
-                "step": np.int64(self.step_count)}
+        st = {"m": buffers.to_numpy(self.m), "v": buffers.to_numpy(self.v), "step": np.int64(self.step_count)}
+        if self.t is not None:
+            st["t"] = buffers.to_numpy(self.t)
+        return st
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. Per-entry counts missing (a dense run resumed sparsely) start at
+        the global step count, which is what a dense run's entries have seen."""
         buffers.from_numpy(self.m, state["m"])
         buffers.from_numpy(self.v, state["v"])
         self.step_count = int(state["step"])
+        if self.t is not None:
+            t = state.get("t")
+            if t is None:
+                t = np.full(self.layout.total, self.step_count, np.int32)
+            buffers.from_numpy(self.t, np.asarray(t, np.int32))

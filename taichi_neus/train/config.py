@@ -59,6 +59,7 @@ class TrainConfig:
     lr_variance: float = 3e-3  # learning rate of NeuS's v (NeuS: 1e-3 over 300k steps; short runs sharpen faster)
     warmup: int = 200  # linear learning-rate warm-up steps
     lr_final: float = 0.1  # final learning rate as a fraction (cosine decay)
+    sparse_adam: bool = False  # hash-table entries no sample touched keep their Adam moments (tiny-cuda-nn)
     init_variance: float = 0.3  # NeuS's sharpness s = exp(10·v) starts at e^3 ≈ 20
     anneal_end: float = 0.2  # cos-anneal ratio reaches 1 at this fraction of training
     eikonal_weight: float = 0.1  # weight of the eikonal loss (|∇f| = 1)

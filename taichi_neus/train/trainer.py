@@ -136,7 +136,8 @@ class Trainer:
         host[self.var_slice.offset] = tc.init_variance
         buffers.from_numpy(self.params, host)
         self.opt = Adam(self.layout, {
-            "encoding": GroupSettings(tc.lr), "sdf_mlp": GroupSettings(tc.lr), "color_mlp": GroupSettings(tc.lr),
+            "encoding": GroupSettings(tc.lr, sparse=tc.sparse_adam),
+            "sdf_mlp": GroupSettings(tc.lr), "color_mlp": GroupSettings(tc.lr),
             "variance": GroupSettings(tc.lr_variance), "background": GroupSettings(tc.lr)},
             betas=(0.9, 0.99), eps=1e-15)
         self.occupancy = OccupancyGrid(rc.occupancy_resolution, 1.0)
@@ -471,7 +472,7 @@ class Trainer:
     def state(self) -> dict:
         st = self.opt.state_dict()
         return {"params": buffers.to_numpy(self.params), "adam_m": st["m"], "adam_v": st["v"],
-                "adam_step": st["step"], "step": np.int64(self.step),
+                "adam_step": st["step"], **({"adam_t": st["t"]} if "t" in st else {}), "step": np.int64(self.step),
                 "occupancy": self.occupancy.bits.to_numpy(), "n_rays": np.int64(self.n_rays),
                 "samples_per_ray": np.float64(self.samples_per_ray), "train_time": np.float64(self.train_time),
                 "rng": np.frombuffer(json.dumps(self.rng.bit_generator.state).encode(), np.uint8),
@@ -515,7 +516,8 @@ class Trainer:
             raise ValueError(f"occupancy grid of shape {st['occupancy'].shape}")
         json.loads(bytes(st["rng"]).decode())
         buffers.from_numpy(self.params, st["params"])
-        self.opt.load_state_dict({"m": st["adam_m"], "v": st["adam_v"], "step": st["adam_step"]})
+        self.opt.load_state_dict({"m": st["adam_m"], "v": st["adam_v"], "step": st["adam_step"],
+                                  **({"t": st["adam_t"]} if "adam_t" in st else {})})
         self.occupancy.bits.from_numpy(st["occupancy"])
         self.step = int(st["step"])
         self.n_rays = int(st["n_rays"])

@@ -1,0 +1,231 @@
+"""Training throughput: samples and rays per second of the default configuration, with the time of one
+step broken down by stage.
+
+    python benchmarks/step_throughput.py                                   # built-in scene (+ scan24 ¼ if present)
+    python benchmarks/step_throughput.py --steps 100 --baseline 14bf453    # also time another commit, same run
+
+Each scene is loaded, a trainer with the default configuration (the one ``taichi-neus train`` uses)
+runs ``--warmup`` steps (compilation, occupancy warm-up, the ray count settling), then ``--steps``
+timed steps. Stages are timed by wrapping the trainer's own calls (nothing in the package is
+changed for this): pixel sampling and ray set-up, occupancy-grid refresh, ray marching (coarse SDF
+samples and fine-sample placement), field forward, compositing (with the background model when
+one is used), losses, backward passes (compositing, gradient hook, field, background), the
+optimiser step; "host and other" is the rest of the step (the NaN check, gradient zeroing,
+uploads, bookkeeping). Calls nested inside a timed call count once, to the outer stage.
+
+``--baseline REV`` checks REV out into a temporary git worktree and runs this same script there in
+a subprocess, one after the other on the same machine, so the ratio is measured side by side.
+Stages that REV's trainer lacks are reported as missing.
+
+Prints a table and writes JSON (default ``benchmarks/results/step_throughput.json``). Speed is
+measured here, never asserted in a test. Run it with nothing else running.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+SCAN24 = HERE.parent.parent / "shared" / "data" / "dtu_scan24"
+
+STAGES = ["pixels+rays", "occupancy", "ray marching", "field fwd", "compositing", "losses", "backward",
+          "optimiser", "host+other"]
+
+
+def _import_trainer():
+    """The Trainer and Config of whichever package layout is on the path (this commit's or an older one)."""
+    try:
+        from taichi_neus.train import losses
+        from taichi_neus.train.config import Config
+        from taichi_neus.train.trainer import Trainer
+    except ImportError:  # the flat layout before the tree was split into stages
+        from taichi_neus.config import Config
+        from taichi_neus.trainer import Trainer
+
+        from taichi_neus import losses
+    return Trainer, Config, losses
+
+
+class StageClock:
+    """Wraps callables so their wall time (after a device sync) is added to a named stage; nested
+    wrapped calls are counted once, in the outermost stage."""
+
+    def __init__(self, sync):
+        self.sync = sync
+        self.seconds = {s: 0.0 for s in STAGES}
+        self.missing: list[str] = []
+        self._depth = 0
+
+    def wrap(self, owner, attr: str, stage: str) -> None:
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            self.missing.append(f"{stage}: {type(owner).__name__}.{attr}")
+            return
+        clock = self
+
+        def timed(*a, **k):
+            if clock._depth:
+                return fn(*a, **k)
+            clock._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                clock.sync()
+                clock.seconds[stage] += time.perf_counter() - t0
+                clock._depth -= 1
+
+        setattr(owner, attr, timed)
+
+
+def instrument(tr, losses, clock: StageClock):
+    clock.wrap(tr, "_batch", "pixels+rays")
+    clock.wrap(tr.occupancy, "update", "occupancy")
+    clock.wrap(tr.sampler, "sample", "ray marching")
+    clock.wrap(tr.field, "forward", "field fwd")
+    clock.wrap(tr.compositor, "forward", "compositing")
+    if getattr(tr, "bg", None) is not None:
+        clock.wrap(tr.bg, "forward", "compositing")
+        clock.wrap(tr.bg, "backward", "backward")
+    for name in ("colour_l1", "mask_bce", "eikonal"):
+        clock.wrap(losses, name, "losses")
+    if getattr(tr, "s3im", None) is not None:
+        clock.wrap(tr.s3im, "loss_and_grad", "losses")
+    clock.wrap(tr.compositor, "backward", "backward")
+    clock.wrap(tr.grad_scaling, "apply", "backward")
+    clock.wrap(tr.field, "backward", "backward")
+    clock.wrap(tr.opt, "step", "optimiser")
+
+
+def bench_scene(name: str, scene, args) -> dict:
+    import taichi as ti
+
+    Trainer, Config, losses = _import_trainer()
+    cfg = Config()
+    cfg.train.seed = args.seed
+    cfg.train.iters = max(cfg.train.iters, args.warmup + args.steps)
+    cfg.train.val_every = cfg.train.ckpt_every = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(scene, cfg, pathlib.Path(tmp) / "run", log=lambda *a: None)
+        for _ in range(args.warmup):
+            tr.train_step()
+        ti.sync()
+        clock = StageClock(ti.sync)
+        saved = {n: getattr(losses, n) for n in ("colour_l1", "mask_bce", "eikonal")}
+        instrument(tr, losses, clock)
+        rays = samples = 0
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        try:
+            for _ in range(args.steps):
+                st = tr.train_step()
+                rays += int(st.get("rays", 0))
+                samples += int(st.get("samples", 0))
+            ti.sync()
+        finally:
+            for n, f in saved.items():  # the losses module is shared by every trainer in this process
+                setattr(losses, n, f)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    timed = sum(v for k, v in clock.seconds.items() if k != "host+other")
+    clock.seconds["host+other"] = max(wall - timed, 0.0)
+    return {"scene": name, "steps": args.steps, "warmup": args.warmup, "wall_s": wall, "cpu_s": cpu,
+            "rays_per_s": rays / wall, "samples_per_s": samples / wall, "rays_per_step": rays / args.steps,
+            "samples_per_ray": samples / max(rays, 1),
+            "stage_ms_per_step": {k: 1e3 * v / args.steps for k, v in clock.seconds.items()},
+            "missing_stages": clock.missing}
+
+
+def load_scenes(args) -> list:
+    from taichi_neus.data.dtu import load_dtu
+    from taichi_neus.data.loader import load_scene
+    from taichi_neus.data.synthetic import default_scene_path
+
+    scenes = [("built-in", load_dtu(default_scene_path()))]
+    scan = pathlib.Path(args.scan24)
+    if args.scan24 and (scan / "cameras_sphere.npz").is_file():
+        scenes.append((f"scan24 /{args.downscale}", load_scene(str(scan), downscale=args.downscale)))
+    elif args.scan24:
+        print(f"note: {scan} not found, scan24 skipped", file=sys.stderr)
+    return scenes
+
+
+def run_here(args) -> list[dict]:
+    from taichi_neus import runtime
+
+    runtime.init(args.arch, verbose=False)
+    return [bench_scene(name, scene, args) for name, scene in load_scenes(args)]
+
+
+def run_baseline(rev: str, args) -> dict:
+    """This script, run on commit ``rev`` in a temporary worktree, in a subprocess."""
+    repo = HERE.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        wt = pathlib.Path(tmp) / "wt"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(wt), rev], check=True,
+                       capture_output=True)
+        try:
+            sha = subprocess.run(["git", "-C", str(wt), "rev-parse", "--short", "HEAD"], check=True,
+                                 capture_output=True, text=True).stdout.strip()
+            out = pathlib.Path(tmp) / "baseline.json"
+            cmd = [sys.executable, str(HERE / "step_throughput.py"), "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--arch", args.arch, "--seed", str(args.seed), "--scan24", args.scan24,
+                   "--downscale", str(args.downscale), "--json", str(out)]
+            env = {**os.environ, "PYTHONPATH": str(wt)}
+            subprocess.run(cmd, check=True, env=env)
+            return {"rev": rev, "commit": sha, "results": json.loads(out.read_text())["results"]}
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(wt)], capture_output=True)
+
+
+def table(results: list[dict], title: str) -> str:
+    lines = [f"\n{title}",
+             "| scene | rays/s | samples/s | rays/step | samples/ray | " + " | ".join(STAGES) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(STAGES)]
+    for r in results:
+        ms = r["stage_ms_per_step"]
+        lines.append(f"| {r['scene']} | {r['rays_per_s']:.0f} | {r['samples_per_s']:.0f} | {r['rays_per_step']:.0f} "
+                     f"| {r['samples_per_ray']:.1f} | " + " | ".join(f"{ms[s]:.1f}" for s in STAGES) + " |")
+    lines.append("(stage columns: ms per step)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per scene")
+    ap.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, occupancy)")
+    ap.add_argument("--arch", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scan24", default=str(SCAN24), help="DTU scan24 folder ('' to skip)")
+    ap.add_argument("--downscale", type=int, default=4)
+    ap.add_argument("--baseline", default="", help="git revision to time side by side (before this commit's run)")
+    ap.add_argument("--json", default=str(HERE / "results" / "step_throughput.json"))
+    args = ap.parse_args(argv)
+    res = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "args": vars(args)}
+    if args.baseline:
+        res["baseline"] = run_baseline(args.baseline, args)
+    res["results"] = run_here(args)
+    print(table(res["results"], f"this tree, arch={args.arch}, {res['cpus']} CPUs, {args.steps} steps"))
+    if args.baseline:
+        b = res["baseline"]
+        print(table(b["results"], f"baseline {b['rev']} ({b['commit']})"))
+        ratios = {}
+        for new in res["results"]:
+            old = next((o for o in b["results"] if o["scene"] == new["scene"]), None)
+            if old:
+                ratios[new["scene"]] = new["samples_per_s"] / old["samples_per_s"]
+                print(f"  {new['scene']}: samples/s x{ratios[new['scene']]:.2f} against {b['commit']}")
+        res["samples_per_s_ratio"] = ratios
+    out = pathlib.Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
