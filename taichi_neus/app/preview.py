@@ -38,7 +38,8 @@ from taichi_neus.export.mesh import mesh_from_run
 from taichi_neus.render.camera_paths import OrbitRig, mean_intrinsics, scale_intrinsics
 from taichi_neus.render.images import MODES, colorize
 
-__all__ = ["PreviewSettings", "ViewController", "ProgressiveImage", "LivePreview", "display_available"]
+__all__ = ["PreviewSettings", "ViewController", "ProgressiveImage", "LivePreview", "display_available",
+           "write_result_image"]
 
 HELP = "drag orbit | wheel zoom | 1/2/3 rgb/normal/depth | space pause | v view | o orbit | m mesh | esc close"
 BAND = 52  # pixels of text band under the image
@@ -77,6 +78,16 @@ def display_available() -> bool:
     if sys.platform.startswith(("linux", "freebsd")):
         return bool(os.environ.get("DISPLAY"))
     return True
+
+
+def _present(gui, canvas: np.ndarray, texts, path=None) -> None:
+    """Show ``canvas`` ``(H, W, 3)`` float RGB in [0, 1] (rows from the top) with ``texts``, a list of
+    ``(text, x, y, font_size, colour)`` (x, y: the text's top-left in [0, 1]², origin bottom-left, as
+    ``ti.GUI`` places text), in ``gui``; also saved as a PNG at ``path`` when given."""
+    gui.set_image(np.ascontiguousarray(canvas[::-1].transpose(1, 0, 2)))
+    for text, x, y, size, colour in texts:
+        gui.text(text, pos=(x, y), font_size=size, color=colour)
+    gui.show(str(path) if path is not None else None)
 
 
 def _ema(old: float, new: float) -> float:
@@ -421,7 +432,6 @@ class LivePreview:
         rgb = np.repeat(np.repeat(self.frame(), self.scale, axis=0), self.scale, axis=1)
         canvas = np.zeros((self.res[1], self.res[0], 3), np.float32)  # rows from the top
         canvas[: rgb.shape[0]] = rgb
-        gui.set_image(np.ascontiguousarray(canvas[::-1].transpose(1, 0, 2)))
         s = self.stats
         tc = self.trainer.cfg.train
         line1 = (f"step {self.trainer.step}/{tc.iters}  loss {s.get('loss', float('nan')):.4f}  "
@@ -430,14 +440,13 @@ class LivePreview:
         line2 = (f"[{self.ctrl.mode}] {cam}  preview {100 * self.share:.0f}% of time"
                  f"{'  PAUSED' if self.ctrl.paused else ''}  {self.message}")
         h = self.res[1]
-        gui.text(line1, pos=(0.01, (BAND - 2) / h), font_size=15, color=0xFFFFFF)
-        gui.text(line2, pos=(0.01, (BAND - 19) / h), font_size=13, color=0xC8C8C8)
-        gui.text(HELP, pos=(0.01, (BAND - 35) / h), font_size=11, color=0x8C8C8C)
+        texts = [(line1, 0.01, (BAND - 2) / h, 15, 0xFFFFFF), (line2, 0.01, (BAND - 19) / h, 13, 0xC8C8C8),
+                 (HELP, 0.01, (BAND - 35) / h, 11, 0x8C8C8C)]
         path = None
         if save:
             path = self.frames_dir / f"frame_{self._frame0 + len(self.frames):04d}_step{self.trainer.step:06d}.png"
             self.frames.append(path)
-        gui.show(str(path) if path is not None else None)
+        _present(gui, canvas, texts, path)
         self._draw_s = _ema(self._draw_s, time.perf_counter() - t0)
 
     def render_full(self) -> np.ndarray:
@@ -476,3 +485,51 @@ class LivePreview:
             self.gui.close()
         self.log(f"[taichi_neus] preview: {self.passes} passes, {self.rays} rays, "
                  f"{100 * self.share:.1f}% of training time")
+
+
+RESULT_MIN_HEIGHT = 320  # pixels: small views are enlarged (nearest neighbour) to at least this height
+RESULT_BAND = 46
+RESULT_GAP = 4
+
+
+def write_result_image(trainer, view: int, ev: dict, held_out: bool = True, name: str = "result.png"):
+    """A labelled picture of the result in the run folder: photo | render | normals | depth of ``view``,
+    side by side, each enlarged by a whole factor to at least :data:`RESULT_MIN_HEIGHT` pixels, with a
+    label under each panel and a line naming the scene, the view and the step (drawn by ``ti.GUI``'s text,
+    as the live preview's frames are, and saved without a window).
+
+    Args:
+        trainer: the trained :class:`~taichi_neus.train.trainer.Trainer` (Taichi initialised).
+        view: dataset view index.
+        ev: :meth:`Trainer.evaluate_view` of that view (``render``, ``gt``, ``psnr``).
+        held_out: whether ``view`` was held out from training (named so in the picture).
+
+    Returns:
+        the path written, ``<run>/<name>``.
+    """
+    import taichi as ti
+
+    r = ev["render"]
+    masked = trainer.use_masks and trainer.scene.masks is not None
+    panels = [("photo" + (" (background masked)" if masked else ""), np.clip(ev["gt"], 0.0, 1.0)),
+              (f"render ({ev['psnr']:.1f} dB PSNR)", colorize(r, "rgb")),
+              ("normals", colorize(r, "normal")), ("depth (near = bright)", colorize(r, "depth"))]
+    h, w = panels[0][1].shape[:2]
+    k = max(1, math.ceil(RESULT_MIN_HEIGHT / h))
+    pw = w * k + RESULT_GAP  # panel pitch: a grey gap separates panels with black backgrounds
+    H, W = h * k + RESULT_BAND, pw * len(panels) - RESULT_GAP
+    canvas = np.zeros((H, W, 3), np.float32)
+    canvas[: h * k] = 0.35
+    for i, (_, img) in enumerate(panels):
+        canvas[: h * k, i * pw: i * pw + w * k] = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+    title = (f"{trainer.scene.name}: {'held-out' if held_out else 'training'} view {view}, step {trainer.step}, "
+             f"{w}x{h} pixels" + (f", shown {k}x enlarged" if k > 1 else ""))
+    texts = [(label, i * pw / W + 0.004, (RESULT_BAND - 3) / H, 15, 0xFFFFFF) for i, (label, _) in enumerate(panels)]
+    texts.append((title, 0.004, (RESULT_BAND - 24) / H, 13, 0xC8C8C8))
+    path = trainer.out / name
+    gui = ti.GUI("taichi_neus result", res=(W, H), show_gui=False, background_color=0x000000)
+    try:
+        _present(gui, canvas, texts, path)
+    finally:
+        gui.close()
+    return path

@@ -1,7 +1,24 @@
 """A dependency-free progress bar: one redrawn line on a terminal, periodic lines otherwise."""
 
+import math
 import sys
 import time
+
+# printed once before the bar: what its fields mean
+LEGEND = ("progress: loss = colour L1 + mask + eikonal terms; PSNR of this step's batch; sharpness s = NeuS's "
+          "1/σ, rising as the surface gets crisp; samples/ray after empty space is skipped")
+
+
+def step_fields(st: dict) -> list[str]:
+    """The bar's named fields for one training step's stats (``Trainer.train_step``'s dict)."""
+    def num(k, fmt):
+        v = st.get(k, float("nan"))
+        return format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+    fields = [f"loss {num('loss', '.4f')}", f"PSNR {num('psnr', '.2f')} dB", f"sharpness s={num('s', '.0f')}",
+              f"samples/ray {num('samples_per_ray', '.1f')}"]
+    if st.get("rejected"):
+        fields.append("step rejected (non-finite)")
+    return fields
 
 
 class Progress:
@@ -13,7 +30,8 @@ class Progress:
         self.t0 = time.time()
         self.start = start
 
-    def update(self, n: int, **stats) -> None:
+    def update(self, n: int, *fields: str) -> None:
+        """Redraw at step ``n`` with ``fields`` (already named and formatted, e.g. ``'PSNR 24.1 dB'``)."""
         self.n = n
         if not self.tty and n % self.every and n != self.total:
             return
@@ -22,9 +40,8 @@ class Progress:
         el = time.time() - self.t0
         rate = (n - self.start) / el if el > 0 else 0.0
         eta = (self.total - n) / rate if rate > 0 else 0.0
-        txt = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())
         line = (f"[{'#' * done}{'.' * (self.width - done)}] {n}/{self.total} "
-                f"{el:5.0f}s<{eta:4.0f}s {rate:.2f}it/s {txt}")
+                f"{el:5.0f}s<{eta:4.0f}s {rate:.2f} steps/s | " + " | ".join(fields))
         if self.tty:
             self.stream.write("\r" + line[:200] + "\033[K")
         else:

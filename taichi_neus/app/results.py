@@ -19,8 +19,36 @@ from taichi_neus.render.camera_paths import camera_path, scale_intrinsics
 from taichi_neus.render.images import MODES, colorize, depth_range, render_image
 from taichi_neus.train.config import Config
 
-__all__ = ["load_run", "parse_modes", "mp4_backend", "require_mp4", "render_run", "run_mesh", "evaluate_images",
-           "evaluate_geometry", "format_table"]
+__all__ = ["check_run_folder", "latest_checkpoint_step", "load_run", "parse_modes", "mp4_backend", "require_mp4",
+           "render_run", "run_mesh", "evaluate_images", "evaluate_geometry", "format_table", "format_train_summary"]
+
+
+def check_run_folder(out) -> Config:
+    """The config of the run in ``out``, checked cheaply (no Taichi, no checkpoint read): the folder
+    exists, holds a valid ``config.json`` and at least one checkpoint file.
+
+    Raises:
+        UserInputError: one sentence saying which of these is missing.
+    """
+    out = pathlib.Path(out)
+    if not out.is_dir():
+        raise UserInputError(f"run folder {out} does not exist; give a folder 'taichi-neus train --out' wrote.")
+    if not (out / "config.json").is_file():
+        raise UserInputError(f"{out} holds no run (no config.json); train first or give a run folder.")
+    try:
+        cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
+    except (json.JSONDecodeError, TypeError, UserInputError) as exc:
+        raise UserInputError(f"{out / 'config.json'} is not a valid taichi_neus config ({exc}).") from None
+    if not sorted((out / "checkpoints").glob("ckpt_*.npz")):
+        raise UserInputError(f"{out}/checkpoints holds no checkpoint; train longer (checkpoints are written every "
+                             "--train.ckpt_every steps and at the end).")
+    return cfg
+
+
+def latest_checkpoint_step(out) -> int:
+    """Step of the newest checkpoint file in ``out/checkpoints`` (from its name ``ckpt_<step>.npz``; not read)."""
+    names = sorted(pathlib.Path(out, "checkpoints").glob("ckpt_*.npz"))
+    return int(names[-1].stem.split("_")[1]) if names else 0
 
 
 def load_run(out, arch: str = "auto", log=print):
@@ -32,17 +60,7 @@ def load_run(out, arch: str = "auto", log=print):
     from taichi_neus import runtime
 
     out = pathlib.Path(out)
-    if not out.is_dir():
-        raise UserInputError(f"run folder {out} does not exist; point --out at a folder 'taichi-neus train' wrote.")
-    if not (out / "config.json").is_file():
-        raise UserInputError(f"{out} holds no run (no config.json); train first or point --out at a run folder.")
-    try:
-        cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise UserInputError(f"{out / 'config.json'} is not a valid taichi_neus config ({exc}).") from None
-    if not sorted((out / "checkpoints").glob("ckpt_*.npz")):
-        raise UserInputError(f"{out}/checkpoints holds no checkpoint; train longer (checkpoints are written every "
-                             "--train.ckpt_every steps and at the end).")
+    cfg = check_run_folder(out)
     runtime.init(arch, verbose=False)
     from taichi_neus.data import default_scene_path
     from taichi_neus.data.loader import load_scene
@@ -99,13 +117,16 @@ def _u8(img: np.ndarray) -> np.ndarray:
 
 
 def render_run(tr, path: str, frames: int = 0, downscale: int = 1, modes=("rgb",), gif: bool = False,
-               mp4: bool = False, fps: int = 12, log=print) -> dict:
-    """Render a camera path of the trainer's scene into ``<run>/renders/<path>/``.
+               mp4: bool = False, fps: int = 12, log=print, name: str = "", overwrite: bool = False) -> dict:
+    """Render a camera path of the trainer's scene into ``<run>/renders/<name or path>/``.
 
     Writes ``<mode>_<frame:03d>.png`` for every frame and mode, ``cameras.json`` (per frame: dataset view
     or -1, ``K``, ``c2w``), and with ``gif``/``mp4`` one ``<mode>.gif`` / ``<mode>.mp4`` per mode.
     Images are ``1/downscale`` of the training resolution; rendering is chunked by
     :func:`taichi_neus.render.images.render_image`.
+
+    A folder that already holds renders is refused unless ``overwrite``; then its earlier frames,
+    animations and ``cameras.json`` are removed first, so the folder holds one consistent set.
 
     Returns:
         dict with ``dir``, ``frames`` (count), ``size`` ``(W, H)``, ``files`` (paths written).
@@ -114,7 +135,13 @@ def render_run(tr, path: str, frames: int = 0, downscale: int = 1, modes=("rgb",
     scene = tr.scene
     H, W = _downscaled_size(scene, downscale)
     cams = camera_path(scene, path, frames)
-    out_dir = tr.out / "renders" / path
+    out_dir = tr.out / "renders" / (name or path)
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserInputError(f"{out_dir} already exists; pass --overwrite to replace it, or --name NAME.")
+        for old in (*out_dir.glob("*_[0-9][0-9][0-9].png"), *out_dir.glob("*.gif"), *out_dir.glob("*.mp4"),
+                    out_dir / "cameras.json"):
+            old.unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     files, stacks, meta = [], {m: [] for m in modes}, []
     offsets = None  # depth colours: the first frame's range, relative to the camera distance, for all frames
@@ -317,3 +344,39 @@ def format_table(result: dict) -> str:
         rows.append(("geometry", "no ground truth given (--gt-points, --gt-mesh or --dtu-dir)"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}".rstrip() for a, b in rows)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def format_train_summary(metrics: dict, out) -> str:
+    """The few lines ``taichi-neus train`` ends with: what was made, how good it is, where it is, what next.
+    (Everything, with more decimals, is in ``<run>/metrics.json``.)"""
+    out = pathlib.Path(out)
+    rows = [("run folder", str(out))]
+    wall = metrics.get("wall_time_s", 0.0)
+    rows.append(("steps", f"{metrics.get('steps', 0)} ({_duration(metrics.get('train_time_s', 0.0))} of training, "
+                          f"{_duration(wall)} in all)"))
+    if metrics.get("heldout_psnr") is not None:
+        w, h = metrics.get("heldout_size", (0, 0))
+        txt = f"{metrics['heldout_psnr']:.2f} dB over {len(metrics.get('heldout_views', []))} views at {w}x{h}"
+        if metrics.get("heldout_psnr_masked") is not None:
+            txt += f" (inside the masks: {metrics['heldout_psnr_masked']:.2f} dB)"
+        rows.append(("held-out PSNR", txt))
+    else:
+        rows.append(("held-out PSNR", "no held-out views (--data.holdout_every 0)"))
+    if metrics.get("chamfer_to_true_surface") is not None:
+        rows.append(("Chamfer to the true surface", f"{metrics['chamfer_to_true_surface']:.4f} world units "
+                     f"(accuracy {metrics['accuracy']:.4f}, completeness {metrics['completeness']:.4f})"))
+    if metrics.get("mesh"):
+        rows.append(("mesh", f"{metrics['mesh']} ({metrics['mesh_vertices']:,} vertices, "
+                             f"{metrics['mesh_faces']:,} faces)"))
+    else:
+        rows.append(("mesh", "none: no surface inside the unit sphere (see 'When results are poor' in the README)"))
+    if metrics.get("result_image"):
+        rows.append(("picture", f"{metrics['result_image']} (photo | render | normals | depth)"))
+    rows.append(("all numbers", str(out / "metrics.json")))
+    rows.append(("next", f"taichi-neus render {out} --gif   |   taichi-neus eval {out}"))
+    w = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

@@ -11,6 +11,7 @@ and library users are refused the same values with the same sentence.
 import ast
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import io
 import json
@@ -285,6 +286,9 @@ class Config:
         tc = self.train
         if tc.min_rays > tc.max_rays:
             raise UserInputError(f"--train.min_rays ({tc.min_rays}) must not exceed --train.max_rays ({tc.max_rays}).")
+        if tc.s3im_weight > 0 and importlib.util.find_spec("torch") is None:
+            raise UserInputError("S3IM (--train.s3im_weight > 0) needs torch, which is not installed; install it "
+                                 "(pip install torch, or the package's [torch] extra) or leave S3IM off.")
         return self
 
     def to_dict(self) -> dict:
