@@ -127,7 +127,7 @@ def test_render_refusals(run, tmp_path, capsys, ti_arch):
 
 # ----------------------------------------------------------------------------------- eval
 def test_eval_synthetic_run_uses_the_exact_surface(run, capsys, ti_arch):
-    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "2",
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--overwrite", "--downscale", "2",
                      "--points", "20000"]) == 0
     table = capsys.readouterr().out
     for label in ("PSNR, full image", "PSNR, inside mask", "SSIM", "mask IoU", "Chamfer mean"):
@@ -153,8 +153,8 @@ def test_eval_sphere_against_larger_sphere(run, tmp_path, ti_arch):
     v2, f2 = uv_sphere(1.1)
     write_ply(tmp_path / "r11_mesh.ply", v2, f2)
     for flag, gt in (("--gt-points", "r11_points.ply"), ("--gt-mesh", "r11_mesh.ply")):
-        assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "4", "--mesh",
-                         str(tmp_path / "r1.ply"), flag, str(tmp_path / gt), "--points", "40000"]) == 0
+        assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--overwrite", "--downscale", "4",
+                         "--mesh", str(tmp_path / "r1.ply"), flag, str(tmp_path / gt), "--points", "40000"]) == 0
         g = json.loads((run["run"] / "eval.json").read_text())["geometry"]
         # |r1 - r2| = 0.1; sampling adds about (spacing / 2)^2 / 0.2 < 2e-3 at 40000 points
         assert g["accuracy"] == pytest.approx(0.1, abs=2e-3)
@@ -166,8 +166,8 @@ def test_eval_dtu_protocol_through_the_command(run, fake_dtu, tmp_path, ti_arch)
     root, _ = fake_dtu
     v, f = quad(0, 20, 0, 10, 1.0)  # 1 mm above the stand-in STL plane (see test_evaluation)
     write_ply(tmp_path / "plane.ply", v, f)
-    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "4", "--mesh",
-                     str(tmp_path / "plane.ply"), "--dtu-dir", str(root), "--scan", "7"]) == 0
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--overwrite", "--downscale", "4",
+                     "--mesh", str(tmp_path / "plane.ply"), "--dtu-dir", str(root), "--scan", "7"]) == 0
     g = json.loads((run["run"] / "eval.json").read_text())["geometry"]
     assert g["protocol"] == "dtu" and g["units"] == "mm" and g["scan"] == 7
     # 0.2 mm sampling against a 0.1 mm STL grid adds at most sqrt(1 + 2 * 0.1^2) - 1 = 0.01
@@ -177,15 +177,15 @@ def test_eval_dtu_protocol_through_the_command(run, fake_dtu, tmp_path, ti_arch)
 
 
 def test_eval_clean_and_refusals(run, tmp_path, capsys, ti_arch):
-    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--downscale", "4", "--clean",
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--overwrite", "--downscale", "4", "--clean",
                      "--points", "5000"]) == 0
     ev = json.loads((run["run"] / "eval.json").read_text())
     assert ev["clean"] and 0 < ev["mesh_faces"] <= run["metrics"]["mesh_faces"]
     capsys.readouterr()
-    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--gt-points",
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--overwrite", "--gt-points",
                      str(tmp_path / "missing.ply")]) == 2
     _refused(capsys, "missing.ply")
-    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--dtu-dir",
+    assert cli.main(["eval", "--out", str(run["run"]), "--arch", ti_arch, "--overwrite", "--dtu-dir",
                      str(tmp_path / "nodtu")]) == 2
     _refused(capsys, "nodtu")
     assert cli.main(["eval", "--out", str(tmp_path / "norun"), "--arch", ti_arch]) == 2

@@ -207,9 +207,9 @@ def field_comments(cls) -> dict[str, str]:
 
 def options(cfg=None) -> list[Option]:
     """Every leaf field of ``cfg`` (default: ``Config()``), depth first in declaration order, with its
-    current value as ``default``."""
-    cfg = Config() if cfg is None else cfg
+    current value as ``default`` and the type of the field's default value as ``type``."""
     out = []
+    types = _default_types() if cfg is not None else {}
 
     def walk(obj, prefix):
         docs = field_comments(type(obj))
@@ -219,9 +219,14 @@ def options(cfg=None) -> list[Option]:
             if dataclasses.is_dataclass(v):
                 walk(v, key + ".")
             else:
-                out.append(Option(key, v, type(v), docs.get(f.name, ""), LIMITS.get(key)))
-    walk(cfg, "")
+                out.append(Option(key, v, types.get(key, type(v)), docs.get(f.name, ""), LIMITS.get(key)))
+    walk(Config() if cfg is None else cfg, "")
     return out
+
+
+@functools.cache
+def _default_types() -> dict:
+    return {o.key: o.type for o in options()}
 
 
 def get_value(cfg, key: str):

@@ -1,0 +1,296 @@
+"""The `taichi-neus` command line as a user meets it, through the console script in a subprocess:
+options generated from the typed config, --help, --key=value, boolean flags, typo suggestions, range
+checks, --version, --print-config; mesh/render/eval refusing an existing output before any work; the
+default run folder; what a finished run prints and writes."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import taichi_neus
+from taichi_neus.train.config import LIMITS, Config, options
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None, timeout=300):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "taichi_neus.app.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def listing(folder: pathlib.Path) -> dict:
+    """Every file under ``folder`` with its bytes: a refused command must leave it exactly as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(p, *words) -> str:
+    """Exit 2, no traceback, exactly one line on stderr (`taichi-neus: error: ...`) holding ``words``."""
+    assert p.returncode == 2, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taichi-neus: error: "), p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------ the typed config
+def test_every_field_has_help_and_every_number_or_choice_a_range():
+    for opt in options():
+        assert opt.help, f"{opt.key} has no comment in its dataclass (the comment is the option's help)"
+        if opt.type in (int, float) or (opt.type is str and opt.key not in ("data.path",)):
+            assert opt.key in LIMITS, f"{opt.key} has no entry in config.LIMITS"
+    Config().validate()  # the defaults are allowed values
+
+
+def test_validate_is_the_trainers_check_too():
+    from taichi_neus.errors import UserInputError
+    cfg = Config()
+    cfg.train.iters = -5
+    with pytest.raises(UserInputError, match=r"--train\.iters must be ≥ 1, got -5"):
+        cfg.validate()
+    cfg = Config()
+    cfg.render.n_fine = 2.5
+    with pytest.raises(UserInputError, match="--render.n_fine must be an integer"):
+        cfg.validate()
+    with pytest.raises(UserInputError, match="did you mean 'train.iters'"):
+        Config.from_dict({"train": {"iterz": 3}})
+
+
+# --------------------------------------------------------------------------------------- --help
+def test_help_lists_every_field_grouped_with_default_and_help():
+    p = cli("train", "--help")
+    assert p.returncode == 0, p.stderr
+    h = " ".join(p.stdout.split())  # argparse wraps lines
+    for title in ("--data.* options", "--field.* options", "--render.* options", "--train.* options",
+                  "--mesh.* options", "--background.* options"):
+        assert title in h
+    for opt in options():
+        assert f"--{opt.key}" in h, opt.key
+    # section order: a field is listed under its own section
+    assert h.index("--train.* options") < h.index("--train.iters N") < h.index("--mesh.* options")
+    assert "--train.iters N, --iters N training steps [default: 3000; ≥ 1]" in h
+    assert "--data.downscale N, --downscale N" in h and "--data.path DIR, --data DIR" in h
+    assert "--data.use_masks, --no-data.use_masks" in h and "[default: on]" in h
+    assert "--train.lr_final X final learning rate as a fraction (cosine decay) [default: 0.1; in [0, 1]]" in h
+    assert "--arch {auto,cpu,cuda,vulkan,metal}" in h
+    assert "Aliases: --data = --data.path" in h and "--no-mask = --no-data.use_masks" in h
+    for cmd in ("mesh", "render", "eval"):
+        p = cli(cmd, "--help")
+        assert p.returncode == 0 and "RUN" in p.stdout and "--overwrite" in p.stdout and "--name" in p.stdout
+
+
+def test_version():
+    p = cli("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"taichi-neus {taichi_neus.__version__}"
+
+
+# ---------------------------------------------------------------- values, flags, --print-config
+def test_print_config_resolves_key_value_flags_aliases_and_config_file(tmp_path):
+    base = Config()
+    base.train.iters, base.render.n_fine, base.train.seed = 11, 20, 3
+    (tmp_path / "cfg.json").write_text(base.to_json())
+    p = cli("train", "--config", "cfg.json", "--iters=7", "--render.n_fine", "12", "--no-data.use_masks",
+            "--field.normal_mode=central", "--data.roi=0.1,0,0,2", "--print-config", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads(p.stdout)  # stdout is the JSON alone (no Taichi banner): it can be redirected to a file
+    assert cfg["train"]["iters"] == 7 and cfg["render"]["n_fine"] == 12  # options win over the file
+    assert cfg["train"]["seed"] == 3  # the file wins over the defaults
+    assert cfg["data"]["use_masks"] is False and cfg["field"]["normal_mode"] == "central"
+    assert cfg["data"]["roi"] == [0.1, 0.0, 0.0, 2.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json"]  # nothing written
+    p = cli("train", "--no-mask", "--data.use_masks", "--print-config", cwd=tmp_path)  # the last one wins
+    assert json.loads(p.stdout)["data"]["use_masks"] is True
+    p = cli("train", "--no-mask", "--print-config", cwd=tmp_path)
+    assert json.loads(p.stdout)["data"]["use_masks"] is False
+
+
+def test_parser_reports_the_overrides_the_user_gave():
+    from taichi_neus.app.cli import parse_args
+    _, cfg, overrides = parse_args(["train", "--iters", "9", "--data", "x", "--no-mask", "--arch", "cpu",
+                                    "--render.background=1,1,1"])
+    assert overrides == {"train.iters": 9, "data.path": "x", "data.use_masks": False, "arch": "cpu",
+                         "render.background": (1.0, 1.0, 1.0)}
+    assert cfg.train.iters == 9 and cfg.arch == "cpu"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--train.iterz", "5"], ["unknown option --train.iterz", "did you mean --train.iters?", "train --help"]),
+    (["--iterz=5"], ["unknown option --iterz", "did you mean --iters?"]),
+    (["--n_fine", "5"], ["did you mean --render.n_fine?"]),
+    (["--iters", "-5"], ["--train.iters must be ≥ 1, got -5"]),
+    (["--iters", "abc"], ["--train.iters expects an integer, got 'abc'"]),
+    (["--train.lr_final", "1.5"], ["--train.lr_final must be in [0, 1], got 1.5"]),
+    (["--train.lr=0"], ["--train.lr must be > 0, got 0"]),
+    (["--render.n_fine", "0"], ["--render.n_fine must be ≥ 1, got 0"]),
+    (["--data.holdout_every", "-1"], ["--data.holdout_every must be ≥ 0"]),
+    (["--train.pixel_sampler", "quad"], ["--train.pixel_sampler must be one of uniform, quadtree, soft_mining"]),
+    (["--render.background", "1,2"], ["--render.background takes r,g,b in [0, 1]"]),
+    (["--train.min_rays", "512", "--train.max_rays", "256"], ["--train.min_rays (512) must not exceed"]),
+    (["--data.use_masks=yes"], ["--data.use_masks is a flag", "--no-data.use_masks"]),
+    (["--arch", "tpu"], ["--arch must be one of auto, cpu, cuda, vulkan, metal, got 'tpu'"]),
+])
+def test_bad_options_are_refused_in_one_sentence_before_anything_is_written(tmp_path, args, words):
+    p = cli("train", *args, "--out", tmp_path / "run", cwd=tmp_path)
+    line = refused(p, *words)
+    assert "config.py" not in line
+    assert list(tmp_path.iterdir()) == []  # no run folder, no runs/
+
+
+def test_unknown_command_gets_a_suggestion(tmp_path):
+    refused(cli("trian", cwd=tmp_path), "unknown command 'trian'", "did you mean 'train'?")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Metal exists on macOS")
+def test_metal_is_macos_only(tmp_path):
+    refused(cli("train", "--arch", "metal", cwd=tmp_path), "Metal is macOS only")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_probe_prints_no_libcuda_warning():
+    code = "from taichi_neus import runtime; print('cuda', runtime._arch_available('cuda'))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0 and "cuda " in p.stdout, p.stderr
+    assert "libcuda" not in p.stdout + p.stderr
+
+
+# ------------------------------------------------------- mesh / render / eval on a run folder
+@pytest.fixture
+def fake_run(tmp_path):
+    """A run folder whose only checkpoint is garbage: any command that gets as far as loading it fails
+    with 'no readable checkpoint', so a refusal naming the existing output proves the check came first."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(Config().to_json())
+    (run / "checkpoints" / "ckpt_0000060.npz").write_bytes(b"not a checkpoint")
+    (run / "mesh_000060.ply").write_bytes(b"precious mesh")
+    (run / "renders" / "orbit").mkdir(parents=True)
+    (run / "renders" / "orbit" / "rgb_000.png").write_bytes(b"precious frame")
+    (run / "eval.json").write_text('{"precious": true}')
+    return run
+
+
+@pytest.mark.parametrize("cmd, existing", [("mesh", "mesh_000060.ply"), ("render", "renders/orbit"),
+                                           ("eval", "eval.json")])
+def test_existing_output_is_refused_before_any_work(fake_run, cmd, existing):
+    before = listing(fake_run)
+    for form in ([fake_run], ["--out", fake_run]):  # RUN, or --out RUN as train names it
+        p = cli(cmd, *form, "--arch", "cpu")
+        refused(p, str(fake_run / existing), "already exists", "--overwrite", "--name")
+        assert listing(fake_run) == before
+    # past the check (--overwrite, or another --name), the garbage checkpoint is what stops it
+    for extra in (["--overwrite"], ["--name", "other.ply" if cmd == "mesh" else "other"]):
+        p = cli(cmd, fake_run, "--arch", "cpu", *extra)
+        refused(p, "no readable checkpoint")
+        assert listing(fake_run) == before
+
+
+def test_run_folder_given_twice_or_not_at_all(fake_run, tmp_path):
+    refused(cli("mesh", fake_run, "--out", tmp_path / "elsewhere"), "not both")
+    refused(cli("render"), "name the run folder", "taichi-neus render RUN")
+    refused(cli("eval", tmp_path / "nothing"), "does not exist")
+
+
+# ------------------------------------------------------------------- a whole (short) training run
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """`taichi-neus train` with the default --out, from a folder where the names it would choose for
+    the next two minutes are already taken by other runs."""
+    from training_helpers import small_config
+    cwd = tmp_path_factory.mktemp("cwd")
+    cfg = small_config(iters=4)
+    cfg.train.ckpt_every = 4
+    cfg.mesh.resolution = 24
+    (cwd / "cfg.json").write_text(cfg.to_json())
+    now = time.time()
+    taken = []
+    for dt in range(-2, 120):
+        d = cwd / "runs" / f"synthetic-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + dt))}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.json").write_text("another run")
+        taken.append(d)
+    p = cli("train", "--config", "cfg.json", "--arch", "cpu", cwd=cwd)
+    return {"p": p, "cwd": cwd, "taken": taken}
+
+
+@pytest.mark.slow
+def test_default_out_never_lands_in_an_existing_run(finished):
+    p, cwd = finished["p"], finished["cwd"]
+    assert p.returncode == 0, p.stderr[-3000:]
+    for d in finished["taken"]:
+        assert [f.name for f in d.iterdir()] == ["metrics.json"] and (d / "metrics.json").read_text() == "another run"
+    new = [d for d in (cwd / "runs").iterdir() if d not in finished["taken"]]
+    assert len(new) == 1 and new[0].name.rsplit("-", 1)[-1] == "2", new
+    assert (new[0] / "metrics.json").is_file() and (new[0] / "checkpoints").is_dir()
+    from taichi_neus.app.cli import default_out
+    cfg = Config()
+    cfg.data.path = "/data/dtu_scan24"
+    assert default_out(cfg, cwd / "runs", now=0).name.startswith("dtu_scan24-")
+
+
+@pytest.mark.slow
+def test_a_finished_run_says_what_it_did_and_where(finished):
+    p, cwd = finished["p"], finished["cwd"]
+    run = next(d for d in (cwd / "runs").iterdir() if d.name.endswith("-2"))
+    rel = pathlib.Path("runs") / run.name
+    out = p.stdout
+    for line in (f"run folder: {rel}", "mesh: marching cubes on 24³ cells", f"mesh: wrote {rel / 'mesh_000004.ply'}",
+                 "evaluation: rendering 4 held-out views at 48x48", f"picture: wrote {rel / 'result.png'}",
+                 f"metrics: wrote {rel / 'metrics.json'}"):
+        assert line in out, out
+    # a summary table at the end, not the JSON (that is in metrics.json)
+    assert "{" not in out and '"heldout_psnr"' not in out
+    tail = out[out.index("metrics: wrote"):]
+    for label in ("held-out PSNR", "Chamfer to the true surface", "mesh", "picture", "next"):
+        assert f"\n{label}" in tail, tail
+    m = json.loads((run / "metrics.json").read_text())
+    assert f"{m['heldout_psnr']:.2f} dB over 4 views" in tail
+    # progress fields are named; no bare s= / spr=; no libcuda warning on a CPU run
+    assert "sharpness s=" in p.stderr and "samples/ray" in p.stderr and "PSNR" in p.stderr
+    assert " spr=" not in p.stderr and " s=" not in p.stderr.replace("sharpness s=", "")
+    assert "libcuda" not in out + p.stderr
+    assert "sharpness s = NeuS's 1/σ" in out  # the legend, printed once
+    assert out.count("sharpness s = ") == 1
+
+
+@pytest.mark.slow
+def test_result_picture_is_labelled_and_big_enough(finished):
+    import imageio.v2 as imageio
+
+    from taichi_neus.app.preview import RESULT_BAND, RESULT_GAP, RESULT_MIN_HEIGHT
+    run = next(d for d in (finished["cwd"] / "runs").iterdir() if d.name.endswith("-2"))
+    a = imageio.imread(run / "result.png").astype(float) / 255
+    H, W = a.shape[:2]
+    h = H - RESULT_BAND
+    assert h >= RESULT_MIN_HEIGHT and h % 48 == 0  # 48x48 views enlarged by a whole factor (7)
+    pw = (W + RESULT_GAP) // 4
+    assert pw - RESULT_GAP == h  # four square panels side by side
+    band = a[h:].mean(axis=2)
+    for i in range(4):  # every panel has its label written under it
+        assert (band[:22, i * pw: i * pw + pw // 2] > 0.5).sum() > 30, i
+    assert (band[22:, : W // 3] > 0.3).sum() > 30  # the line naming scene, view and step
+    photo, render = a[:h, :h], a[:h, pw: pw + h]
+    assert photo.std() > 0.05 and render.std() > 0.02
+
+
+@pytest.mark.slow
+def test_mesh_refuses_then_writes_another_name(finished):
+    run = next(d for d in (finished["cwd"] / "runs").iterdir() if d.name.endswith("-2"))
+    first = (run / "mesh_000004.ply").read_bytes()
+    refused(cli("mesh", run, "--arch", "cpu"), "mesh_000004.ply already exists")
+    assert (run / "mesh_000004.ply").read_bytes() == first
+    p = cli("mesh", run, "--arch", "cpu", "--name", "again.ply")
+    assert p.returncode == 0, p.stderr
+    assert f"mesh: wrote {run / 'again.ply'}" in p.stdout
+    from taichi_neus.export.mesh import Mesh
+    a, b = Mesh.load(run / "mesh_000004.ply"), Mesh.load(run / "again.ply")
+    np.testing.assert_allclose(a.vertices, b.vertices, atol=1e-5)  # the same checkpoint, the same mesh
