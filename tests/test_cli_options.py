@@ -294,3 +294,23 @@ def test_mesh_refuses_then_writes_another_name(finished):
     from taichi_neus.export.mesh import Mesh
     a, b = Mesh.load(run / "mesh_000004.ply"), Mesh.load(run / "again.ply")
     np.testing.assert_allclose(a.vertices, b.vertices, atol=1e-5)  # the same checkpoint, the same mesh
+
+
+# ------------------------------------------------------------------------------- torch is optional
+def test_the_package_works_without_torch_except_s3im():
+    """torch is an extra: every module but the S3IM loss and the tests' torch reference imports without it,
+    and asking for S3IM without torch is refused in one sentence."""
+    code = """
+import importlib, pkgutil, sys
+sys.modules["torch"] = None  # as if torch were not installed: import torch raises ImportError
+import taichi_neus
+skip = {"taichi_neus.train.s3im", "taichi_neus.field.torch_reference"}
+for m in pkgutil.walk_packages(taichi_neus.__path__, "taichi_neus."):
+    if m.name not in skip:
+        importlib.import_module(m.name)
+from taichi_neus.app.cli import main
+sys.exit(main(["train", "--train.s3im_weight", "1", "--print-config"]))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    refused(p, "S3IM", "needs torch", "pip install torch")
