@@ -2,8 +2,8 @@
 
     python examples/train_dtu.py --data ../shared/data/dtu_scan24 --out runs/scan24 --downscale 4
 
-Without --data it trains on the built-in synthetic scene. Any config option is accepted
-(see taichi_neus/train/config.py), e.g. --iters 3000 --render.n_fine 48 --arch vulkan.
+Without --data it trains on the built-in synthetic scene. Every option of `taichi-neus train` is
+accepted (`taichi-neus train --help` lists them), e.g. --iters 3000 --render.n_fine 48 --arch vulkan.
 """
 
 import sys
