@@ -98,6 +98,20 @@ def test_render_orbit_writes_pngs_and_gif(run, capsys, ti_arch):
     assert cams["step"] == 60 and [f["view"] for f in cams["frames"]] == [-1] * 4
 
 
+def test_render_refuses_an_existing_folder_and_overwrites_it_whole(run, capsys, ti_arch):
+    args = ["render", str(run["run"]), "--arch", ti_arch, "--name", "again", "--downscale", "4", "--modes", "rgb"]
+    assert cli.main([*args, "--frames", "3"]) == 0
+    d = run["run"] / "renders" / "again"
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert cli.main([*args, "--frames", "2"]) == 2
+    _refused(capsys, str(d), "already exists", "--overwrite")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert cli.main([*args, "--frames", "2", "--overwrite"]) == 0
+    # the old third frame is gone: the folder holds one consistent set
+    assert sorted(p.name for p in d.iterdir()) == ["cameras.json", "rgb_000.png", "rgb_001.png"]
+    assert len(json.loads((d / "cameras.json").read_text())["frames"]) == 2
+
+
 def test_render_test_views_match_the_photographs(run, scene, ti_arch):
     assert cli.main(["render", "--out", str(run["run"]), "--arch", ti_arch, "--path", "test", "--modes", "rgb"]) == 0
     d = run["run"] / "renders" / "test"

@@ -560,7 +560,7 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; resume with --resume.", file=sys.stderr)
+        print(f"{PROG}: interrupted; continue with '{PROG} train --out RUN --resume'.", file=sys.stderr)
         return 130
 
 

@@ -377,6 +377,7 @@ def format_train_summary(metrics: dict, out) -> str:
     if metrics.get("result_image"):
         rows.append(("picture", f"{metrics['result_image']} (photo | render | normals | depth)"))
     rows.append(("all numbers", str(out / "metrics.json")))
-    rows.append(("next", f"taichi-neus render {out} --gif   |   taichi-neus eval {out}"))
+    if sorted((out / "checkpoints").glob("ckpt_*.npz")):  # render and eval load the latest checkpoint
+        rows.append(("next", f"taichi-neus render {out} --gif   |   taichi-neus eval {out}"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

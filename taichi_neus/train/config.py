@@ -16,6 +16,7 @@ import inspect
 import io
 import json
 import math
+import numbers
 import tokenize
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -255,8 +256,8 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 def _check(opt: Option, v) -> None:
     key, tp = opt.key, opt.type
     ok_type = (isinstance(v, bool) if tp is bool else
-               isinstance(v, int) and not isinstance(v, bool) if tp is int else
-               isinstance(v, (int, float)) and not isinstance(v, bool) if tp is float else
+               isinstance(v, numbers.Integral) and not isinstance(v, bool) if tp is int else
+               isinstance(v, numbers.Real) and not isinstance(v, bool) if tp is float else
                isinstance(v, tp))
     if not ok_type:
         raise UserInputError(f"--{key} must be {_TYPE_WORDS.get(tp, tp.__name__)}, got {v!r}.")
