@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default="",
                     help="scene folder: NeuS/DTU, NeRF-synthetic or COLMAP (default: built-in synthetic)")
     tr.add_argument("--out", default="runs/latest", help="output folder (refused if it holds another run)")
-    tr.add_argument("--arch", default="auto", help="auto|cpu|cuda|vulkan|metal")
+    tr.add_argument("--arch", default=None, help="auto|cpu|cuda|vulkan|metal (default auto)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     tr.add_argument("--no-mask", action="store_true", help="ignore the masks")
     tr.add_argument("--config", default="", help="JSON file with a config (e.g. a run's config.json)")
@@ -135,6 +135,20 @@ def _make_config(args, overrides) -> Config:
     return cfg
 
 
+def _given_options(cfg: Config, args, overrides) -> dict:
+    """{dotted key: typed value} of the options given explicitly (a --config file gives all of its own)."""
+    flat = dict(_flatten(cfg))
+    given = dict(flat) if getattr(args, "config", "") else {}
+    given.update({key: flat[key] for key, _ in overrides})
+    if args.arch is not None:
+        given["arch"] = args.arch
+    if args.data:
+        given["data.path"] = args.data
+    if args.no_mask:
+        given["data.use_masks"] = False
+    return given
+
+
 def _load_scene(cfg: Config):
     from taichi_neus.data import default_scene_path
     from taichi_neus.data.loader import load_scene
@@ -146,7 +160,8 @@ def _load_scene(cfg: Config):
 def cmd_train(args, overrides) -> int:
     from taichi_neus import runtime
     cfg = _make_config(args, overrides)
-    cfg.arch = args.arch
+    given = _given_options(cfg, args, overrides)
+    cfg.arch = args.arch or "auto"
     if args.data:
         cfg.data.path = args.data
     if args.no_mask:
@@ -159,10 +174,11 @@ def cmd_train(args, overrides) -> int:
                              "to continue the run in it.")
     if args.resume and not (out / "config.json").is_file():
         raise UserInputError(f"--resume: {out} holds no run (no config.json); start it without --resume.")
-    if args.resume:
+    resume_changes = []
+    if args.resume:  # the saved configuration, with the options given again applied or refused
+        from taichi_neus.app.resume import merge_resume_config
         saved = Config.from_dict(json.loads((out / "config.json").read_text()))
-        saved.train.iters = cfg.train.iters if any(k == "train.iters" for k, _ in overrides) else saved.train.iters
-        cfg = saved
+        cfg, resume_changes = merge_resume_config(saved, given)
     preview_settings = _preview_settings(args)
     from taichi_neus.memory import check_step
     check_step(cfg)  # an impossible batch is refused before anything is allocated or written
@@ -179,6 +195,8 @@ def cmd_train(args, overrides) -> int:
     from taichi_neus.train.trainer import Trainer
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
+    for change in resume_changes:
+        print(f"[taichi_neus] resume with {change} (recorded in {out / 'config.json'})")
     tr = Trainer(scene, cfg, out)
     if args.resume:
         step = tr.resume_latest()
