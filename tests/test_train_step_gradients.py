@@ -129,7 +129,7 @@ def test_one_training_step_matches_float64_autograd_of_the_total_loss(scene, tmp
     loss = _reference_loss(tr, c, theta)
     loss.backward()
     ref = theta.grad.numpy()
-    assert c["loss"] == pytest.approx(float(loss), rel=1e-4)
+    assert c["loss"] == pytest.approx(float(loss.detach()), rel=1e-4)
     groups = tr.layout.groups()
     assert set(groups) == {"encoding", "sdf_mlp", "color_mlp", "variance"}
     for group, runs in groups.items():
