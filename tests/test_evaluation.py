@@ -48,6 +48,84 @@ def test_ssim_identical_and_against_skimage():
     assert ssim(a, b) == pytest.approx(ref) and ssim(a, b) < 0.95
 
 
+def _known_run(H=24, W=32, box=(6, 18, 8, 24)):
+    """A stand-in for a trained run with two held-out views whose photos are a random texture inside a
+    rectangular mask (rows y0:y1, columns x0:x1) and black outside, trained with masks on a black background."""
+    import types
+
+    rng = np.random.default_rng(3)
+    images = np.zeros((2, H, W, 3), np.uint8)
+    masks = np.zeros((2, H, W), np.uint8)
+    y0, y1, x0, x1 = box
+    images[:, y0:y1, x0:x1] = rng.integers(20, 200, (2, y1 - y0, x1 - x0, 3))  # +0.1 stays in [0, 1]
+    masks[:, y0:y1, x0:x1] = 255
+    c2w = np.repeat(np.eye(4)[None], 2, axis=0)
+    c2w[:, 0, 3] = [0, 1]  # the view index, for the fake renderer
+    scene = types.SimpleNamespace(test_ids=np.array([0, 1]), K=np.repeat(np.eye(3)[None], 2, axis=0), c2w=c2w,
+                                  images=images, masks=masks, H=H, W=W)
+    cfg = types.SimpleNamespace(render=types.SimpleNamespace(background=(0.0, 0.0, 0.0)))
+    return types.SimpleNamespace(scene=scene, cfg=cfg, use_masks=True)
+
+
+def _fake_renderer(monkeypatch, shift=0):
+    """``render_image`` returns the photo itself (at the requested size) and the mask, moved right by
+    ``shift`` pixels, as opacity."""
+    from taichi_neus.app import results
+
+    def render_image(tr, K, c2w, H, W):
+        v = int(c2w[0, 3])
+        k = tr.scene.H // H
+        photo = results._block_mean(tr.scene.images[v] / 255.0, k)
+        opacity = np.roll(results._block_mean(tr.scene.masks[v] / 255.0, k), shift, axis=1)
+        return {"rgb": photo, "opacity": opacity}  # float64: photo / 255 is not exact in float32
+
+    monkeypatch.setattr(results, "render_image", render_image)
+
+
+@pytest.mark.parametrize("downscale", [1, 2])
+def test_evaluate_images_render_equal_to_photo_is_perfect(monkeypatch, downscale):
+    from taichi_neus.app.results import evaluate_images
+
+    _fake_renderer(monkeypatch)
+    ev = evaluate_images(_known_run(), downscale, log=lambda *a: None)
+    assert len(ev["views"]) == 2 and ev["size"] == [32 // downscale, 24 // downscale]
+    m = ev["mean"]
+    assert m["psnr"] == np.inf and m["psnr_masked"] == np.inf
+    assert m["ssim"] == pytest.approx(1.0, abs=1e-12) and m["ssim_masked"] == pytest.approx(1.0, abs=1e-12)
+    assert m["mask_iou"] == 1.0
+
+
+def test_evaluate_images_shifted_opacity_gives_the_known_iou(monkeypatch):
+    """A 16-pixel-wide mask and the same mask 4 pixels to the right: IoU = (16 − 4) / (16 + 4) = 0.6; the
+    colours are still the photo's, so PSNR and SSIM stay perfect."""
+    from taichi_neus.app.results import evaluate_images
+
+    _fake_renderer(monkeypatch, shift=4)
+    m = evaluate_images(_known_run(), 1, log=lambda *a: None)["mean"]
+    assert m["mask_iou"] == pytest.approx(12 / 20)
+    assert m["psnr"] == np.inf and m["ssim"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_evaluate_images_scores_a_wrong_colour_exactly(monkeypatch):
+    """Every rendered colour 0.1 too bright inside the mask: PSNR inside the mask is 20 dB; over the whole image
+    the error covers 12·16 of 24·32 pixels, so MSE = 0.01 · 192 / 768 and PSNR = 20 + 10·log10(4) dB."""
+    from taichi_neus.app import results
+
+    _fake_renderer(monkeypatch)
+    exact = results.render_image
+
+    def brighter(tr, K, c2w, H, W):
+        r = exact(tr, K, c2w, H, W)
+        r["rgb"] = r["rgb"].astype(np.float64) + 0.1 * (r["opacity"][..., None] > 0.5)
+        return r
+
+    monkeypatch.setattr(results, "render_image", brighter)
+    m = results.evaluate_images(_known_run(), 1, log=lambda *a: None)["mean"]
+    assert m["psnr_masked"] == pytest.approx(20.0, abs=1e-9)
+    assert m["psnr"] == pytest.approx(20.0 + 10 * np.log10(4), abs=1e-9)
+    assert m["ssim"] < 0.999 and m["mask_iou"] == 1.0
+
+
 def test_mask_iou_hand_computed():
     op = np.zeros((4, 4))
     op[:2, :2] = 0.9  # 4 pixels

@@ -172,7 +172,34 @@ def test_cli_stops_a_diverging_run_with_exit_2(tmp_path, capsys):
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("taichi-neus: error:")]
     assert len(lines) == 1 and "diverged" in lines[0], err
-    _readable_checkpoints(out)  # none poisoned
+    assert not list(out.glob("checkpoints/*.npz"))  # NaN from the first step: no good state to write
+
+
+def test_cli_run_poisoned_mid_run_keeps_only_finite_checkpoints(tmp_path, capsys, monkeypatch):
+    """Checkpoints every 2 steps; a parameter goes NaN before step 7. The checkpoints of steps 4 and 6 stay (the
+    newest two), every one on disk is finite, and none from step 8 on (the poisoned state) was written."""
+    cfg = small_config(iters=50)
+    cfg.train.ckpt_every = 2
+    f = tmp_path / "cfg.json"
+    f.write_text(cfg.to_json())
+    out = tmp_path / "run"
+    real_step = Trainer.train_step
+
+    def step(self):
+        if self.step == 7:
+            host = buffers.to_numpy(self.params).copy()
+            host[self.var_slice.offset] = np.nan
+            buffers.from_numpy(self.params, host)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    code = main(["train", "--config", str(f), "--arch", "cpu", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("taichi-neus: error:")]
+    assert len(lines) == 1 and "NaN" in lines[0], err
+    assert sorted(_readable_checkpoints(out)) == [4, 6]  # asserts every checkpoint on disk is finite
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt_0000004.npz", "ckpt_0000006.npz"]
 
 
 # ---------------------------------------------------------------- never overwrite a run's files

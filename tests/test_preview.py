@@ -2,7 +2,6 @@
 events, the progressive image, and the time budget."""
 
 import math
-import time
 import types
 
 import numpy as np
@@ -56,7 +55,7 @@ def test_headless_preview_saves_frames_that_show_the_object(run):
     # training changes what the preview shows (the first pass still shows the initial sphere)
     first = frame_image(frames[0])
     assert np.abs(first - last).mean() > 0.03  # measured 0.12
-    assert 0 < run["metrics"]["preview_share"] <= 0.45  # --gui-share 0.3; timing: only a loose sanity bound
+    assert 0 < run["metrics"]["preview_share"] < 1  # reported (its budget is tested with a fake clock below)
 
 
 def test_gui_without_display_is_refused(tmp_path, monkeypatch, capsys, ti_arch):
@@ -211,15 +210,32 @@ def test_image_responds_to_mode_zoom_orbit_and_snap(preview, scene):
     assert inter / union > 0.7, inter / union  # measured 0.80-0.90 after 60 steps
 
 
+class _FakeClock:
+    """The preview's clock: time moves only when a fake step or render says so."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 class _FakeTrainer:
-    """Training and rendering replaced by sleeps: 20 ms per step, 3 ms per render call."""
+    """Training and rendering cost fake time: 20 ms per step (:meth:`train`), 3 ms per render call."""
 
     def __init__(self, scene, out):
         self.scene, self.out, self.step = scene, out, 0
         self.cfg = types.SimpleNamespace(train=types.SimpleNamespace(iters=80))
+        self.clock = _FakeClock()
+        self.render_calls = 0
+
+    def train(self):
+        self.clock.t += 0.020
+        self.step += 1
 
     def render_rays(self, o, d, chunk):
-        time.sleep(0.003)
+        self.clock.t += 0.003
+        self.render_calls += 1
         n = o.shape[0]
         return {"rgb": np.full((n, 3), 0.5, np.float32), "opacity": np.ones(n, np.float32),
                 "depth": np.full(n, 2.0, np.float32), "normal": np.zeros((n, 3), np.float32)}
@@ -228,14 +244,18 @@ class _FakeTrainer:
 def test_preview_time_stays_within_its_share(scene, tmp_path):
     tr = _FakeTrainer(scene, tmp_path)
     pv = LivePreview(tr, PreviewSettings(width=64, share=0.2, chunk=256, show=False,
-                                         frames_dir=str(tmp_path / "f")), log=lambda *a: None)
+                                         frames_dir=str(tmp_path / "f")), log=lambda *a: None, clock=tr.clock)
     for _ in range(tr.cfg.train.iters):
-        time.sleep(0.02)
-        tr.step += 1
+        tr.train()
         pv(tr, {"loss": 0.1, "psnr": 20.0, "s": 50.0})
-    # the budget is cumulative and each render call is predicted from the last ones; slack for
-    # scheduler noise on a busy machine
-    assert 0.1 < pv.share <= 0.25, pv.share
+        # cumulative budget: preview ≤ share/(1 − share) · training, give or take the one render call made
+        # before its cost was known (the first); never more
+        assert pv.preview_time <= 0.25 * pv.train_time + 0.003 + 1e-9, (pv.preview_time, pv.train_time)
+    assert pv.train_time == pytest.approx(0.020 * (tr.cfg.train.iters - 1))  # from the first call to the last
+    assert pv.preview_time == pytest.approx(0.003 * tr.render_calls)
+    # and it uses its budget: less than one render call short of it
+    assert pv.preview_time > 0.25 * pv.train_time - 0.003 - 1e-9
+    assert 0.19 < pv.share <= 0.2 + 1e-9, pv.share
     assert pv.passes >= 1 and pv.rays >= 4096  # at least one whole 64 x 64 view
     pv.close()
     assert len(pv.frames) == pv.passes and all(f.is_file() for f in pv.frames)
@@ -275,9 +295,13 @@ def test_window_events_reach_the_controller_pause_and_export(scene, tmp_path, mo
     from taichi_neus.export.mesh import Mesh
 
     tr = _FakeTrainer(scene, tmp_path)
-    monkeypatch.setattr(preview_mod, "mesh_from_run",
-                        lambda _tr: Mesh(np.eye(3, dtype=np.float32), np.array([[0, 1, 2]], np.int32)))
-    pv = LivePreview(tr, PreviewSettings(width=32, show=False), log=lambda *a: None)
+
+    def slow_mesh(_tr):  # an export takes 10 s of the fake clock
+        tr.clock.t += 10.0
+        return Mesh(np.eye(3, dtype=np.float32), np.array([[0, 1, 2]], np.int32))
+
+    monkeypatch.setattr(preview_mod, "mesh_from_run", slow_mesh)
+    pv = LivePreview(tr, PreviewSettings(width=32, show=False), log=lambda *a: None, clock=tr.clock)
     pv.settings.show = True
     pv.gui = _FakeGUI([
         [_ev("press", "2"), _ev("press", "LMB", (0.5, 0.5)), _ev("motion", "Motion", (0.6, 0.5)),
@@ -288,16 +312,19 @@ def test_window_events_reach_the_controller_pause_and_export(scene, tmp_path, mo
     ])
     stats = {"loss": 0.1, "psnr": 20.0, "s": 50.0}
     tr.step = 1
-    pv(tr, stats)  # no training time measured yet: events handled, nothing rendered
+    pv(tr, stats)  # events handled
     assert pv.ctrl.mode == "normal" and pv.ctrl.azimuth == pytest.approx(-0.1 * math.pi)
     assert pv.ctrl.radius == pytest.approx(0.9 * pv.ctrl.rig.radius)
-    time.sleep(0.05)
-    tr.step = 2
-    t0 = time.perf_counter()
+    # no training time measured yet: at most the one render call whose cost is not yet known
+    assert tr.render_calls <= 1 and pv.preview_time == pytest.approx(0.003 * tr.render_calls)
+    tr.train()  # step 2
     pv(tr, stats)  # pauses, renders the whole view unbudgeted, exports, resumes
     assert not pv.ctrl.paused and not pv.ctrl.want_mesh
     assert (tmp_path / "mesh_000002.ply").is_file() and pv.message == "wrote mesh_000002.ply"
     assert pv.prog.done and pv.gui.shown >= 2
     assert pv.gui.images[-1].shape == (pv.res[0], pv.res[1], 3)  # ti.GUI's (x, y) layout
-    # time spent paused or exporting is not charged to the preview's share
-    assert pv.preview_time < 0.5 * (time.perf_counter() - t0)
+    # time spent paused (the whole view rendered meanwhile) or exporting is not charged to the preview's share:
+    # only its budgeted work, 25% of the one 20 ms training step plus at most one render call
+    assert tr.clock.t > 10.0 and tr.render_calls >= 1
+    assert pv.train_time == pytest.approx(0.020)
+    assert pv.preview_time <= 0.25 * 0.020 + 0.003 + 1e-9

@@ -152,7 +152,9 @@ def test_eval_synthetic_run_uses_the_exact_surface(run, capsys, ti_arch):
     # the same renders and photos as the training command's own held-out evaluation (downscale 2) ...
     assert m["psnr"] == pytest.approx(train_metrics["heldout_psnr"], abs=1e-3)
     assert m["psnr_masked"] == pytest.approx(train_metrics["heldout_psnr_masked"], abs=1e-3)
-    assert 0.1 < m["ssim"] <= 1 and 0.5 < m["mask_iou"] <= 1  # measured after 60 steps: 0.33, 0.83
+    # measured after 60 steps: SSIM 0.34, IoU 0.84 (2 threads; the metrics themselves are checked on known
+    # answers in test_evaluation.py)
+    assert 0.25 < m["ssim"] < 1 and 0.75 < m["mask_iou"] < 1
     # ... and the same Chamfer distance to the exact surface (same mesh file, point counts and seeds)
     g = ev["geometry"]
     assert "synthetic" in g["ground_truth"] and g["units"] == "world"

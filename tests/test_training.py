@@ -35,6 +35,30 @@ def test_synthetic_training_reaches_true_surface(tmp_path):
     assert ev["psnr"] > 21.0, ev["psnr"]
 
 
+def test_training_without_masks_learns_the_environment_as_background(tmp_path):
+    """No masks: the background model (render/background.py) must take what lies beyond the unit sphere. The
+    built-in scene rendered in front of the environment backdrop (synthetic.py), trained without its masks.
+    Measured after 250 steps (2 threads): held-out PSNR 21.7 dB, Chamfer 0.047 (accuracy 0.041, completeness
+    0.054). With the background model switched off (--background.mode off) the foreground must paint the
+    environment: PSNR 7.0 dB, Chamfer 0.82 — the bounds sit far from both."""
+    from taichi_neus.data import synthetic as syn
+
+    root = syn.make_synthetic_scene(tmp_path / "scene", backdrop="environment")
+    scene = load_dtu(root, use_masks=False)
+    cfg = small_config(iters=250)
+    cfg.data.use_masks = False
+    cfg.background.n_samples = 16  # half the default: the background NeRF is most of this run's cost
+    tr = Trainer(scene, cfg, tmp_path / "run", log=lambda *a: None)
+    assert tr.bg is not None and not tr.use_masks
+    tr.fit()
+    mesh = mesh_from_run(tr, resolution=96)
+    assert not mesh.is_empty
+    c = chamfer(sample_mesh_points(mesh.vertices, mesh.faces, n=20000, seed=0), sample_surface(20000, seed=1))
+    psnr = np.mean([tr.evaluate_view(int(v), 2)["psnr"] for v in scene.test_ids])
+    assert c["accuracy"] < 0.08 and c["completeness"] < 0.08, c  # no walls painted with the environment
+    assert psnr > 19.0, psnr
+
+
 def test_resume_continues_from_checkpoint(tmp_path):
     scene = load_dtu(default_scene_path())
     cfg = small_config(iters=20)

@@ -282,6 +282,20 @@ def default_out(cfg: Config, root: str | pathlib.Path = "runs", now: float | Non
     return out
 
 
+def _given_options(cfg: Config, args, overrides: dict) -> dict:
+    """{dotted key: typed value} of the options given explicitly, for ``--resume`` to apply or refuse:
+    the command line's, and with ``--config FILE`` every field of the file."""
+    given = {}
+    if args.config:
+        for key in (o.key for o in options()):
+            obj = cfg
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            given[key] = obj
+    given.update(overrides)
+    return given
+
+
 def _load_scene(cfg: Config):
     from taichi_neus.data import default_scene_path
     from taichi_neus.data.loader import load_scene
@@ -313,10 +327,11 @@ def cmd_train(args, cfg: Config, overrides: dict) -> int:
                              "to continue the run in it.")
     if args.resume and not (out / "config.json").is_file():
         raise UserInputError(f"--resume: {out} holds no run (no config.json); start it without --resume.")
-    if args.resume:
+    resume_changes = []
+    if args.resume:  # the saved configuration, with the options given again applied or refused
+        from taichi_neus.app.resume import merge_resume_config
         saved = Config.from_dict(json.loads((out / "config.json").read_text()))
-        saved.train.iters = cfg.train.iters if "train.iters" in overrides else saved.train.iters
-        cfg = saved
+        cfg, resume_changes = merge_resume_config(saved, _given_options(cfg, args, overrides))
     preview_settings = _preview_settings(args)
     from taichi_neus.memory import check_step
     check_step(cfg)  # an impossible batch is refused before anything is allocated or written
@@ -334,6 +349,8 @@ def cmd_train(args, cfg: Config, overrides: dict) -> int:
     out.mkdir(parents=True, exist_ok=True)
     say(f"run folder: {out}")
     (out / "config.json").write_text(cfg.to_json())
+    for change in resume_changes:
+        print(f"[taichi_neus] resume with {change} (recorded in {out / 'config.json'})")
     tr = Trainer(scene, cfg, out)
     if args.resume:
         step = tr.resume_latest()

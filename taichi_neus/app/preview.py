@@ -295,15 +295,17 @@ class LivePreview:
         trainer: the :class:`~taichi_neus.train.trainer.Trainer` being trained.
         settings: :class:`PreviewSettings`.
         log: print-like function for messages.
+        clock: ``() -> float`` seconds (default ``time.perf_counter``).
 
     Attributes after use: ``train_time`` and ``preview_time`` (seconds; the measured share is
     ``preview_time / (train_time + preview_time)``, time spent paused or exporting meshes excluded),
     ``frames`` (paths of saved PNGs), ``passes`` (finished passes), ``rays`` (rays rendered).
     """
 
-    def __init__(self, trainer, settings: PreviewSettings | None = None, log=print):
+    def __init__(self, trainer, settings: PreviewSettings | None = None, log=print, clock=time.perf_counter):
         import taichi as ti
 
+        self.clock = clock  # seconds, monotonic; every time the share is measured with (tests pass a fake one)
         self.trainer = trainer
         self.settings = settings or PreviewSettings()
         self.settings.check()
@@ -351,21 +353,21 @@ class LivePreview:
 
     # ------------------------------------------------------------ callback
     def __call__(self, trainer, stats: dict):
-        t0 = time.perf_counter()
+        t0 = self.clock()
         if self._t_last is not None:
             self.train_time += t0 - self._t_last
         self.stats = stats
         if self._active:
             self._step(t0, budgeted=True)
-            self.preview_time += time.perf_counter() - t0
+            self.preview_time += self.clock() - t0
             while self._active and (self.ctrl.paused or self.ctrl.want_mesh):  # user time: not counted
                 if self.ctrl.want_mesh:
                     self._export_mesh()
                     continue
-                worked = self._step(time.perf_counter(), budgeted=False)
+                worked = self._step(self.clock(), budgeted=False)
                 if not worked:
                     time.sleep(0.02)
-        self._t_last = time.perf_counter()
+        self._t_last = self.clock()
         return None
 
     def _step(self, t0: float, budgeted: bool) -> bool:
@@ -398,15 +400,15 @@ class LivePreview:
                     break  # save the finished pass first / nothing new to show
                 prog.restart(keep=True)
                 self._pass_step, self._pass_saved = tr.step, False
-            if budgeted and time.perf_counter() - t0 + self._chunk_s + self._draw_s > budget:
+            if budgeted and self.clock() - t0 + self._chunk_s + self._draw_s > budget:
                 break  # the next call would not fit in the budget
-            t1 = time.perf_counter()
+            t1 = self.clock()
             idx = prog.next_pixels(self.settings.chunk)
             K, c2w = ctrl.camera()
             pix = np.stack([idx % prog.W + 0.5, idx // prog.W + 0.5], axis=1)
             o, d = pixel_rays(K, c2w, pix)
             prog.put(idx, tr.render_rays(o, d, chunk=self.settings.chunk))
-            self._chunk_s = _ema(self._chunk_s, time.perf_counter() - t1)
+            self._chunk_s = _ema(self._chunk_s, self.clock() - t1)
             self.rays += len(idx)
             rendered = True
         return rendered
@@ -427,7 +429,7 @@ class LivePreview:
         return colorize(img, self.ctrl.mode)  # depth: this frame's own range
 
     def _draw(self, save: bool) -> None:
-        t0 = time.perf_counter()
+        t0 = self.clock()
         gui = self.gui
         rgb = np.repeat(np.repeat(self.frame(), self.scale, axis=0), self.scale, axis=1)
         canvas = np.zeros((self.res[1], self.res[0], 3), np.float32)  # rows from the top
@@ -447,11 +449,11 @@ class LivePreview:
             path = self.frames_dir / f"frame_{self._frame0 + len(self.frames):04d}_step{self.trainer.step:06d}.png"
             self.frames.append(path)
         _present(gui, canvas, texts, path)
-        self._draw_s = _ema(self._draw_s, time.perf_counter() - t0)
+        self._draw_s = _ema(self._draw_s, self.clock() - t0)
 
     def render_full(self) -> np.ndarray:
         """Finish the current view now, without a budget, and return :meth:`frame` (for tests and scripts)."""
-        self._render(time.perf_counter(), budgeted=False)
+        self._render(self.clock(), budgeted=False)
         return self.frame()
 
     # --------------------------------------------------------------- actions
@@ -476,7 +478,7 @@ class LivePreview:
             return
         if finish and self.frames_dir is not None and not self.ctrl.closed and (
                 not self._pass_saved or self.trainer.step != self._pass_step):
-            self._render(time.perf_counter(), budgeted=False)  # finish the pass, or one of the final model
+            self._render(self.clock(), budgeted=False)  # finish the pass, or one of the final model
             self._pass_saved = True
             self.passes += 1
             self._draw(save=True)

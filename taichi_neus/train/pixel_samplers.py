@@ -17,6 +17,10 @@ Every sampler has the same three verbs, so the trainer never needs to know which
     Switch to (or back from) plain uniform sampling over all training pixels, for the final
     all-pixel phase. :class:`QuadtreeSampler` also switches by itself after
     ``all_pixels_after * total_steps`` steps when built with ``total_steps``.
+``state_dict() -> dict[str, np.ndarray]`` / ``load_state_dict(state)``
+    Everything the sampler learnt while training (quadtree leaves, soft mining's error map and
+    sample set, the all-pixel flag), as numpy arrays for a checkpoint: a sampler rebuilt from the
+    same images and options and loaded with it draws the same next batches from the same RNG.
 
 Samplers (pick one by name with :func:`make_sampler`):
 
@@ -220,6 +224,14 @@ class PixelSampler:
     def set_all_pixels(self, flag: bool = True) -> None:
         """``True``: sample all training pixels uniformly from now on (weights 1)."""
         self.all_pixels = bool(flag)
+
+    def state_dict(self) -> dict:
+        """The learnt state as numpy arrays (keys are plain names; see the module docstring)."""
+        return {"all_pixels": np.asarray(self.all_pixels)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (from a sampler built on the same images and options)."""
+        self.all_pixels = bool(state["all_pixels"])
 
     # -- ground truth at sampled positions
     def colors(self, view_ids: np.ndarray, pix: np.ndarray) -> np.ndarray:
@@ -516,6 +528,28 @@ class QuadtreeSampler(PixelSampler):
             self._updates_since_refine = 0
             self._refine()
 
+    _LEAF_ARRAYS = ("_leaf_view", "_leaf_level", "_leaf_code", "_kb0", "_kb1", "_leaf_ema", "_leaf_seen",
+                    "_leaf_conv")
+
+    def state_dict(self) -> dict:
+        st = super().state_dict()
+        st.update({k.lstrip("_"): getattr(self, k).copy() for k in self._LEAF_ARRAYS})
+        st["updates_since_refine"] = np.asarray(self._updates_since_refine)
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        leaves = {k: np.array(state[k.lstrip("_")]) for k in self._LEAF_ARRAYS}  # all read before any change
+        updates, all_pixels = int(state["updates_since_refine"]), state["all_pixels"]
+        kb0, kb1 = leaves["_kb0"], leaves["_kb1"]
+        if kb0.shape != kb1.shape or (kb1 - kb0).sum() != self._gcs.shape[0]:
+            raise ValueError("quadtree state does not cover this sampler's images")
+        super().load_state_dict({"all_pixels": all_pixels})
+        for k, v in leaves.items():
+            setattr(self, k, v)
+        self._updates_since_refine = updates
+        self._block_leaf = np.repeat(np.arange(kb0.size), kb1 - kb0)
+        self._dirty = True  # the leaf masses are a function of the leaves: rebuilt at the next sample
+
     # -- inspection
     def leaves(self) -> dict:
         """The current leaves as arrays (one entry per leaf, sorted by image then Z-order).
@@ -737,6 +771,23 @@ class SoftMiningSampler(PixelSampler):
         pix[:, 0] = np.minimum(pix[:, 0], np.nextafter(np.float32(self.width), np.float32(0)))
         pix[:, 1] = np.minimum(pix[:, 1], np.nextafter(np.float32(self.height), np.float32(0)))
         return PixelBatch(self.train_views[self._view], pix, weights)
+
+    def state_dict(self) -> dict:
+        st = super().state_dict()
+        st.update(pending=np.asarray(self._pending), step=np.asarray(self._step))
+        for k in ("q", "pos", "view", "stall"):  # None (not yet drawn / updated) is stored as absent
+            if getattr(self, "_" + k) is not None:
+                st[k] = getattr(self, "_" + k).copy()
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        if "q" in state and state["q"].shape != (self.train_views.size, self.map_height, self.map_width):
+            raise ValueError(f"soft mining error map of shape {state['q'].shape} does not fit these images")
+        pending, step, all_pixels = bool(state["pending"]), int(state["step"]), state["all_pixels"]
+        super().load_state_dict({"all_pixels": all_pixels})
+        self._pending, self._step = pending, step
+        for k in ("q", "pos", "view", "stall"):
+            setattr(self, "_" + k, np.array(state[k]) if k in state else None)
 
     def update(self, view_ids, pix, errors, step) -> None:
         """Fold the batch's per-ray errors into the error map; the next ``sample`` moves the set."""

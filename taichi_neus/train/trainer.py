@@ -34,6 +34,9 @@ from taichi_neus.train.pixel_samplers import make_sampler
 CKPT_KEEP = 2
 CKPT_KEYS = ("params", "adam_m", "adam_v", "adam_step", "step", "occupancy", "n_rays", "samples_per_ray",
              "train_time", "rng", "layout_total")
+# written since resume continues the interrupted run exactly; a checkpoint without them still loads (with a note)
+CKPT_RUN_KEYS = ("lr_factor", "bad_steps", "pixel_sampler")
+SAMPLER_PREFIX = "sampler."  # the pixel sampler's state_dict() entries
 
 
 @ti.kernel
@@ -470,13 +473,21 @@ class Trainer:
 
     # ----------------------------------------------------------- checkpoints
     def state(self) -> dict:
+        """Everything that shapes the next step, as numpy arrays: parameters, Adam moments, occupancy grid,
+        step, ray count, the host RNG, the learning-rate factor and bad-step count of the divergence guard,
+        and the pixel sampler's learnt state. (The device-side random numbers are counter-based hashes of the
+        step and seed, so they need no state.)"""
         st = self.opt.state_dict()
-        return {"params": buffers.to_numpy(self.params), "adam_m": st["m"], "adam_v": st["v"],
-                "adam_step": st["step"], **({"adam_t": st["t"]} if "t" in st else {}), "step": np.int64(self.step),
-                "occupancy": self.occupancy.bits.to_numpy(), "n_rays": np.int64(self.n_rays),
-                "samples_per_ray": np.float64(self.samples_per_ray), "train_time": np.float64(self.train_time),
-                "rng": np.frombuffer(json.dumps(self.rng.bit_generator.state).encode(), np.uint8),
-                "layout_total": np.int64(self.layout.total)}
+        out = {"params": buffers.to_numpy(self.params), "adam_m": st["m"], "adam_v": st["v"],
+               "adam_step": st["step"], **({"adam_t": st["t"]} if "t" in st else {}), "step": np.int64(self.step),
+               "occupancy": self.occupancy.bits.to_numpy(), "n_rays": np.int64(self.n_rays),
+               "samples_per_ray": np.float64(self.samples_per_ray), "train_time": np.float64(self.train_time),
+               "rng": np.frombuffer(json.dumps(self.rng.bit_generator.state).encode(), np.uint8),
+               "layout_total": np.int64(self.layout.total), "lr_factor": np.float64(self.lr_factor),
+               "bad_steps": np.int64(self.bad_steps),
+               "pixel_sampler": np.frombuffer(self.pixels.name.encode(), np.uint8)}
+        out.update({SAMPLER_PREFIX + k: np.asarray(v) for k, v in self.pixels.state_dict().items()})
+        return out
 
     def save_checkpoint(self) -> pathlib.Path:
         ck = self.out / "checkpoints"
@@ -515,6 +526,18 @@ class Trainer:
         if st["occupancy"].shape != tuple(self.occupancy.bits.shape):
             raise ValueError(f"occupancy grid of shape {st['occupancy'].shape}")
         json.loads(bytes(st["rng"]).decode())
+        notes = []
+        if any(k not in st for k in CKPT_RUN_KEYS):
+            notes.append("it predates the learning-rate factor and sampler state in checkpoints: the learning-rate "
+                         "factor restarts at 1 and the pixel sampler restarts fresh")
+        sampler = {k[len(SAMPLER_PREFIX):]: v for k, v in st.items() if k.startswith(SAMPLER_PREFIX)}
+        saved_sampler = bytes(st["pixel_sampler"]).decode() if "pixel_sampler" in st else None
+        if saved_sampler is not None and saved_sampler != self.pixels.name:
+            notes.append(f"it was trained with the {saved_sampler} pixel sampler: the {self.pixels.name} sampler "
+                         "starts fresh")
+            sampler = {}
+        if sampler:  # the samplers read every entry before changing anything, so a bad one raises here
+            self.pixels.load_state_dict(sampler)
         buffers.from_numpy(self.params, st["params"])
         self.opt.load_state_dict({"m": st["adam_m"], "v": st["adam_v"], "step": st["adam_step"],
                                   **({"t": st["adam_t"]} if "adam_t" in st else {})})
@@ -524,6 +547,10 @@ class Trainer:
         self.samples_per_ray = float(st["samples_per_ray"])
         self.train_time = float(st["train_time"])
         self.rng.bit_generator.state = json.loads(bytes(st["rng"]).decode())
+        self.lr_factor = float(st.get("lr_factor", 1.0))
+        self.bad_steps = int(st.get("bad_steps", 0))
+        for note in notes:
+            self.log(f"[taichi_neus] note on checkpoint {pathlib.Path(path).name}: {note}.")
 
     def resume_latest(self) -> int | None:
         """Load the newest readable checkpoint (a corrupt or partial one is skipped); its step or None."""

@@ -1,5 +1,6 @@
 """Two training steps on the built-in synthetic scene on the arch in argv[1]; writes the second step's
-loss, per-parameter gradients and rendered colours to argv[2] (.npz). Used by test_portability.py."""
+loss, per-parameter gradients and rendered colours, the parameters before the first step and after the second,
+and the parameter groups' runs to argv[2] (.npz). Used by test_portability.py."""
 
 import sys
 
@@ -18,8 +19,10 @@ scene = load_dtu(default_scene_path())
 cfg = small_config(iters=10)
 cfg.train.sample_budget = 2048
 tr = Trainer(scene, cfg, sys.argv[2] + ".run", log=lambda *a: None)
+params0 = buffers.to_numpy(tr.params).copy()
 tr.train_step()
 st = tr.train_step()
+groups = {f"group_{g}": np.array(runs, np.int64) for g, runs in tr.layout.groups().items()}
 np.savez(sys.argv[2], loss=np.float64(st["loss"]), samples=np.int64(st["samples"]),
-         grads=buffers.to_numpy(tr.grads), params=buffers.to_numpy(tr.params),
-         colour=tr.compositor._bufs["colour"].to_numpy())
+         grads=buffers.to_numpy(tr.grads), params=buffers.to_numpy(tr.params), params0=params0,
+         colour=tr.compositor._bufs["colour"].to_numpy(), **groups)
