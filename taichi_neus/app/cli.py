@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mesh", default="", metavar="PLY", help="score this mesh instead of the run's")
     ev.add_argument("--downscale", type=int, default=1, help="render held-out views at 1/K resolution")
     ev.add_argument("--points", type=int, default=100000, help="points sampled per surface for Chamfer")
+    from taichi_neus.app import poses_cmd
+    poses_cmd.add_parser(sub)
     return ap
 
 
@@ -323,6 +325,9 @@ def main(argv=None) -> int:
             return cmd_train(args, overrides)
         if overrides:
             raise UserInputError(f"unrecognised argument '--{overrides[0][0]}' for '{args.cmd}'.")
+        if args.cmd == "poses":
+            from taichi_neus.app import poses_cmd
+            return poses_cmd.run(args)
         if args.cmd == "render":
             return cmd_render(args)
         if args.cmd == "eval":

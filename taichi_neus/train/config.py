@@ -60,6 +60,10 @@ class TrainConfig:
     s3im_repeats: int = 10
     s3im_patch: int = 64  # virtual patch height; with S3IM on, rays per batch = s3im_batch
     s3im_batch: int = 4096
+    # Geometric supervision (off by default: the equal-time comparison that would justify a default is not done)
+    sparse_weight: float = 0.0  # λ of |SDF| at COLMAP's sparse points (Geo-NeuS; Scene.points); 0 = off
+    sparse_batch: int = 1024  # sparse points drawn per step
+    depth_weight: float = 0.0  # λ of the L1 between rendered and given depth (scene depths/); 0 = off
     max_bad_steps: int = 5  # consecutive non-finite steps (each rolled back, lr halved) before giving up
     seed: int = 0
     val_every: int = 500
