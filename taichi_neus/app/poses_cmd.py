@@ -3,7 +3,7 @@
 Registered by :mod:`taichi_neus.app.cli`; the work is :func:`taichi_neus.data.sfm.poses_from_photos`.
 """
 
-from taichi_neus.data.sfm import EXHAUSTIVE_MAX, MAX_IMAGE_SIZE
+from taichi_neus.data.sfm import EXHAUSTIVE_MAX, MAX_FEATURES, MAX_IMAGE_SIZE
 
 
 def add_parser(sub) -> None:
@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
                          "order (sequential: video frames, long captures)")
     po.add_argument("--max-image-size", type=int, default=MAX_IMAGE_SIZE,
                     help="long side SIFT sees, pixels (smaller registers fewer photographs)")
+    po.add_argument("--max-features", type=int, default=MAX_FEATURES,
+                    help="SIFT keypoints per photograph (fewer: faster matching, less accurate poses)")
     po.add_argument("--seed", type=int, default=0, help="COLMAP's random seed")
     po.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
 
@@ -24,6 +26,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from taichi_neus.data.sfm import poses_from_photos
     poses_from_photos(args.images, args.out, masks=args.masks or None, matcher=args.matcher,
-                      max_image_size=args.max_image_size, seed=args.seed, verbose=args.verbose)
+                      max_image_size=args.max_image_size,
+                      max_features=args.max_features, seed=args.seed, verbose=args.verbose)
     print(f"[poses] wrote {args.out}; train with: taichi-neus train --data {args.out} --out runs/NAME")
     return 0

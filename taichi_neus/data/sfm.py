@@ -48,6 +48,7 @@ MIN_IMAGES = 5  # fewer registered photographs than this cannot constrain a surf
 # Long side fed to SIFT. COLMAP's own default (3200) keeps DTU's 1600x1200 photographs at full size; at
 # 400x300 only 2 of 17 scan24 photographs registered (issue 12), at full size all of them.
 MAX_IMAGE_SIZE = 3200
+MAX_FEATURES = 8192  # SIFT keypoints per photograph (COLMAP's default; each may carry 2 orientations)
 EXHAUSTIVE_MAX = 60  # up to this many photographs every pair is matched (1770 pairs); beyond, sequential
 SEQUENTIAL_OVERLAP = 12  # neighbours matched on each side in sequential mode (plus quadratic gaps)
 MIN_PAIR_INLIERS = 15  # COLMAP's minimum of verified matches for a usable pair
@@ -87,7 +88,8 @@ class PosesSummary:
         if self.models > 1:
             out.append(f"the photographs formed {self.models} separate models; kept the largest")
         if self.left_out:
-            out.append(f"left out (no pose, not in the scene): {', '.join(self.left_out)}")
+            out.append(f"warning: {len(self.left_out)} photographs could not be given a pose and are left out of "
+                       f"the scene: {', '.join(self.left_out)}")
         return out
 
 
@@ -191,7 +193,8 @@ def _undistort_masks(pc, masks: dict, names: list[str], camera, opts, out_dir: p
 
 
 def poses_from_photos(images, out, masks=None, matcher: str = "auto", max_image_size: int = MAX_IMAGE_SIZE,
-                      seed: int = 0, log=print, verbose: bool = False) -> PosesSummary:
+                      max_features: int = MAX_FEATURES, seed: int = 0, log=print,
+                      verbose: bool = False) -> PosesSummary:
     """Photographs in ``images`` -> a COLMAP-layout scene in ``out`` (see the module docstring).
 
     Args:
@@ -201,6 +204,7 @@ def poses_from_photos(images, out, masks=None, matcher: str = "auto", max_image_
         matcher: ``"auto"`` (exhaustive up to :data:`EXHAUSTIVE_MAX` photographs, else sequential),
             ``"exhaustive"`` or ``"sequential"`` (photographs taken in name order, e.g. video frames).
         max_image_size: long side SIFT sees, pixels (larger photographs are scaled down for features only).
+        max_features: SIFT keypoints kept per photograph (fewer: faster matching, less accurate poses).
         seed: COLMAP's random seed (RANSAC, mapper), for repeatable results.
         log: receives one line per stage and the summary.
         verbose: let COLMAP print its own log.
@@ -219,6 +223,8 @@ def poses_from_photos(images, out, masks=None, matcher: str = "auto", max_image_
     if max_image_size < 100:
         raise UserInputError(f"--max-image-size {max_image_size} is too small for features; use at least 100 "
                              f"(default {MAX_IMAGE_SIZE}).")
+    if max_features < 100:
+        raise UserInputError(f"--max-features {max_features} is too few; use at least 100 (default {MAX_FEATURES}).")
     _check_out(out)
     photos, size = _check_photos(images)
     mask_files = _check_masks(pathlib.Path(masks).expanduser(), photos, size) if masks else None
@@ -241,6 +247,7 @@ def poses_from_photos(images, out, masks=None, matcher: str = "auto", max_image_
         ro.camera_model = "SIMPLE_RADIAL"
         eo = pc.FeatureExtractionOptions()
         eo.max_image_size = int(max_image_size)
+        eo.sift.max_num_features = int(max_features)
         pc.extract_features(db, images, image_names=names, camera_mode=pc.CameraMode.SINGLE, reader_options=ro,
                             extraction_options=eo, device=pc.Device.cpu)
         kp, _ = _db_stats(db)
@@ -319,7 +326,8 @@ def poses_from_photos(images, out, masks=None, matcher: str = "auto", max_image_
             track_length=float(rec.compute_mean_track_length()), focal=float(cam.mean_focal_length()),
             size=(int(cam.width), int(cam.height)), matcher=mode, masks=mask_files is not None, seconds=seconds)
         (scene / "poses.json").write_text(json.dumps({**summary.__dict__, "images": str(images.resolve()),
-                                                      "max_image_size": max_image_size, "seed": seed,
+                                                      "max_image_size": max_image_size,
+                                                      "max_features": max_features, "seed": seed,
                                                       "pycolmap": pc.__version__}, indent=1))
         if out.exists():  # an empty folder the user made: replaced by the finished scene
             out.rmdir()
@@ -383,5 +391,5 @@ def compare_cameras(w2c_est: np.ndarray, w2c_ref: np.ndarray, centre=None) -> di
             "centre_rel": err, "scale": s}
 
 
-__all__ = ["EXHAUSTIVE_MAX", "MAX_IMAGE_SIZE", "MIN_IMAGES", "PosesSummary", "compare_cameras", "list_photos",
-           "poses_from_photos", "rotation_angle_deg", "similarity_align"]
+__all__ = ["EXHAUSTIVE_MAX", "MAX_FEATURES", "MAX_IMAGE_SIZE", "MIN_IMAGES", "PosesSummary", "compare_cameras",
+           "list_photos", "poses_from_photos", "rotation_angle_deg", "similarity_align"]
