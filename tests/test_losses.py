@@ -87,3 +87,55 @@ def test_eikonal_matches_torch():
     out = grad.to_numpy()
     np.testing.assert_allclose(out[:n], nt.grad.numpy()[:n], rtol=1e-4, atol=1e-9)
     np.testing.assert_array_equal(out[n:], g0[n:])
+
+
+@pytest.mark.portable
+def test_sparse_sdf_matches_torch():
+    rng = np.random.default_rng(4)
+    cap, n = 600, 530  # more than one reduction chunk; entries >= n ignored
+    sdf = f32(rng.normal(0, 0.05, cap))
+    sdf[:2] = 0.0  # |f| has no gradient at 0
+    w = f32(rng.uniform(0.1, 2.0, cap))
+    s = torch.tensor(sdf, requires_grad=True)
+    wt = torch.tensor(w)
+    ref = 0.3 * (wt[:n] * s[:n].abs()).sum() / wt[:n].sum()
+    ref.backward()
+    g0 = np.full(cap, 5.0, np.float32)
+    loss, grad = losses.sparse_sdf(buffers.upload(sdf), buffers.upload(w), n, weight=0.3, grad_out=buffers.upload(g0))
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    out = grad.to_numpy()
+    np.testing.assert_allclose(out[:n], s.grad.numpy()[:n], rtol=1e-5, atol=1e-10)
+    np.testing.assert_array_equal(out[n:], g0[n:])
+    assert np.all(out[:2] == 0.0)
+
+
+@pytest.mark.portable
+def test_sparse_sdf_accumulates_and_zero_weights():
+    sdf = buffers.upload(np.array([0.1, -0.2, 0.3], np.float32))
+    loss, grad = losses.sparse_sdf(sdf, buffers.upload(np.zeros(3, np.float32)), 3)
+    assert loss == 0.0 and np.all(grad.to_numpy() == 0.0)
+    g = buffers.upload(np.ones(3, np.float32))
+    loss, grad = losses.sparse_sdf(sdf, buffers.upload(np.ones(3, np.float32)), 3, weight=0.6, grad_out=g,
+                                   accumulate=True)
+    assert loss == pytest.approx(0.6 * 0.2, rel=1e-6)
+    np.testing.assert_allclose(grad.to_numpy(), [1.2, 0.8, 1.2], rtol=1e-6)
+
+
+@pytest.mark.portable
+def test_depth_l1_matches_torch():
+    rng = np.random.default_rng(5)
+    r = 700
+    depth = f32(rng.uniform(0.5, 3.0, r))
+    target = f32(rng.uniform(0.5, 3.0, r))
+    target[rng.uniform(0, 1, r) < 0.3] = 0.0  # unknown
+    target[:3] = [-1.0, 0.0, float(depth[2])]  # negative: unknown; equal: no gradient
+    d = torch.tensor(depth, requires_grad=True)
+    known = torch.tensor(target > 0)
+    ref = 0.2 * (d[known] - torch.tensor(target)[known]).abs().mean()
+    ref.backward()
+    loss, grad = losses.depth_l1(buffers.upload(depth), buffers.upload(target), weight=0.2)
+    assert loss == pytest.approx(ref.item(), rel=1e-5)
+    np.testing.assert_allclose(grad.to_numpy(), d.grad.numpy(), rtol=1e-5, atol=1e-10)
+    assert np.all(grad.to_numpy()[:3] == 0.0)
+    loss, grad = losses.depth_l1(buffers.upload(depth), buffers.upload(np.zeros(r, np.float32)))
+    assert loss == 0.0 and np.all(grad.to_numpy() == 0.0)

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = _Parser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,mesh,render,eval}", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,poses,mesh,render,eval}", parser_class=_Parser)
     kw = {"allow_abbrev": False, "formatter_class": argparse.RawDescriptionHelpFormatter}
     tr = sub.add_parser("train", help="train on a scene folder and write a mesh", **kw,
                         usage=f"{PROG} train [--data DIR] [--out DIR] [--iters N] [--arch ARCH] [--resume] "
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="render held-out views at 1/K resolution [default: 1]")
     ev.add_argument("--points", type=_typed(int), default=100000, metavar="N",
                     help="points sampled per surface for Chamfer [default: 100000]")
+    from taichi_neus.app import poses_cmd
+    poses_cmd.add_parser(sub)
     return ap
 
 
@@ -566,6 +568,9 @@ def main(argv=None) -> int:
         args, cfg, overrides = parse_args(argv)
         if args.cmd == "train":
             return cmd_train(args, cfg, overrides)
+        if args.cmd == "poses":
+            from taichi_neus.app import poses_cmd
+            return poses_cmd.run(args)
         if args.cmd == "render":
             return cmd_render(args)
         if args.cmd == "eval":

@@ -6,6 +6,10 @@ Folder layout::
       images/ (or image/)       the photographs, named as in images.txt / images.bin (sub-folders allowed)
       sparse/0/ (or sparse/)    cameras.{bin,txt}, images.{bin,txt}, optional points3D.{bin,txt}
       masks/ (or mask/)         optional: <image name>.png, <image name> or <image stem>.png per image
+      depths/                   optional: <image stem>.npy depth maps (see :mod:`taichi_neus.data.depths`)
+
+The sparse points inside the region (on the masks, if any) come with the scene as ``Scene.points``
+and ``Scene.point_weights`` (:mod:`taichi_neus.data.sparse_points`) for the sparse-point loss.
 
 Binary files are preferred when both kinds are there. Camera models: ``SIMPLE_PINHOLE``,
 ``PINHOLE``, and ``SIMPLE_RADIAL`` / ``RADIAL``, whose images are undistorted on load (see
@@ -36,6 +40,7 @@ from taichi_neus import memory
 from taichi_neus.data import roi as roi_mod
 from taichi_neus.data.dtu import _check_downscale, _decode, _find_dir, _image_size, _split, block_mean, natural_key
 from taichi_neus.data.scene import Scene
+from taichi_neus.data.sparse_points import supervision_points
 from taichi_neus.errors import UserInputError
 
 # id -> (name, number of parameters), as in COLMAP's src/colmap/sensor/models.h
@@ -218,33 +223,43 @@ def read_images_binary(file: pathlib.Path) -> list[ImageRecord]:
     return out
 
 
-def read_points_text(file: pathlib.Path) -> np.ndarray:
-    """(N, 3) float64 point positions of ``points3D.txt`` (``ID X Y Z R G B ERROR TRACK...``)."""
-    pts = []
+def read_points_text(file: pathlib.Path, stats: bool = False):
+    """(N, 3) float64 point positions of ``points3D.txt`` (``ID X Y Z R G B ERROR TRACK...``); with
+    ``stats`` also (N,) float64 mean reprojection errors (pixels) and (N,) int64 track lengths (views)."""
+    pts, err, track = [], [], []
     for lineno, ln in _text_lines(file):
         if not ln:
             continue
-        tok = ln.split(maxsplit=5)
-        if len(tok) < 4:
+        tok = ln.split()
+        if len(tok) < 4 or (stats and len(tok) < 8):
             raise UserInputError(f"line {lineno} of {file} is not 'POINT3D_ID X Y Z R G B ERROR TRACK...'.")
         pts.append(_numbers(tok[1:4], file, lineno))
-    return np.array(pts, np.float64).reshape(-1, 3)
+        if stats:
+            err.append(_numbers(tok[7:8], file, lineno)[0])
+            track.append((len(tok) - 8) // 2)
+    xyz = np.array(pts, np.float64).reshape(-1, 3)
+    return (xyz, np.array(err, np.float64), np.array(track, np.int64)) if stats else xyz
 
 
-def read_points_binary(file: pathlib.Path) -> np.ndarray:
+def read_points_binary(file: pathlib.Path, stats: bool = False):
     """(N, 3) float64 positions of ``points3D.bin``: uint64 count, then per point uint64 id, 3 float64,
-    3 uint8 colour, float64 error, uint64 track length and 8 bytes per track element."""
+    3 uint8 colour, float64 error, uint64 track length and 8 bytes per track element. With ``stats``
+    also (N,) float64 mean reprojection errors (pixels) and (N,) int64 track lengths (views)."""
     r = _Reader(_read_bytes(file), file)
     n = r.count(51)
     pts = np.empty((n, 3))
+    err = np.empty(n)
+    tracks = np.empty(n, np.int64)
     for i in range(n):
         vals = r.take("Q3d3BdQ")
         pts[i] = vals[1:4]
+        err[i] = vals[7]
         track = vals[-1]
         if track > (len(r.data) - r.pos) // 8:
             raise UserInputError(f"{file} ends early (truncated or not a COLMAP binary file); re-export the model.")
+        tracks[i] = track
         r.skip(8 * track)
-    return pts
+    return (pts, err, tracks) if stats else pts
 
 
 def find_model(root: pathlib.Path) -> pathlib.Path | None:
@@ -265,15 +280,16 @@ def _model_file(model: pathlib.Path, stem: str, required: bool = True) -> pathli
     return None
 
 
-def read_model(model: pathlib.Path):
-    """(cameras dict, image records, points (N, 3) or None, [files read]) of a COLMAP model folder."""
+def read_model(model: pathlib.Path, point_stats: bool = False):
+    """(cameras dict, image records, points (N, 3) or None, [files read]) of a COLMAP model folder;
+    with ``point_stats`` the points are ``(xyz (N, 3), reprojection error (N,), track length (N,))``."""
     cf, imf = _model_file(model, "cameras"), _model_file(model, "images")
     pf = _model_file(model, "points3D", required=False)
     cams = (read_cameras_binary if cf.suffix == ".bin" else read_cameras_text)(cf)
     images = (read_images_binary if imf.suffix == ".bin" else read_images_text)(imf)
     points = None
     if pf is not None:
-        points = (read_points_binary if pf.suffix == ".bin" else read_points_text)(pf)
+        points = (read_points_binary if pf.suffix == ".bin" else read_points_text)(pf, stats=point_stats)
     return cams, images, points, (cf, imf, pf)
 
 
@@ -450,7 +466,8 @@ def load_colmap(path, downscale: int = 1, holdout_every: int = 8, use_masks: boo
     model = find_model(root)
     if model is None:
         raise UserInputError(f"{root} has no COLMAP model (sparse/0/cameras.bin or .txt); run COLMAP's mapper.")
-    cams, records, points, files = read_model(model)
+    cams, records, point_data, files = read_model(model, point_stats=True)
+    points = point_data[0] if point_data is not None else None
     cam_file, img_file, pts_file = files
     if not records:
         raise UserInputError(f"{img_file} registers no images; COLMAP could not reconstruct this scene.")
@@ -556,9 +573,13 @@ def load_colmap(path, downscale: int = 1, holdout_every: int = 8, use_masks: boo
         images[i] = _load_one(image_files[i], k, Ks[i], dists[i], Kus[records[i].camera_id], grey=False)
     _parallel(one_image, V)
 
+    sup_pts = sup_w = None
+    if point_data is not None and len(points) > 0:  # the SDF is pulled to zero there (Geo-NeuS)
+        sup_pts, sup_w = supervision_points(*point_data, chosen.scale_mat(), K_out, c2w_unit, masks)
     return Scene(images=images, masks=masks, K=K_out.astype(np.float32), c2w=c2w_unit.astype(np.float32),
                  scale_mat=chosen.scale_mat(), train_ids=train_ids, test_ids=test_ids, H=H, W=W,
-                 name=root.resolve().name, path=root, downscale=k, image_names=[r.name for r in records])
+                 name=root.resolve().name, path=root, downscale=k, image_names=[r.name for r in records],
+                 points=sup_pts, point_weights=sup_w)
 
 
 __all__ = ["Camera", "ImageRecord", "load_colmap", "read_model", "qvec_to_rotation", "rotation_to_qvec",

@@ -19,8 +19,10 @@ import pathlib
 
 from taichi_neus.data.blender import is_blender, load_blender
 from taichi_neus.data.colmap import find_model, load_colmap
+from taichi_neus.data.depths import load_depths
 from taichi_neus.data.dtu import CAMERA_FILE, load_dtu
 from taichi_neus.data.scene import Scene
+from taichi_neus.data.sfm import list_photos
 from taichi_neus.errors import UserInputError
 
 FORMATS = ("dtu", "blender", "colmap")
@@ -37,6 +39,11 @@ def detect_format(path) -> str:
         return "blender"
     if find_model(p) is not None:
         return "colmap"
+    photos = next((d for d in (p, p / "images", p / "image") if d.is_dir() and list_photos(d)), None)
+    if photos is not None:  # photographs without cameras: the poses step computes them
+        raise UserInputError(
+            f"{p} holds photographs but no cameras ({CAMERA_FILE}, transforms.json or sparse/0); compute them "
+            f"first with: taichi-neus poses --images {photos} --out SCENE, then train with --data SCENE.")
     raise UserInputError(
         f"{p} holds no cameras this tool reads: expected {CAMERA_FILE} (NeuS/DTU), transforms_train.json "
         "(NeRF-synthetic) or sparse/0/cameras.bin (COLMAP) next to the images.")
@@ -53,9 +60,12 @@ def load_scene(path, downscale: int = 1, holdout_every: int = 8, use_masks: bool
     """
     fmt = detect_format(path)
     if fmt == "dtu":
-        return load_dtu(path, downscale=downscale, holdout_every=holdout_every, use_masks=use_masks)
-    if fmt == "blender":
-        return load_blender(path, downscale=downscale, holdout_every=holdout_every, use_masks=use_masks,
-                            background=background, roi=roi, log=log)
-    return load_colmap(path, downscale=downscale, holdout_every=holdout_every, use_masks=use_masks, roi=roi,
-                       log=log)
+        scene = load_dtu(path, downscale=downscale, holdout_every=holdout_every, use_masks=use_masks)
+    elif fmt == "blender":
+        scene = load_blender(path, downscale=downscale, holdout_every=holdout_every, use_masks=use_masks,
+                             background=background, roi=roi, log=log)
+    else:
+        scene = load_colmap(path, downscale=downscale, holdout_every=holdout_every, use_masks=use_masks, roi=roi,
+                            log=log)
+    scene.depths = load_depths(scene)  # depths/<stem>.npy, any format (data/depths.py)
+    return scene

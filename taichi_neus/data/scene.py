@@ -30,6 +30,11 @@ class Scene:
         downscale: the integer factor the images were reduced by.
         image_names: file name of each view's image.
         background: RGB in [0, 1] the images were composited onto (NeRF-synthetic RGBA), or None.
+        points: (N, 3) float32 unit-sphere points on the surface (COLMAP's sparse points, see
+            :mod:`taichi_neus.data.sparse_points`), or None.
+        point_weights: (N,) float32 weight of each point (mean 1), or None.
+        depths: (V, H, W) float32 target depth per pixel, distance along the unit ray direction in
+            unit-sphere units, 0 where unknown (see :mod:`taichi_neus.data.depths`), or None.
     """
 
     images: np.ndarray
@@ -46,6 +51,9 @@ class Scene:
     downscale: int = 1
     image_names: list[str] = field(default_factory=list)
     background: tuple | None = None
+    points: np.ndarray | None = None
+    point_weights: np.ndarray | None = None
+    depths: np.ndarray | None = None
 
     @property
     def n_views(self) -> int:

@@ -77,6 +77,10 @@ class TrainConfig:
     s3im_repeats: int = 10  # S3IM: repeats of the batch in the virtual image
     s3im_patch: int = 64  # virtual patch height; with S3IM on, rays per batch = s3im_batch
     s3im_batch: int = 4096  # rays per step with S3IM on (a multiple of s3im_patch)
+    # Geometric supervision (off by default: the equal-time comparison that would justify a default is not done)
+    sparse_weight: float = 0.0  # λ of |SDF| at COLMAP's sparse points (Geo-NeuS; Scene.points); 0 = off
+    sparse_batch: int = 1024  # sparse points drawn per step
+    depth_weight: float = 0.0  # λ of the L1 between rendered and given depth (scene depths/); 0 = off
     max_bad_steps: int = 5  # consecutive non-finite steps (each rolled back, lr halved) before giving up
     seed: int = 0  # random seed (initialisation, pixel batches, samples)
     val_every: int = 500  # write a validation image every k steps (0: never)
@@ -153,7 +157,8 @@ LIMITS: dict[str, Limits] = {
     "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION, "train.grad_scaling": one_of("paper", "none"),
     "train.grad_scaling_sigma": NONNEG, "train.pixel_sampler": one_of("uniform", "quadtree", "soft_mining"),
     "train.s3im_weight": NONNEG, "train.s3im_kernel": COUNT, "train.s3im_repeats": COUNT,
-    "train.s3im_patch": COUNT, "train.s3im_batch": COUNT, "train.max_bad_steps": COUNT, "train.seed": NONNEG,
+    "train.s3im_patch": COUNT, "train.s3im_batch": COUNT, "train.sparse_weight": NONNEG,
+    "train.sparse_batch": COUNT, "train.depth_weight": NONNEG, "train.max_bad_steps": COUNT, "train.seed": NONNEG,
     "train.val_every": NONNEG, "train.val_downscale": COUNT, "train.ckpt_every": NONNEG, "train.log_every": COUNT,
     "mesh.resolution": Limits(lo=2),
     "field.sdf_hidden": COUNT, "field.sdf_layers": COUNT, "field.feature_dim": COUNT,

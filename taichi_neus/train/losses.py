@@ -6,6 +6,10 @@
   [eps, 1 − eps], and the mask; gradient with respect to the opacity (R,).
 * :func:`eikonal`    — ``mean((‖∇f‖ − 1)²)`` over the samples inside a sphere of radius 1.05
   (Gropp et al. 2020, as in NeuS); gradient with respect to the raw SDF gradient (S, 3).
+* :func:`sparse_sdf` — weighted mean of ``|f|`` at structure-from-motion points (Geo-NeuS, Fu et al.
+  2022, eq. 7, with per-point weights); gradient with respect to the SDF values (N,).
+* :func:`depth_l1`   — mean absolute error between the rendered depth and a target depth over the rays
+  whose target is known (> 0); gradient with respect to the rendered depth (R,).
 
 Each function returns ``(loss: float, grad: ti.ndarray)``; the loss includes its ``weight`` and the
 gradient is that of the weighted loss. ``grad_out`` (optional) is written, or added to with
@@ -240,3 +244,107 @@ def eikonal(normal, positions, n_samples: int, *, weight: float = 0.1, radius: f
         _eik_grad(normal, positions, n, radius, scale, int(accumulate), grad)
     return total * scale, grad
 
+
+
+# ------------------------------------------------------------------------------- sparse points
+@ti.kernel
+def _sparse_partials(sdf: F1, w: F1, n: ti.i32, chunk: ti.i32, part: F2):
+    for c in range(part.shape[0]):
+        acc = 0.0
+        wsum = 0.0
+        for k in range(chunk):
+            i = c * chunk + k
+            if i < n:
+                acc += w[i] * ti.abs(sdf[i])
+                wsum += w[i]
+        part[c, 0] = acc
+        part[c, 1] = wsum
+
+
+@ti.kernel
+def _sparse_grad(sdf: F1, w: F1, n: ti.i32, scale: ti.f32, accumulate: ti.i32, grad: F1):
+    for i in range(n):
+        g = 0.0
+        if sdf[i] > 0.0:
+            g = scale * w[i]
+        elif sdf[i] < 0.0:
+            g = -scale * w[i]
+        if accumulate != 0:
+            grad[i] += g
+        else:
+            grad[i] = g
+
+
+def sparse_sdf(sdf, point_weights, n_points: int, *, weight: float = 0.1, grad_out=None, accumulate: bool = False):
+    """Sparse-point SDF loss ``weight · Σ_{i<n} w_i |f_i| / Σ_{i<n} w_i`` (Geo-NeuS eq. 7: the SDF at
+    structure-from-motion points pulled to zero; 0 when the weights sum to 0).
+
+    sdf (N_cap,) float32 SDF at the points (unit-sphere units), point_weights (N_cap,) float32 >= 0;
+    only the first ``n_points`` entries count. Returns ``(loss, grad)``, grad (N_cap,) float32 =
+    ∂loss/∂sdf (entries >= n_points untouched; 0 where f = 0).
+    """
+    cap = sdf.shape[0]
+    n = int(n_points)
+    if tuple(point_weights.shape) != (cap,) or not 0 <= n <= cap:
+        raise UserInputError(f"sparse_sdf: sdf {tuple(sdf.shape)} and weights {tuple(point_weights.shape)} must "
+                             f"be (N,) with n_points={n} <= N.")
+    part = _scratch("sparse_part", _n_chunks(cap), 2)
+    _sparse_partials(sdf, point_weights, n, CHUNK, part)
+    total, wsum = _reduce(part)
+    grad = grad_out if grad_out is not None else buffers.f32(cap)
+    scale = weight / wsum if wsum > 0 else 0.0
+    if n > 0:
+        _sparse_grad(sdf, point_weights, n, scale, int(accumulate), grad)
+    return total * scale, grad
+
+
+# ------------------------------------------------------------------------------------------ depth
+@ti.kernel
+def _depth_partials(depth: F1, target: F1, chunk: ti.i32, part: F2):
+    n = depth.shape[0]
+    for c in range(part.shape[0]):
+        acc = 0.0
+        cnt = 0.0
+        for k in range(chunk):
+            i = c * chunk + k
+            if i < n:
+                if target[i] > 0.0:
+                    acc += ti.abs(depth[i] - target[i])
+                    cnt += 1.0
+        part[c, 0] = acc
+        part[c, 1] = cnt
+
+
+@ti.kernel
+def _depth_grad(depth: F1, target: F1, scale: ti.f32, accumulate: ti.i32, grad: F1):
+    for i in range(depth.shape[0]):
+        g = 0.0
+        if target[i] > 0.0:
+            e = depth[i] - target[i]
+            if e > 0.0:
+                g = scale
+            elif e < 0.0:
+                g = -scale
+        if accumulate != 0:
+            grad[i] += g
+        else:
+            grad[i] = g
+
+
+def depth_l1(depth, target, *, weight: float = 0.1, grad_out=None, accumulate: bool = False):
+    """Depth loss ``weight · Σ_{r: target_r > 0} |depth_r − target_r| / n_known`` (0 without known targets).
+
+    depth (R,) float32 rendered depth Σ w·t (distance along the unit ray, unit-sphere units), target (R,)
+    float32 in the same units, 0 (or negative) where unknown. Returns ``(loss, grad)``, grad (R,) float32
+    = ∂loss/∂depth (0 on unknown rays).
+    """
+    n = depth.shape[0]
+    if tuple(target.shape) != (n,):
+        raise UserInputError(f"depth_l1: target has shape {tuple(target.shape)}, expected ({n},).")
+    part = _scratch("depth_part", _n_chunks(n), 2)
+    _depth_partials(depth, target, CHUNK, part)
+    total, count = _reduce(part)
+    grad = grad_out if grad_out is not None else buffers.f32(n)
+    scale = weight / count if count > 0 else 0.0
+    _depth_grad(depth, target, scale, int(accumulate), grad)
+    return total * scale, grad

@@ -166,6 +166,15 @@ class Trainer:
                              patch_height=tc.s3im_patch, weight=tc.s3im_weight)
             self.s3im.check_batch(tc.s3im_batch)
         self.rng = np.random.default_rng(tc.seed)
+        # geometric supervision: SDF at the sparse points (Geo-NeuS), rendered depth against given depth maps
+        self.sparse_points = scene.points if tc.sparse_weight > 0 and scene.points is not None \
+            and len(scene.points) > 0 else None
+        if tc.sparse_weight > 0 and self.sparse_points is None:
+            log("[taichi_neus] --train.sparse_weight: this scene carries no sparse points (COLMAP scenes do); "
+                "the sparse-point loss is off")
+        self.depths = scene.depths if tc.depth_weight > 0 and scene.depths is not None else None
+        if tc.depth_weight > 0 and self.depths is None:
+            log("[taichi_neus] --train.depth_weight: this scene has no depths/ folder; the depth loss is off")
         self.step = 0
         self.n_rays = int(np.clip(tc.sample_budget // max(rc.n_fine, 1), tc.min_rays, tc.max_rays))
         if self.s3im is not None:
@@ -235,6 +244,31 @@ class Trainer:
         mask = (self.pixels.mask_values(vids, pix) > 0.5).astype(np.float32) if self.use_masks else None
         return vids, pix, o, d, near, far, gt, mask, np.asarray(weights, np.float32)
 
+    def _depth_target(self, vids: np.ndarray, pix: np.ndarray) -> np.ndarray:
+        """(B,) float32 given depth at the batch's pixels (nearest pixel; 0 where unknown), unit-sphere units."""
+        sc = self.scene
+        ix = np.clip(np.floor(pix[:, 0]).astype(np.int64), 0, sc.W - 1)
+        iy = np.clip(np.floor(pix[:, 1]).astype(np.int64), 0, sc.H - 1)
+        return self.depths[vids, iy, ix]
+
+    def _sparse_point_step(self, eps: float) -> float:
+        """Geo-NeuS's sparse-point term on a random batch of ``Scene.points``: adds its gradient into
+        ``self.grads`` (after the main batch's field backward, whose saved activations it replaces)."""
+        tc = self.cfg.train
+        pts, w = self.sparse_points, self.scene.point_weights
+        n = min(tc.sparse_batch, len(pts))
+        idx = self.rng.choice(len(pts), n, replace=False) if n < len(pts) else np.arange(n)
+        if "sp_zero" not in self._dev or self._dev["sp_zero"].shape[0] != n:
+            self._dev["sp_zero"] = buffers.f32(n, 3)  # ∂L/∂normal = 0; also the (unused) view directions
+            buffers.zero_(self._dev["sp_zero"])
+            self._dev["sp_grad"] = buffers.f32(n)
+        zero = self._dev["sp_zero"]
+        out = self.field.forward(self._upload("sp_p", pts[idx]), zero, n, self.params, eps=eps)
+        loss, g_sdf = losses.sparse_sdf(out.sdf, self._upload("sp_w", w[idx]), n, weight=tc.sparse_weight,
+                                        grad_out=self._dev["sp_grad"])
+        self.field.backward(g_sdf, zero, None, self.params, self.grads)
+        return loss
+
     # ------------------------------------------------------------- one step
     def train_step(self) -> dict:
         tc, rc = self.cfg.train, self.cfg.render
@@ -287,7 +321,11 @@ class Trainer:
             g_op = g_opacity if g_opacity is not None else self.field.ws.exact("g_op", self.n_rays)
             blend_backward(g_colour, comp.opacity, bg_colour, g_op, g_bg, accumulate=g_opacity is not None)
             g_opacity = g_op
-        g = self.compositor.backward(g_colour, g_opacity, None)
+        depth_loss, g_depth = 0.0, None
+        if self.depths is not None:  # rendered depth Σ w·t against the given depth maps (data/depths.py)
+            depth_loss, g_depth = losses.depth_l1(comp.depth, self._upload("depth_t", self._depth_target(vids, pix)),
+                                                  weight=tc.depth_weight)
+        g = self.compositor.backward(g_colour, g_opacity, g_depth)
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
         eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
                                 accumulate=True)
@@ -298,7 +336,8 @@ class Trainer:
         if self.bg is not None:
             self.bg.backward(g_bg, self.params, self.grads)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
-        loss = l1 + bce + eik + s3im_loss
+        sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
+        loss = l1 + bce + eik + s3im_loss + sparse_loss + depth_loss
         if not math.isfinite(loss) or _count_nonfinite2(self.grads, self.params, self.layout.total) > 0:
             return self._reject_step(step, loss)
         self.bad_steps = 0
@@ -319,6 +358,7 @@ class Trainer:
         return {"step": self.step, "loss": loss, "l1": l1, "eikonal": eik, "mask_bce": bce,
                 "psnr": -10.0 * math.log10(max(mse, 1e-10)), "s": math.exp(10.0 * self.variance()),
                 "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr, "s3im": s3im_loss,
+                "sparse": sparse_loss, "depth": depth_loss,
                 "lr_scale": sch["lr_scale"] * self.lr_factor, "eps": sch["eps"]}
 
     def _reject_step(self, step: int, loss: float) -> dict:
