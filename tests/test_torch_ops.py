@@ -161,7 +161,7 @@ def test_render_rays_gradients_match_float64_reference():
     g = [torch.from_numpy(rng.normal(size=s).astype(np.float32)) for s in [(10, 3), (10,), (10,)]]
     sum((a * b).sum() for a, b in zip(out.values(), g, strict=True)).backward()
 
-    th64, o64, d64 = t64(theta.detach()).requires_grad_(), t64(o.detach()).requires_grad_(), t64(d.detach()).requires_grad_()
+    th64, o64, d64 = (t64(a.detach()).requires_grad_() for a in (theta, o, d))
     rid, tt = smp.ray_ids, smp.t.double()
     pos = o64[rid] + tt[:, None] * d64[rid]
     s, nr, rgb = TorchField(ren.field).forward(th64, pos, d64[rid], ren.eps)
