@@ -238,3 +238,18 @@ def test_renderer_refuses_a_background_model_run():
 
     with pytest.raises(UserInputError, match="background model"):
         Renderer.from_trainer(FakeTrainer())
+
+
+def test_fixed_parameters_skip_their_gradient_and_keep_the_input_gradients():
+    field, _, params = small_field(seed=27)
+    pts, d = random_batch(50, seed=28)
+    grads = []
+    for trainable in (True, False):
+        theta = torch.from_numpy(buffers.to_numpy(params).copy()).requires_grad_(trainable)
+        x, v = torch.from_numpy(pts).requires_grad_(), torch.from_numpy(d).requires_grad_()
+        s, n, c = field_forward(field, theta, x, v)
+        (s.sum() + n.square().sum() + c.sum()).backward()
+        assert (theta.grad is not None) == trainable
+        grads.append((x.grad, v.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)

@@ -342,7 +342,8 @@ class SDFField:
         With ``dpoints`` and ``ddirs`` ((n, 3) float32, overwritten) the gradients with respect to the
         points (through the hash encoding's trilinear weights, the MLPs' xyz inputs and every
         finite-difference stencil point) and to the view directions (through the SH encoding; zero when
-        ``drgb`` is None) are written too. The training step passes neither and runs exactly as before."""
+        ``drgb`` is None) are written too; ``grads=None`` then skips the parameter gradients (e.g. a camera
+        pose refined through a fixed field). The training step passes neither and runs exactly as before."""
         want_inputs = dpoints is not None or ddirs is not None
         n, eps = self._n, self._eps
         rows = self.K * n
@@ -380,7 +381,8 @@ class SDFField:
                 lin.backward(self._sdf_outs[i - 1], 0, self._sdf_outs[i], dY, rows, params, grads, None,
                              dX=dH)
                 dY = dH
-        self.encoding.backward(X0, dX0, rows, self.enc_col, grads)
+        if grads is not None:
+            self.encoding.backward(X0, dX0, rows, self.enc_col, grads)
         if want_inputs:
             dP = self.ws.get("dP", rows, 3)
             self.encoding.backward_points(X0, dX0, rows, self.enc_col, params, dP)

@@ -75,7 +75,8 @@ class FieldFunction(torch.autograd.Function):
     def backward(ctx, g_sdf, g_normal, g_rgb):
         th, p, d = ctx.saved_tensors
         field, n, dev = ctx.field, p.shape[0], p.device
-        g_params = torch.zeros_like(th)
+        # a fixed field (e.g. pose refinement): skip the weight reductions and the hash table's scatter
+        g_params = torch.zeros_like(th) if ctx.needs_input_grad[0] else None
         g_points = torch.zeros((n, 3), dtype=torch.float32, device=dev)
         g_dirs = torch.zeros((n, 3), dtype=torch.float32, device=dev)
         if n > 0:
@@ -85,7 +86,7 @@ class FieldFunction(torch.autograd.Function):
                            None if g_rgb is None else f32(g_rgb), th, g_params, dpoints=g_points, ddirs=g_dirs)
             ctx.token = field.forward_count
         tp, tx, td = ctx.dtypes
-        return g_params.to(tp), g_points.to(tx), g_dirs.to(td), None, None
+        return None if g_params is None else g_params.to(tp), g_points.to(tx), g_dirs.to(td), None, None
 
 
 def field_forward(field: SDFField, params: torch.Tensor, points: torch.Tensor, dirs: torch.Tensor,

@@ -1,16 +1,19 @@
 """Camera pose refinement through the differentiable renderer (iNeRF, Yen-Chen et al., IROS 2021).
 
 A camera-to-world pose ``c2w = [R | C]`` (unit-sphere coordinates, OpenCV axes) is updated on the
-se(3) manifold as iNeRF does: ``c2w(ξ) = exp(ξ^) · c2w₀``, ξ = (ω, ν) ∈ R⁶ (rotation vector,
-translation) in the world frame, whose origin is the centre of the unit sphere, i.e. of the object. ξ
-starts at zero and follows Adam on the photometric loss ``mean |render(rays(c2w(ξ))) − photo|²`` over
-random pixel batches; the gradient reaches ξ through the rays' origins and directions
-(:meth:`~taichi_neus.render.torch_ops.Renderer.render_rays`; sample distances held fixed).
+se(3) manifold, as iNeRF does: ``c2w(ξ) = A·exp(ξ^)·A⁻¹·c2w₀`` with ξ = (ω, ν) ∈ R⁶ (rotation vector,
+translation) starting at zero and ``A = [R₀ | 0]``: the twist acts about the world origin (the centre of
+the unit sphere, i.e. of the object), expressed along the initial camera's axes. ξ follows Adam on the
+photometric loss ``mean |render(rays(c2w(ξ))) − photo|²`` over random pixel batches; the gradient reaches
+ξ through the rays' origins and directions (:meth:`~taichi_neus.render.torch_ops.Renderer.render_rays`;
+sample distances held fixed).
 
-Why the world frame: the direction the photo constrains least is an orbit about the object (the object
-turns by a fraction of a pixel); about the world origin that is a pure ω move, while in the camera's
-frame it mixes ω and ν in the ratio of the object's distance, a diagonal valley that Adam's
-per-coordinate steps cross slowly (measured: stuck at ~1° / 0.045 where the world frame went on).
+Why these coordinates: a photo constrains some motions far less than others — orbiting the object
+(it turns by a fraction of a pixel) and moving along the optical axis (it grows by ~1 %) — and with ξ
+about the object's centre along the camera's axes each of them is one coordinate (ω_x, ω_y; ν_z), so
+Adam's per-coordinate step sizes reach them. About the camera's centre, an orbit mixes ω and ν in the
+ratio of the object's distance, a diagonal valley Adam crosses slowly (measured on a 1,200-step field:
+stuck near 1° / 0.045 unit-sphere units); along world axes the depth direction mixes all three ν.
 """
 
 from __future__ import annotations
@@ -105,6 +108,13 @@ def refine_pose(renderer, K: np.ndarray, c2w_init: np.ndarray, image: np.ndarray
     rng = np.random.default_rng(seed)
     target_all = torch.from_numpy(np.asarray(image, np.float32).reshape(-1, 3))
     c2w0 = torch.from_numpy(np.asarray(c2w_init, np.float64))
+    A = torch.eye(4, dtype=torch.float64)
+    A[:3, :3] = c2w0[:3, :3]
+    A_inv = A.T.clone()  # a rotation: its inverse is its transpose
+
+    def pose(x):
+        return A @ se3_exp(x) @ A_inv @ c2w0
+
     xi = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([xi], lr=lr)
     losses = []
@@ -113,7 +123,7 @@ def refine_pose(renderer, K: np.ndarray, c2w_init: np.ndarray, image: np.ndarray
             g["lr"] = lr * (lr_final / lr) ** (it / max(iters - 1, 1))
         k = rng.choice(H * W, size=min(batch, H * W), replace=False)
         pix = np.stack([k % W + 0.5, k // W + 0.5], -1)
-        c2w = se3_exp(xi) @ c2w0
+        c2w = pose(xi)
         o, d = pose_rays(c2w, camera_dirs(K, pix))
         out = renderer.render_rays(o.float(), d.float())
         loss = (out["colour"] - target_all[torch.from_numpy(k)]).square().mean()
@@ -122,7 +132,7 @@ def refine_pose(renderer, K: np.ndarray, c2w_init: np.ndarray, image: np.ndarray
         opt.step()
         losses.append(float(loss.detach()))
         if log is not None and (it % 20 == 0 or it == iters - 1):
-            log(it, losses[-1], (se3_exp(xi.detach()) @ c2w0).numpy())
+            log(it, losses[-1], pose(xi.detach()).numpy())
     with torch.no_grad():
-        final = (se3_exp(xi) @ c2w0).numpy()
+        final = pose(xi).numpy()
     return {"c2w": final, "loss": losses}
