@@ -12,8 +12,10 @@ Why these coordinates: a photo constrains some motions far less than others — 
 (it turns by a fraction of a pixel) and moving along the optical axis (it grows by ~1 %) — and with ξ
 about the object's centre along the camera's axes each of them is one coordinate (ω_x, ω_y; ν_z), so
 Adam's per-coordinate step sizes reach them. About the camera's centre, an orbit mixes ω and ν in the
-ratio of the object's distance, a diagonal valley Adam crosses slowly (measured on a 1,200-step field:
-stuck near 1° / 0.045 unit-sphere units); along world axes the depth direction mixes all three ν.
+ratio of the object's distance (a diagonal valley for per-coordinate steps); along world axes the depth
+direction mixes all three ν. How close a photo brings the pose is bounded by the field's own errors: the
+photometric loss has its minimum where the field's image best matches the photo, not necessarily at the
+true pose (``examples/refine_pose.py --target render`` measures the optimisation alone).
 """
 
 from __future__ import annotations
