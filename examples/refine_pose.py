@@ -12,6 +12,7 @@ error (unit-sphere units).
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -37,6 +38,9 @@ def run(args) -> dict:
     from taichi_neus.render.pose import perturb_pose, pose_errors, refine_pose
     from taichi_neus.render.torch_ops import Renderer
 
+    if not pathlib.Path(args.run).is_dir():
+        raise UserInputError(f"run folder {args.run} does not exist; pass --run a folder that "
+                             "'taichi-neus train --out' wrote.")
     _, scene, tr = load_run(args.run, arch=args.arch, log=lambda *a: None)
     view = int(scene.test_ids[0] if len(scene.test_ids) else scene.train_ids[0]) if args.view < 0 else args.view
     if not 0 <= view < scene.n_views:

@@ -84,15 +84,17 @@ def trained_run(tmp_path_factory, ti_arch):
 
 
 def test_refine_pose_example_recovers_a_perturbed_camera(trained_run, capsys, ti_arch):
-    """The example on a weak field (250 small steps, ~18 dB), few steps: the errors must fall (measured: 5° / 0.1
-    → 1.8° / 0.062); the field's own errors bound how close a photo brings the pose (see the next test)."""
-    rc = _example().main(["--run", str(trained_run), "--iters", "60", "--batch", "512", "--arch", ti_arch,
-                          "--lr-final", "2e-3", "--view", "1"])
+    """The example against the photo, on a weak field (250 small steps, ~18 dB): the rotation must come back
+    (measured 5° → 1.2°) and the loss fall. The translation is not asserted here: this field's silhouette is
+    inflated, so the photo is explained best from ~0.09 further along the optical axis (the pose the loss
+    prefers is wrong by the field's error; measured after 1,200 steps: 0.57° / 0.053, 0.045 of it axial)."""
+    rc = _example().main(["--run", str(trained_run), "--iters", "150", "--batch", "512", "--arch", ti_arch,
+                          "--view", "1"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["initial"]["rotation_deg"] == pytest.approx(5.0, abs=1e-4)
     assert res["initial"]["translation"] == pytest.approx(0.1, abs=1e-6)
-    assert res["final"]["rotation_deg"] < 2.5 and res["final"]["translation"] < 0.08
+    assert res["final"]["rotation_deg"] < 2.5
     assert res["loss_last"] < 0.5 * res["loss_first"]
 
 
@@ -100,7 +102,7 @@ def test_refine_pose_example_refuses_a_missing_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "refine_pose.py"), "--run", str(tmp_path / "nope")],
                        capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 2 and p.stdout == ""
+    assert p.returncode == 2 and "{" not in p.stdout  # no result (Taichi's banner may be there)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("[Taichi]")]
     assert len(lines) == 1 and lines[0].startswith("refine_pose: error: ") and "does not exist" in lines[0]
 
@@ -108,7 +110,7 @@ def test_refine_pose_example_refuses_a_missing_run(tmp_path):
 def test_refine_pose_example_meets_the_target_against_the_fields_own_image(trained_run, capsys, ti_arch):
     """Against the field's own image at the true pose (the exact answer exists), the optimisation itself must
     bring 5° / 0.1 back within the issue's 0.5° / 0.01: gradients to the rays and the se(3) update are right."""
-    rc = _example().main(["--run", str(trained_run), "--iters", "120", "--batch", "512", "--arch", ti_arch,
+    rc = _example().main(["--run", str(trained_run), "--iters", "200", "--batch", "512", "--arch", ti_arch,
                           "--target", "render", "--view", "1"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
