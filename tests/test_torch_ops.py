@@ -181,6 +181,7 @@ def test_render_rays_gradients_match_float64_reference():
     assert torch.equal(again["colour"], out["colour"].detach())
 
 
+@pytest.mark.filterwarnings("ignore:Input #")  # float32 on purpose: the kernels' precision
 def test_gradcheck_ray_origins_and_directions_float32():
     """torch.autograd.gradcheck in float32 (the kernels' precision): central differences with eps 1e-3,
     stated tolerance atol 3e-3 + rtol 3e-2 of the analytic Jacobian, samples held fixed (as the gradient
@@ -199,6 +200,7 @@ def test_gradcheck_ray_origins_and_directions_float32():
     assert torch.autograd.gradcheck(fn, (o, d), eps=1e-3, atol=3e-3, rtol=3e-2, nondet_tol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Input #")
 def test_gradcheck_field_parameters_fast_mode():
     """All parameters at once along random directions (gradcheck fast mode), float32, stated tolerance."""
     ren, _ = _renderer(seed=46, coarse=True)
