@@ -30,7 +30,7 @@ def make_packed(counts, seed=0, negative_delta_at=None):
     return dict(sdf=sdf, normal=normal, rgb=rgb, delta=delta, t=t, dirs=dirs, offsets=offsets, counts=counts)
 
 
-def torch_reference(p, v, r, bg, stable=False):
+def torch_reference(p, v, r, bg, stable=False, ray_leaves=False):
     """Straightforward float64 NeuS compositing (NeuS renderer.py maths), differentiable by autograd.
 
     ``stable`` evaluates the same α through log-sigmoids (needed when Φ(s·f_prev) underflows)."""
@@ -39,8 +39,8 @@ def torch_reference(p, v, r, bg, stable=False):
     rgb = torch.tensor(p["rgb"], requires_grad=True)
     var = torch.tensor(v, requires_grad=True)
     delta = torch.tensor(p["delta"])
-    t = torch.tensor(p["t"])
-    dirs = torch.tensor(p["dirs"])
+    t = torch.tensor(p["t"], requires_grad=ray_leaves)
+    dirs = torch.tensor(p["dirs"], requires_grad=ray_leaves)
     bg = torch.tensor(bg)
     s = torch.clamp(torch.exp(10.0 * var), 1e-6, 1e6)
     colours, opac, depth, weights = [], [], [], []
@@ -64,7 +64,8 @@ def torch_reference(p, v, r, bg, stable=False):
         colours.append((w[:, None] * rgb[sl]).sum(0) + (1.0 - w.sum()) * bg)
         opac.append(w.sum())
         depth.append((w * t[sl]).sum())
-    return (sdf, normal, rgb, var), torch.stack(colours), torch.stack(opac), torch.stack(depth), torch.cat(weights)
+    leaves = (sdf, normal, rgb, var) + ((dirs, t) if ray_leaves else ())
+    return leaves, torch.stack(colours), torch.stack(opac), torch.stack(depth), torch.cat(weights)
 
 
 def run_taichi(p, v, r, bg, g_c, g_o, g_d, comp=None):
@@ -110,6 +111,29 @@ def test_forward_and_gradients_match_torch(v, r):
     # the clamped sample (negative δ) gets no sdf / normal gradient
     assert grads.sdf.to_numpy()[5] == 0.0
     assert np.all(grads.normal.to_numpy()[5] == 0.0)
+
+
+@pytest.mark.portable
+@pytest.mark.parametrize("r", [0.0, 0.4, 1.0])
+def test_ray_direction_and_t_gradients_match_torch(r):
+    counts = [3, 0, 1, 7, 12, 2]
+    p = make_packed(counts, seed=7)
+    rng = np.random.default_rng(8)
+    g_c, g_o, g_d = rng.normal(size=(len(counts), 3)), rng.normal(size=len(counts)), rng.normal(size=len(counts))
+    leaves, col, opa, dep, _ = torch_reference(p, 0.3, r, (0.2, 0.5, 0.9), ray_leaves=True)
+    ((col * torch.tensor(g_c)).sum() + (opa * torch.tensor(g_o)).sum() + (dep * torch.tensor(g_d)).sum()).backward()
+    comp = NeuSCompositor()
+    up = buffers.upload
+    ins = [up(p["sdf"]), up(p["normal"]), up(p["rgb"]), up(p["delta"]), up(p["t"]), up(p["dirs"]),
+           up(p["offsets"], ti.i32), up(p["counts"], ti.i32)]
+    comp.forward(*ins, 0.3, r, (0.2, 0.5, 0.9))
+    plain = comp.backward(up(g_c), up(g_o), up(g_d))
+    assert plain.dirs is None and plain.t is None  # the training step's call computes nothing extra
+    grads = comp.backward(up(g_c), up(g_o), up(g_d), ray_inputs=True)
+    dirs, t = leaves[4], leaves[5]
+    assert np.abs(dirs.grad.numpy()).max() > 1e-3
+    np.testing.assert_allclose(grads.dirs.to_numpy(), dirs.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads.t.to_numpy(), t.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.portable

@@ -144,6 +144,69 @@ def hash_encode_backward(
                     ti.atomic_add(grads[base + f], w * g[f])
 
 
+@ti.func
+def _cell_slope(x: ti.f32, bound: ti.f32, r: ti.i32) -> ti.f32:
+    """d(fractional position)/dx of :func:`_cell`: r/2b inside the domain, 0 where the clamp holds it
+    (as torch.clamp: the gradient passes at the bounds themselves)."""
+    u = (x + bound) / (2.0 * bound)
+    s = 0.0
+    if u >= 0.0 and u <= 1.0:
+        s = r / (2.0 * bound)
+    return s
+
+
+@ti.kernel
+def hash_encode_backward_points(
+    X: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D) positions in cols 0..2
+    dX: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D') dL/d(encoding) at col0
+    n: ti.i32,
+    col0: ti.i32,
+    params: ti.types.ndarray(dtype=ti.f32, ndim=1),
+    table_off: ti.i32,
+    res: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    loff: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    lsize: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    bound: ti.f32,
+    F: ti.template(),
+    dP: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, 3) out: dL/dx, overwritten
+):
+    """dP[m] = Σ_levels Σ_corners (g·table[corner]) ∂w_corner/∂x: the derivative of the trilinear weights.
+
+    One thread per point, levels in a loop, so no atomics; the table is only read."""
+    L = res.shape[0]
+    for m in range(n):
+        gp = ti.Vector([0.0, 0.0, 0.0])
+        for lv in range(L):
+            r = res[lv]
+            ix, fx = _cell(X[m, 0], bound, r)
+            iy, fy = _cell(X[m, 1], bound, r)
+            iz, fz = _cell(X[m, 2], bound, r)
+            g = ti.Vector([0.0] * F)
+            for f in ti.static(range(F)):
+                g[f] = dX[m, col0 + lv * F + f]
+            gl = ti.Vector([0.0, 0.0, 0.0])  # dL/d(fx, fy, fz) at this level
+            if g.norm_sqr() > 0.0:
+                for c in range(8):
+                    dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+                    wx = fx if dx else 1.0 - fx
+                    wy = fy if dy else 1.0 - fy
+                    wz = fz if dz else 1.0 - fz
+                    sx = 1.0 if dx else -1.0
+                    sy = 1.0 if dy else -1.0
+                    sz = 1.0 if dz else -1.0
+                    e = _corner_index(ix + dx, iy + dy, iz + dz, r, lsize[lv], ldense[lv])
+                    base = table_off + (loff[lv] + e) * F
+                    v = 0.0
+                    for f in ti.static(range(F)):
+                        v += g[f] * params[base + f]
+                    gl += v * ti.Vector([sx * wy * wz, wx * sy * wz, wx * wy * sz])
+            gp += gl * ti.Vector([_cell_slope(X[m, 0], bound, r), _cell_slope(X[m, 1], bound, r),
+                                  _cell_slope(X[m, 2], bound, r)])
+        for c in ti.static(range(3)):
+            dP[m, c] = gp[c]
+
+
 @ti.kernel
 def _uniform_init(params: ti.types.ndarray(dtype=ti.f32, ndim=1), off: ti.i32, size: ti.i32,
                   scale: ti.f32, seed: ti.u32):
@@ -190,3 +253,12 @@ class HashGrid:
         res, loff, lsize, ldense = self._level_arrays()
         hash_encode_backward(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
                              self.cfg.bound, self.cfg.n_features)
+
+    def backward_points(self, X, dX, n: int, col0: int, params, dP) -> None:
+        """dL/d(position) (n, 3) into ``dP`` (overwritten) from ``dX[:n, col0:col0+L*F]`` (dL/d encoding).
+
+        Piecewise smooth: the trilinear weights' derivative jumps across cell faces (either side's is
+        returned, as torch autograd of the same interpolation does); zero outside ``[-bound, bound]``."""
+        res, loff, lsize, ldense = self._level_arrays()
+        hash_encode_backward_points(X, dX, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
+                                    self.cfg.bound, self.cfg.n_features, dP)

@@ -206,19 +206,20 @@ class Linear:
 
         ``dY`` (n, out) holds dL/dY on entry and dL/dZ (pre-activation) on exit. Weight and bias
         gradients are added into ``grads`` (``partial``: optional (chunks, (in+1)·out) scratch, else
-        an internal one); if ``dX`` is given, dL/dX is written into its columns
-        ``dxcol + [i_lo, i_hi)`` (``dx_range``, default all inputs).
+        an internal one; ``grads=None`` skips them, for input gradients alone); if ``dX`` is given,
+        dL/dX is written into its columns ``dxcol + [i_lo, i_hi)`` (``dx_range``, default all inputs).
         """
         if self.act != ACT_NONE:
             act_backward(Y, dY, self.n_out, n, self.act, self.beta)
-        if partial is None:
-            n_chunks = n_weight_chunks(n)
-            partial = _partial_scratch(n_chunks, (self.n_in + 1) * self.n_out)
-        else:
-            n_chunks = partial.shape[0]
-        linear_backward_weight_partial(X, xcol, self.n_in, dY, self.n_out, self.JB, n, partial, n_chunks)
-        linear_backward_weight_reduce(partial, n_chunks, self.n_in, self.n_out, grads,
-                                      self.W.offset, self.b.offset)
+        if grads is not None:
+            if partial is None:
+                n_chunks = n_weight_chunks(n)
+                partial = _partial_scratch(n_chunks, (self.n_in + 1) * self.n_out)
+            else:
+                n_chunks = partial.shape[0]
+            linear_backward_weight_partial(X, xcol, self.n_in, dY, self.n_out, self.JB, n, partial, n_chunks)
+            linear_backward_weight_reduce(partial, n_chunks, self.n_in, self.n_out, grads,
+                                          self.W.offset, self.b.offset)
         if dX is not None:
             lo, hi = dx_range if dx_range is not None else (0, self.n_in)
             linear_backward_input(dY, self.n_out, dX, dxcol, n, params, self.W.offset, lo, hi)

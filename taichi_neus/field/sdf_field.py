@@ -26,7 +26,7 @@ from taichi_neus import buffers
 from taichi_neus.field.hash_grid import HashGrid, HashGridConfig
 from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight
 from taichi_neus.field.params import ParamLayout
-from taichi_neus.field.sh import SH_DIM, sh16
+from taichi_neus.field.sh import SH_DIM, sh16, sh16_vjp
 
 _TETRA = np.array([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], np.float32)
 
@@ -120,6 +120,35 @@ def _scatter_grads(dXc: ti.types.ndarray(dtype=ti.f32, ndim=2), dnormal: ti.type
             dO[m * K + k, 0] = acc * inv_eps
             for i in range(feat):
                 dO[m * K + k, 1 + i] = 0.0
+
+
+@ti.kernel
+def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                 dXc: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                 n: ti.i32, K: ti.i32, xyz_in_sdf: ti.i32, use_color: ti.i32,
+                 dpoints: ti.types.ndarray(dtype=ti.f32, ndim=2), ddirs: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+    """dL/dx and dL/d(view dir) per point (overwritten). Every stencil row m·K + k evaluates the SDF
+    network at x + ε·v_k, so dL/dx sums the rows' position gradients (hash encoding ``dP``, plus the
+    xyz input of the SDF MLP when it has one); the colour MLP adds its xyz input's, and the view
+    direction's comes through the SH encoding."""
+    for m in range(n):
+        g = ti.Vector([0.0, 0.0, 0.0])
+        for k in range(K):
+            for c in ti.static(range(3)):
+                g[c] += dP[m * K + k, c]
+                if xyz_in_sdf != 0:
+                    g[c] += dX0[m * K + k, c]
+        gd = ti.Vector([0.0, 0.0, 0.0])
+        if use_color != 0:
+            for c in ti.static(range(3)):
+                g[c] += dXc[m, c]
+            gs = ti.Vector([0.0] * SH_DIM)
+            for i in ti.static(range(SH_DIM)):
+                gs[i] = dXc[m, 6 + i]
+            gd = sh16_vjp(dirs[m, 0], dirs[m, 1], dirs[m, 2], gs)
+        for c in ti.static(range(3)):
+            dpoints[m, c] = g[c]
+            ddirs[m, c] = gd[c]
 
 
 @ti.kernel
@@ -220,6 +249,7 @@ class SDFField:
         self.set_normal_mode(cfg.normal_mode)
         self.ws = _Workspace()
         self._n = 0
+        self.forward_count = 0
 
     # ------------------------------------------------------------------ setup
     def set_normal_mode(self, mode: str) -> None:
@@ -298,15 +328,23 @@ class SDFField:
             lin.forward(h, 0, Y, n, params)
             couts.append(Y)
             h = Y
-        self._n, self._eps = n, eps
+        self._n, self._eps, self._dirs = n, eps, dirs
         self._sdf_outs, self._color_outs = outs, couts
+        self.forward_count += 1  # lets a caller holding saved inputs tell whether the activations are still its own
         return FieldOutputs(sdf=sdf, normal=normal, rgb=couts[-1], n=n)
 
     # --------------------------------------------------------------- backward
-    def backward(self, dsdf, dnormal, drgb, params, grads) -> None:
+    def backward(self, dsdf, dnormal, drgb, params, grads, dpoints=None, ddirs=None) -> None:
         """Add dL/dθ into ``grads`` given dL/dsdf (n,), dL/dnormal (n,3), dL/drgb (n,3) for the
         batch of the last :meth:`forward`. ``drgb=None`` skips the colour network (geometry-only
-        losses). The inputs are not modified."""
+        losses). The inputs are not modified.
+
+        With ``dpoints`` and ``ddirs`` ((n, 3) float32, overwritten) the gradients with respect to the
+        points (through the hash encoding's trilinear weights, the MLPs' xyz inputs and every
+        finite-difference stencil point) and to the view directions (through the SH encoding; zero when
+        ``drgb`` is None) are written too; ``grads=None`` then skips the parameter gradients (e.g. a camera
+        pose refined through a fixed field). The training step passes neither and runs exactly as before."""
+        want_inputs = dpoints is not None or ddirs is not None
         n, eps = self._n, self._eps
         rows = self.K * n
         X0 = self.ws.get("X0", rows, self.x0_cols)
@@ -321,7 +359,7 @@ class SDFField:
                 Xin = Xc if i == 0 else self._color_outs[i - 1]
                 if i == 0:
                     lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, None,
-                                 dX=dXc, dxcol=0, dx_range=(3, lin.n_in))
+                                 dX=dXc, dxcol=0, dx_range=(0 if want_inputs else 3, lin.n_in))
                 else:
                     dH = self.ws.get(f"dcolor_h{i - 1}", n, lin.n_in)
                     lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, None, dX=dH)
@@ -335,7 +373,7 @@ class SDFField:
         for i in reversed(range(len(self.sdf_layers))):
             lin = self.sdf_layers[i]
             if i == 0:
-                lo = 3 if self.cfg.include_xyz else 0
+                lo = 3 if self.cfg.include_xyz and not want_inputs else 0
                 lin.backward(X0, self.sdf_in_col, self._sdf_outs[0], dY, rows, params, grads, None,
                              dX=dX0, dxcol=self.sdf_in_col, dx_range=(lo, lin.n_in))
             else:
@@ -343,7 +381,15 @@ class SDFField:
                 lin.backward(self._sdf_outs[i - 1], 0, self._sdf_outs[i], dY, rows, params, grads, None,
                              dX=dH)
                 dY = dH
-        self.encoding.backward(X0, dX0, rows, self.enc_col, grads)
+        if grads is not None:
+            self.encoding.backward(X0, dX0, rows, self.enc_col, grads)
+        if want_inputs:
+            dP = self.ws.get("dP", rows, 3)
+            self.encoding.backward_points(X0, dX0, rows, self.enc_col, params, dP)
+            dpoints = dpoints if dpoints is not None else self.ws.get("dpoints_unused", n, 3)
+            ddirs = ddirs if ddirs is not None else self.ws.get("ddirs_unused", n, 3)
+            _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color),
+                         dpoints, ddirs)
 
     # ----------------------------------------------------------- sdf queries
     def sdf(self, points, n: int, params, out=None, chunk: int = 1 << 18):

@@ -217,6 +217,31 @@ def _backward(sdf: F1, normal: F2, rgb: F2, delta: F1, t: F1, dirs: F2, offsets:
 
 
 @ti.kernel
+def _ray_input_grads(g_normal: F2, normal: F2, dirs: F2, weights: F1, g_depth: F1, offsets: I1, counts: I1,
+                     g_dirs: F2, g_t: F1):
+    """∂L/∂(ray direction) through cosθ = d·n, and ∂L/∂t through depth = Σ w·t (overwritten).
+
+    ``_backward`` writes ∂L/∂n_i = (∂L/∂cosθ_i)·d, so ∂L/∂cosθ_i = (∂L/∂n_i)·d / |d|² and
+    ∂L/∂d = Σ_i (∂L/∂cosθ_i)·n_i; α does not depend on t, so ∂L/∂t_i = g_depth·w_i. Run right after
+    ``_backward``, before anything rescales ∂L/∂n."""
+    for ray in range(counts.shape[0]):
+        d = _v3(dirs, ray)
+        dd = d.dot(d)
+        inv = 0.0
+        if dd > 0.0:
+            inv = 1.0 / dd
+        gd = g_depth[ray]
+        acc = ti.Vector([0.0, 0.0, 0.0])
+        start = offsets[ray]
+        for k in range(counts[ray]):
+            i = start + k
+            acc += (_v3(g_normal, i).dot(d) * inv) * _v3(normal, i)
+            g_t[i] = gd * weights[i]
+        for q in ti.static(range(3)):
+            g_dirs[ray, q] = acc[q]
+
+
+@ti.kernel
 def _sum_serial(x: F1, out: F1):
     """out[0] = Σ x (one thread, fixed order: deterministic)."""
     acc = 0.0
@@ -251,6 +276,8 @@ class CompositeGrads:
     normal   (S_cap, 3) float32, ∂L/∂(raw SDF gradient)
     rgb      (S_cap, 3) float32, ∂L/∂rgb
     variance (1,)       float32, ∂L/∂v (stays on the device; ``float(variance.to_numpy()[0])``)
+    dirs     (R, 3)     float32, ∂L/∂(ray direction), only with ``backward(..., ray_inputs=True)``
+    t        (S_cap,)   float32, ∂L/∂t (through the depth), only with ``ray_inputs=True``
     Only the entries of samples owned by some ray are written.
     """
 
@@ -258,6 +285,8 @@ class CompositeGrads:
     normal: object
     rgb: object
     variance: object
+    dirs: object = None
+    t: object = None
 
 
 def _check_shape(name: str, a, shape: tuple) -> None:
@@ -324,11 +353,13 @@ class NeuSCompositor:
                        float(cos_anneal_ratio), bg)
         return out
 
-    def backward(self, grad_colour=None, grad_opacity=None, grad_depth=None) -> CompositeGrads:
+    def backward(self, grad_colour=None, grad_opacity=None, grad_depth=None,
+                 ray_inputs: bool = False) -> CompositeGrads:
         """Gradients of the loss with respect to the per-sample inputs and the variance.
 
         grad_colour (R, 3), grad_opacity (R,), grad_depth (R,) float32: ∂L/∂ of the forward
-        outputs; ``None`` means zero. Returns :class:`CompositeGrads`.
+        outputs; ``None`` means zero. ``ray_inputs`` also returns ∂L/∂dirs and ∂L/∂t (what pose
+        gradients need; the interval lengths δ get none). Returns :class:`CompositeGrads`.
         """
         if self._saved is None:
             raise RuntimeError("NeuSCompositor.backward called before forward")
@@ -353,4 +384,9 @@ class NeuSCompositor:
                   self.alpha, self.transmittance, self.weights, grad_colour, grad_opacity, grad_depth,
                   grads.sdf, grads.normal, grads.rgb, g_v_ray)
         _sum_serial(g_v_ray, grads.variance)
+        if ray_inputs:
+            grads.dirs = self._buf("g_dirs", buffers.f32, n_rays, 3)
+            grads.t = self._buf("g_t", buffers.f32, s_cap)
+            _ray_input_grads(grads.normal, normal, dirs, self.weights, grad_depth, offsets, counts,
+                             grads.dirs, grads.t)
         return grads
