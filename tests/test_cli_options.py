@@ -298,13 +298,15 @@ def test_mesh_refuses_then_writes_another_name(finished):
 
 # ------------------------------------------------------------------------------- torch is optional
 def test_the_package_works_without_torch_except_s3im():
-    """torch is an extra: every module but the S3IM loss and the tests' torch reference imports without it,
-    and asking for S3IM without torch is refused in one sentence."""
+    """torch is an extra: every module but the ones built on torch (the S3IM loss, the tests' torch reference,
+    the torch autograd adapters and the pose refinement built on them) imports without it, and asking for
+    S3IM without torch is refused in one sentence."""
     code = """
 import importlib, pkgutil, sys
 sys.modules["torch"] = None  # as if torch were not installed: import torch raises ImportError
 import taichi_neus
-skip = {"taichi_neus.train.s3im", "taichi_neus.field.torch_reference"}
+skip = {"taichi_neus.train.s3im", "taichi_neus.field.torch_reference", "taichi_neus.field.torch_ops",
+        "taichi_neus.render.torch_ops", "taichi_neus.render.pose"}
 for m in pkgutil.walk_packages(taichi_neus.__path__, "taichi_neus."):
     if m.name not in skip:
         importlib.import_module(m.name)
