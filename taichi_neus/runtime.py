@@ -53,6 +53,16 @@ def _only_software_vulkan() -> bool:
     return sys.platform.startswith("linux") and not glob.glob("/dev/dri/renderD*")
 
 
+def _arch_kwargs(name: str, kwargs: dict) -> dict:
+    """Per-backend options. On the CPU, Taichi vectors become LLVM vectors
+    (``real_matrix_scalarize=False``), so the MLP kernels' 16-float operands are SIMD loads and
+    multiply-adds (DESIGN §3c). The SPIR-V backends (Vulkan, Metal) cannot take the flag, and on
+    CUDA it has not been checked on a GPU yet: those keep Taichi's default."""
+    if name == "cpu":
+        return {"real_matrix_scalarize": False, **kwargs}
+    return dict(kwargs)
+
+
 def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offline_cache: bool = True,
          **kwargs) -> str:
     """Initialise Taichi on ``arch`` and return the name of the arch actually used.
@@ -85,7 +95,7 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     for name in candidates:
         if name != "cpu" and not _arch_available(name):
             continue
-        ti.init(arch=_ti_arch(name), debug=debug, offline_cache=offline_cache, **kwargs)
+        ti.init(arch=_ti_arch(name), debug=debug, offline_cache=offline_cache, **_arch_kwargs(name, kwargs))
         used = _arch_name(ti.lang.impl.current_cfg().arch)
         if name != "cpu" and used != name:
             # Taichi fell back (driver present but no device): treat as unavailable.

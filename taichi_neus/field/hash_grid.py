@@ -78,9 +78,21 @@ def _cell(x: ti.f32, bound: ti.f32, r: ti.i32):
     return i0, u - i0
 
 
+ROWS16 = buffers.ROWS16
+get, put = buffers.get, buffers.put
+
+
+@ti.func
+def _corner(c, ix, iy, iz, fx, fy, fz, r, size, dense):
+    """Trilinear weight and level-local entry of corner ``c`` (bits: dx, dy, dz) of a cell."""
+    dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+    w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
+    return w, _corner_index(ix + dx, iy + dy, iz + dz, r, size, dense)
+
+
 @ti.kernel
 def hash_encode_forward(
-    X: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D): xyz in cols 0..2, encoding written at col0
+    X: ROWS16,  # (M, D) rows16: xyz in cols 0..2, encoding written at col0
     n: ti.i32,
     col0: ti.i32,
     params: ti.types.ndarray(dtype=ti.f32, ndim=1),
@@ -95,25 +107,23 @@ def hash_encode_forward(
     L = res.shape[0]
     for m, lv in ti.ndrange(n, L):
         r = res[lv]
-        ix, fx = _cell(X[m, 0], bound, r)
-        iy, fy = _cell(X[m, 1], bound, r)
-        iz, fz = _cell(X[m, 2], bound, r)
+        ix, fx = _cell(get(X, m, 0), bound, r)
+        iy, fy = _cell(get(X, m, 1), bound, r)
+        iz, fz = _cell(get(X, m, 2), bound, r)
         acc = ti.Vector([0.0] * F)
         for c in range(8):
-            dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
-            w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
-            e = _corner_index(ix + dx, iy + dy, iz + dz, r, lsize[lv], ldense[lv])
+            w, e = _corner(c, ix, iy, iz, fx, fy, fz, r, lsize[lv], ldense[lv])
             base = table_off + (loff[lv] + e) * F
             for f in ti.static(range(F)):
                 acc[f] += w * params[base + f]
         for f in ti.static(range(F)):
-            X[m, col0 + lv * F + f] = acc[f]
+            put(X, m, col0 + lv * F + f, acc[f])
 
 
 @ti.kernel
-def hash_encode_backward(
-    X: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D) positions in cols 0..2
-    dX: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, D') dL/d(encoding) at col0
+def hash_encode_backward_atomic(
+    X: ROWS16,  # (M, D) rows16: positions in cols 0..2
+    dX: ROWS16,  # (M, D') rows16: dL/d(encoding) at col0
     n: ti.i32,
     col0: ti.i32,
     grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
@@ -125,23 +135,68 @@ def hash_encode_backward(
     bound: ti.f32,
     F: ti.template(),
 ):
+    """Table gradient, one thread per (point, level), atomic adds (for the massively parallel backends)."""
     L = res.shape[0]
     for m, lv in ti.ndrange(n, L):
         r = res[lv]
-        ix, fx = _cell(X[m, 0], bound, r)
-        iy, fy = _cell(X[m, 1], bound, r)
-        iz, fz = _cell(X[m, 2], bound, r)
+        ix, fx = _cell(get(X, m, 0), bound, r)
+        iy, fy = _cell(get(X, m, 1), bound, r)
+        iz, fz = _cell(get(X, m, 2), bound, r)
         g = ti.Vector([0.0] * F)
         for f in ti.static(range(F)):
-            g[f] = dX[m, col0 + lv * F + f]
+            g[f] = get(dX, m, col0 + lv * F + f)
         if g.norm_sqr() > 0.0:
             for c in range(8):
-                dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
-                w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
-                e = _corner_index(ix + dx, iy + dy, iz + dz, r, lsize[lv], ldense[lv])
+                w, e = _corner(c, ix, iy, iz, fx, fy, fz, r, lsize[lv], ldense[lv])
                 base = table_off + (loff[lv] + e) * F
                 for f in ti.static(range(F)):
                     ti.atomic_add(grads[base + f], w * g[f])
+
+
+@ti.kernel
+def hash_encode_backward_by_level(
+    X: ROWS16,
+    dX: ROWS16,
+    n: ti.i32,
+    col0: ti.i32,
+    grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
+    table_off: ti.i32,
+    res: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    loff: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    lsize: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
+    bound: ti.f32,
+    F: ti.template(),
+):
+    """Table gradient, one task per level (for the CPU): a level's entries belong to its task alone,
+    so its points are scattered one after the other with plain adds, in point order.
+
+    Why (profiled on the 2-core CPU, 16 levels × 2^19): the per-(point, level) scatter does 256
+    float atomics per point, each a compare-and-swap loop, from both cores into the same lines of
+    the dense coarse levels, and interleaves all 16 levels' tables (64 MB) in the cache. Here each
+    core streams the points through one level's table (≤ 4 MB) at a time, without atomics; the
+    result differs from the atomic scatter only by float32 summation order (and is deterministic)."""
+    L = res.shape[0]
+    ti.loop_config(block_dim=1)  # one task per level, handed to the threads one at a time
+    for lv in range(L):
+        r = res[lv]
+        size = lsize[lv]
+        dense = ldense[lv]
+        lbase = table_off + loff[lv] * F
+        col = col0 + lv * F
+        for m in range(n):
+            g = ti.Vector([0.0] * F)
+            for f in ti.static(range(F)):
+                g[f] = get(dX, m, col + f)
+            if g.norm_sqr() > 0.0:
+                ix, fx = _cell(get(X, m, 0), bound, r)
+                iy, fy = _cell(get(X, m, 1), bound, r)
+                iz, fz = _cell(get(X, m, 2), bound, r)
+                for c in ti.static(range(8)):
+                    w, e = _corner(c, ix, iy, iz, fx, fy, fz, r, size, dense)
+                    base = lbase + e * F
+                    for f in ti.static(range(F)):
+                        grads[base + f] = grads[base + f] + w * g[f]  # load + store: this task owns the level
 
 
 @ti.kernel
@@ -180,13 +235,17 @@ class HashGrid:
         _uniform_init(params, self.slice.offset, self.slice.size, self.cfg.init_scale, seed & 0xFFFFFFFF)
 
     def forward(self, X, n: int, col0: int, params) -> None:
-        """Encode the points in ``X[:n, 0:3]`` (unit-sphere coords) into ``X[:n, col0:col0+L*F]``."""
+        """Encode the points in ``X[:n, 0:3]`` (unit-sphere coords) into ``X[:n, col0:col0+L*F]``
+        (``X`` a :func:`taichi_neus.buffers.rows16` buffer)."""
         res, loff, lsize, ldense = self._level_arrays()
         hash_encode_forward(X, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
                             self.cfg.bound, self.cfg.n_features)
 
     def backward(self, X, dX, n: int, col0: int, grads) -> None:
-        """Scatter ``dX[:n, col0:col0+L*F]`` (dL/d encoding) into the table slice of ``grads``."""
+        """Add ``dX[:n, col0:col0+L*F]`` (dL/d encoding) scattered onto the table into ``grads``
+        (CPU: one task per level, no atomics; other backends: one thread per point and level, atomics)."""
+        from taichi_neus import runtime
         res, loff, lsize, ldense = self._level_arrays()
-        hash_encode_backward(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
+        kernel = hash_encode_backward_by_level if runtime.current_arch() == "cpu" else hash_encode_backward_atomic
+        kernel(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
                              self.cfg.bound, self.cfg.n_features)
