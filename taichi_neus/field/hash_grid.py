@@ -153,6 +153,13 @@ def hash_encode_backward_atomic(
                     ti.atomic_add(grads[base + f], w * g[f])
 
 
+def _one_level_per_task() -> int:
+    """Block size of the per-level loop: 1 on the CPU (each level its own task, so both cores get
+    levels); GPU backends launch at least a warp (lavapipe refuses a block of 1 over a dynamic range)."""
+    from taichi_neus import runtime
+    return 1 if runtime.current_arch() == "cpu" else 32
+
+
 @ti.kernel
 def hash_encode_backward_by_level(
     X: ROWS16,
@@ -177,7 +184,7 @@ def hash_encode_backward_by_level(
     core streams the points through one level's table (≤ 4 MB) at a time, without atomics; the
     result differs from the atomic scatter only by float32 summation order (and is deterministic)."""
     L = res.shape[0]
-    ti.loop_config(block_dim=1)  # one task per level, handed to the threads one at a time
+    ti.loop_config(block_dim=ti.static(_one_level_per_task()))
     for lv in range(L):
         r = res[lv]
         size = lsize[lv]
