@@ -105,7 +105,9 @@ def hash_encode_forward(
     F: ti.template(),
 ):
     L = res.shape[0]
-    for m, lv in ti.ndrange(n, L):
+    # level-major order: the threads' consecutive blocks of points share one level's table (≤ 4 MB)
+    # in the cache; measured within noise of point-major (the gather is bound by memory latency)
+    for lv, m in ti.ndrange(L, n):
         r = res[lv]
         ix, fx = _cell(get(X, m, 0), bound, r)
         iy, fy = _cell(get(X, m, 1), bound, r)
