@@ -60,8 +60,9 @@ def test_hash_encoding_values_and_table_gradient():
 
 
 # (inputs, outputs, first input column): widths that are not multiples of 16 (padded), the field's
-# 3 + 32 → 64 and 64 → 1 + 15 layers, and inputs starting inside a 16-column block (the background).
-_SHAPES = [(9, 6, 2), (35, 64, 0), (32, 64, 3), (64, 3, 0), (37, 16, 0), (20, 33, 14)]
+# 3 + 32 → 64 and 64 → 1 + 15 layers, inputs starting inside a 16-column block (the background), and
+# 1, 2, 3 and 4 blocks per register tile.
+_SHAPES = [(9, 6, 2), (35, 64, 0), (32, 64, 3), (64, 3, 0), (37, 16, 0), (20, 33, 14), (24, 32, 5)]
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "softplus", "sigmoid"])

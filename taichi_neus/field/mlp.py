@@ -131,26 +131,28 @@ def pack_weights(
 @ti.kernel
 def linear_forward(
     X: ROWS16, xb: ti.i32, NIB: ti.i32, Y: ROWS16, NOB: ti.i32, n: ti.i32,
-    Wp: VEC1, bp: VEC1, act: ti.template(), beta: ti.f32,
+    Wp: VEC1, bp: VEC1, act: ti.template(), beta: ti.f32, JB: ti.template(),
 ):
     """Y[m, ob] = act(b[ob] + Σ_r X[m, xb + r // 16][r % 16] · Wp[r, ob]) for m < n (16-output blocks).
 
-    Register tiles of ROWS points × 16 outputs: each weight vector load feeds ROWS vector
-    multiply-adds, each input vector load 16, and the ROWS accumulators stay in registers for the
-    whole input loop (DESIGN §3c)."""
-    for mb, ob in ti.ndrange((n + ROWS - 1) // ROWS, NOB):
-        b = bp[ob]
-        acc = [b for _ in ti.static(range(ROWS))]
+    Register tiles of ROWS points × JB output blocks (JB·16 outputs; JB divides NOB): each input
+    element, broadcast once, feeds JB vector multiply-adds and each weight vector ROWS, and the
+    ROWS·JB accumulators stay in registers for the whole input loop (DESIGN §3c)."""
+    for mb, og in ti.ndrange((n + ROWS - 1) // ROWS, NOB // JB):
+        acc = [[bp[og * JB + j] for j in ti.static(range(JB))] for _ in ti.static(range(ROWS))]
         for ib in range(NIB):
             xs = [X[ti.min(mb * ROWS + t, n - 1), xb + ib] for t in ti.static(range(ROWS))]
             for k in ti.static(range(VW)):
-                w = Wp[(ib * VW + k) * NOB + ob]
+                ws = [Wp[(ib * VW + k) * NOB + og * JB + j] for j in ti.static(range(JB))]
                 for t in ti.static(range(ROWS)):
-                    acc[t] += xs[t][k] * w
+                    xk = xs[t][k]
+                    for j in ti.static(range(JB)):
+                        acc[t][j] += xk * ws[j]
         for t in ti.static(range(ROWS)):
             m = mb * ROWS + t
             if m < n:
-                Y[m, ob] = _act(acc[t], act, beta)
+                for j in ti.static(range(JB)):
+                    Y[m, og * JB + j] = _act(acc[t][j], act, beta)
 
 
 @ti.kernel
@@ -163,52 +165,71 @@ def act_backward(Y: ROWS16, dY: ROWS16, n: ti.i32, act: ti.template(), beta: ti.
 @ti.kernel
 def linear_backward_input(
     dZ: ROWS16, NOB: ti.i32, dX: ROWS16, dxb: ti.i32, ib_lo: ti.i32, ib_hi: ti.i32, NIB: ti.i32, n: ti.i32,
-    WTp: VEC1,
+    WTp: VEC1, JB: ti.template(),
 ):
     """dX[m, dxb + ib] = Σ_j dZ[m, j] · WTp[j, ib] for input blocks ib in [ib_lo, ib_hi) (overwrites).
 
-    Tiles of ROWS points × 16 inputs: each vector of W's column feeds ROWS multiply-adds."""
-    for mb, ibr in ti.ndrange((n + ROWS - 1) // ROWS, ib_hi - ib_lo):
-        ib = ib_lo + ibr
-        acc = [ti.Vector([0.0] * VW) for _ in ti.static(range(ROWS))]
+    Tiles of ROWS points × JB input blocks (JB divides ib_hi − ib_lo), as in :func:`linear_forward`."""
+    for mb, ig in ti.ndrange((n + ROWS - 1) // ROWS, (ib_hi - ib_lo) // JB):
+        ib0 = ib_lo + ig * JB
+        acc = [[ti.Vector([0.0] * VW) for _ in ti.static(range(JB))] for _ in ti.static(range(ROWS))]
         for ob in range(NOB):
             dz = [dZ[ti.min(mb * ROWS + t, n - 1), ob] for t in ti.static(range(ROWS))]
             for k in ti.static(range(VW)):
-                w = WTp[(ob * VW + k) * NIB + ib]
+                ws = [WTp[(ob * VW + k) * NIB + ib0 + j] for j in ti.static(range(JB))]
                 for t in ti.static(range(ROWS)):
-                    acc[t] += dz[t][k] * w
+                    dk = dz[t][k]
+                    for j in ti.static(range(JB)):
+                        acc[t][j] += dk * ws[j]
         for t in ti.static(range(ROWS)):
             m = mb * ROWS + t
             if m < n:
-                dX[m, dxb + ib] = acc[t]
+                for j in ti.static(range(JB)):
+                    dX[m, dxb + ib0 + j] = acc[t][j]
+
+
+def block_group(n_blocks: int) -> int:
+    """Vector blocks per register tile: the largest of 4, 3, 2, 1 that divides ``n_blocks``
+    (4 points × 4 blocks = 16 accumulators, half the AVX-512 register file)."""
+    return next(j for j in (4, 3, 2, 1) if n_blocks % j == 0)
 
 
 @ti.kernel
 def linear_backward_weight_partial(
     X: ROWS16, xb: ti.i32, NIB: ti.i32, dZ: ROWS16, NOB: ti.i32, n: ti.i32, partial: VEC2, n_chunks: ti.i32,
+    IK: ti.template(), JB: ti.template(),
 ):
     """partial[c, r·NOB + ob] = Σ_{m in chunk c} X[m, xb + r // 16][r % 16] · dZ[m, ob] (vectors over
     outputs); storage row r = 16·NIB is the bias (x = 1).
 
-    One task per (chunk, input block, output block): its 16 vector sums stay in registers while the
-    chunk's rows stream by (no atomics, no read-modify-write)."""
-    for c, ib, ob in ti.ndrange(n_chunks, NIB + 1, NOB):
+    One task per (chunk, IK inputs, JB output blocks): its IK·JB vector sums stay in registers while
+    the chunk's rows stream by (no atomics, no read-modify-write); per row, IK broadcasts and JB
+    vector loads feed IK·JB vector multiply-adds."""
+    NKQ = ti.static(VW // IK)
+    for c, q, og in ti.ndrange(n_chunks, NIB * NKQ + 1, NOB // JB):
         lo = c * n // n_chunks
         hi = (c + 1) * n // n_chunks
-        if ib < NIB:
-            acc = [ti.Vector([0.0] * VW) for _ in ti.static(range(VW))]
+        if q < NIB * NKQ:
+            ib = q // NKQ
+            k0 = (q % NKQ) * IK
+            acc = [[ti.Vector([0.0] * VW) for _ in ti.static(range(JB))] for _ in ti.static(range(IK))]
             for m in range(lo, hi):
                 xv = X[m, xb + ib]
-                dz = dZ[m, ob]
-                for k in ti.static(range(VW)):
-                    acc[k] += xv[k] * dz
-            for k in ti.static(range(VW)):
-                partial[c, (ib * VW + k) * NOB + ob] = acc[k]
+                dz = [dZ[m, og * JB + j] for j in ti.static(range(JB))]
+                for k in ti.static(range(IK)):
+                    xk = xv[k0 + k]
+                    for j in ti.static(range(JB)):
+                        acc[k][j] += xk * dz[j]
+            for k in ti.static(range(IK)):
+                for j in ti.static(range(JB)):
+                    partial[c, (ib * VW + k0 + k) * NOB + og * JB + j] = acc[k][j]
         else:
-            acc = ti.Vector([0.0] * VW)
+            acc = [ti.Vector([0.0] * VW) for _ in ti.static(range(JB))]
             for m in range(lo, hi):
-                acc += dZ[m, ob]
-            partial[c, NIB * VW * NOB + ob] = acc
+                for j in ti.static(range(JB)):
+                    acc[j] += dZ[m, og * JB + j]
+            for j in ti.static(range(JB)):
+                partial[c, NIB * VW * NOB + og * JB + j] = acc[j]
 
 
 @ti.kernel
@@ -282,7 +303,7 @@ class Linear:
         self._check(("the layer input", X), ("the layer output", Y))
         xb, xoff, NIB = self._geometry(xcol)
         Wp, _, bp = self._pack(params, xoff, NIB)
-        linear_forward(X, xb, NIB, Y, self.NOB, n, Wp, bp, self.act, self.beta)
+        linear_forward(X, xb, NIB, Y, self.NOB, n, Wp, bp, self.act, self.beta, block_group(self.NOB))
 
     def backward(self, X, xcol: int, Y, dY, n: int, params, grads, n_chunks: int | None = None, dX=None,
                  dxcol: int = 0, dx_range=None) -> None:
@@ -306,7 +327,9 @@ class Linear:
         if partial is None or partial.shape[0] < n_chunks:
             partial = ti.ndarray(V16, shape=(max(n_chunks, 64), (NIB * VW + 1) * self.NOB))
             self._scratch[key] = buffers.check_aligned(partial, "the weight-gradient scratch")
-        linear_backward_weight_partial(X, xb, NIB, dY, self.NOB, n, partial, n_chunks)
+        jb = block_group(self.NOB)
+        ik = {1: 16, 2: 8, 3: 4, 4: 4}[jb]  # inputs per tile: IK·JB ≤ 16 accumulators
+        linear_backward_weight_partial(X, xb, NIB, dY, self.NOB, n, partial, n_chunks, ik, jb)
         linear_backward_weight_reduce(partial, n_chunks, xoff, NIB, self.NOB, self.n_in, self.n_out, grads,
                                       self.W.offset, self.b.offset)
         if dX is not None:
@@ -315,7 +338,7 @@ class Linear:
             self._check(("the input gradient", dX),)
             lo, hi = dx_range if dx_range is not None else (0, self.n_in)
             ib_lo, ib_hi = (xoff + lo) // VW, buffers.blocks(xoff + hi)
-            linear_backward_input(dY, self.NOB, dX, dxcol // VW, ib_lo, ib_hi, NIB, n, WTp)
+            linear_backward_input(dY, self.NOB, dX, dxcol // VW, ib_lo, ib_hi, NIB, n, WTp, block_group(ib_hi - ib_lo))
 
 
 def kaiming_uniform(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
