@@ -152,7 +152,14 @@ def linear_forward(
             m = mb * ROWS + t
             if m < n:
                 for j in ti.static(range(JB)):
-                    Y[m, og * JB + j] = _act(acc[t][j], act, beta)
+                    Y[m, og * JB + j] = acc[t][j]
+        if ti.static(act != ACT_NONE):
+            # the activation in a loop of its own, from the tile just written (in L1): unrolled into
+            # the ROWS·JB tile, softplus's 16-lane polynomial made the kernel take 30 s to compile
+            for q in range(ROWS * JB):
+                m = mb * ROWS + q // JB
+                if m < n:
+                    Y[m, og * JB + q % JB] = _act(Y[m, og * JB + q % JB], act, beta)
 
 
 @ti.kernel
