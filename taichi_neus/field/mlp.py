@@ -172,9 +172,11 @@ def act_backward(Y: ROWS16, dY: ROWS16, n: ti.i32, act: ti.template(), beta: ti.
 @ti.kernel
 def linear_backward_input(
     dZ: ROWS16, NOB: ti.i32, dX: ROWS16, dxb: ti.i32, ib_lo: ti.i32, ib_hi: ti.i32, NIB: ti.i32, n: ti.i32,
-    WTp: VEC1, JB: ti.template(),
+    WTp: VEC1, JB: ti.template(), X: ROWS16, xb: ti.i32, in_act: ti.template(), in_beta: ti.f32,
 ):
-    """dX[m, dxb + ib] = Σ_j dZ[m, j] · WTp[j, ib] for input blocks ib in [ib_lo, ib_hi) (overwrites).
+    """dX[m, dxb + ib] = Σ_j dZ[m, j] · WTp[j, ib] for input blocks ib in [ib_lo, ib_hi) (overwrites),
+    times in_act'(X[m, xb + ib]) when the input X is the output of a layer with activation in_act
+    (then dX is that layer's dL/d pre-activation, and no separate act_backward pass is needed).
 
     Tiles of ROWS points × JB input blocks (JB divides ib_hi − ib_lo), as in :func:`linear_forward`."""
     for mb, ig in ti.ndrange((n + ROWS - 1) // ROWS, (ib_hi - ib_lo) // JB):
@@ -193,6 +195,12 @@ def linear_backward_input(
             if m < n:
                 for j in ti.static(range(JB)):
                     dX[m, dxb + ib0 + j] = acc[t][j]
+        if ti.static(in_act != ACT_NONE):
+            for q in range(ROWS * JB):  # a loop of its own, as in linear_forward (compile time)
+                m = mb * ROWS + q // JB
+                if m < n:
+                    b = ib0 + q % JB
+                    dX[m, dxb + b] = dX[m, dxb + b] * _dact(X[m, xb + b], in_act, in_beta)
 
 
 def block_group(n_blocks: int) -> int:
@@ -313,19 +321,22 @@ class Linear:
         linear_forward(X, xb, NIB, Y, self.NOB, n, Wp, bp, self.act, self.beta, block_group(self.NOB))
 
     def backward(self, X, xcol: int, Y, dY, n: int, params, grads, n_chunks: int | None = None, dX=None,
-                 dxcol: int = 0, dx_range=None) -> None:
+                 dxcol: int = 0, dx_range=None, dy_preact: bool = False, dx_act: "Linear | None" = None) -> None:
         """Backward through act and the affine map.
 
-        ``dY`` (n, out) holds dL/dY on entry and dL/dZ (pre-activation) on exit. Weight and bias
-        gradients are added into ``grads`` (``n_chunks``: rows are summed in that many chunks first,
-        default :func:`n_weight_chunks`). If ``dX`` is given, dL/dX is written into its columns
-        ``dxcol + [i_lo, i_hi)`` (``dx_range``, default all inputs); ``dxcol ≡ xcol (mod 16)``, and the
-        other columns of the 16-column blocks written receive their gradient too.
+        ``dY`` (n, out) holds dL/dY on entry and dL/dZ (pre-activation) on exit (``dy_preact``: it
+        holds dL/dZ already, see ``dx_act``). Weight and bias gradients are added into ``grads``
+        (``n_chunks``: rows are summed in that many chunks first, default :func:`n_weight_chunks`).
+        If ``dX`` is given, dL/dX is written into its columns ``dxcol + [i_lo, i_hi)`` (``dx_range``,
+        default all inputs); ``dxcol ≡ xcol (mod 16)``, and the other columns of the 16-column blocks
+        written receive their gradient too. ``dx_act``: the layer whose output ``X`` is; dX is then
+        multiplied by its activation's derivative on the way out (its dL/dZ, for its backward with
+        ``dy_preact=True``), which saves a pass over the hidden activations.
         """
         self._check(("the layer input", X), ("the layer output", Y), ("the output gradient", dY))
         xb, xoff, NIB = self._geometry(xcol)
         Wp, WTp, bp = self._pack(params, xoff, NIB)
-        if self.act != ACT_NONE:
+        if self.act != ACT_NONE and not dy_preact:
             act_backward(Y, dY, n, self.act, self.beta)
         n_chunks = n_weight_chunks(n) if n_chunks is None else int(n_chunks)
         from taichi_neus import runtime
@@ -345,7 +356,11 @@ class Linear:
             self._check(("the input gradient", dX),)
             lo, hi = dx_range if dx_range is not None else (0, self.n_in)
             ib_lo, ib_hi = (xoff + lo) // VW, buffers.blocks(xoff + hi)
-            linear_backward_input(dY, self.NOB, dX, dxcol // VW, ib_lo, ib_hi, NIB, n, WTp, block_group(ib_hi - ib_lo))
+            in_act, in_beta = (dx_act.act, dx_act.beta) if dx_act is not None else (ACT_NONE, 0.0)
+            if dx_act is not None and (xcol % VW, dx_act.n_out) != (0, self.n_in):
+                raise ValueError("dx_act needs this layer's whole input to be that layer's output")
+            linear_backward_input(dY, self.NOB, dX, dxcol // VW, ib_lo, ib_hi, NIB, n, WTp, block_group(ib_hi - ib_lo),
+                                  X, xb, in_act, in_beta)
 
 
 def kaiming_uniform(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:

@@ -321,15 +321,17 @@ class SDFField:
         if use_color:
             dY = self.ws.get("dcolor_out", n, 3)
             _rows_to16(drgb, dY, n)
+            last = len(self.color_layers) - 1
             for i in reversed(range(len(self.color_layers))):
                 lin = self.color_layers[i]
                 Xin = Xc if i == 0 else self._color_outs[i - 1]
                 if i == 0:
                     lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads,
-                                 dX=dXc, dxcol=0, dx_range=(3, lin.n_in))
+                                 dX=dXc, dxcol=0, dx_range=(3, lin.n_in), dy_preact=i < last)
                 else:
                     dH = self.ws.get(f"dcolor_h{i - 1}", n, lin.n_in)
-                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, dX=dH)
+                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, dX=dH,
+                                 dy_preact=i < last, dx_act=self.color_layers[i - 1])
                     dY = dH
         _, coef = self._stencil_dev()
         last = self.sdf_layers[-1]
@@ -337,16 +339,17 @@ class SDFField:
         _scatter_grads(dXc, dnormal, dsdf, n, coef, 1.0 / eps, dO, self.cfg.feature_dim, int(use_color))
         dY = dO
         dX0 = self.ws.get("dX0", rows, self.x0_cols)
+        last = len(self.sdf_layers) - 1
         for i in reversed(range(len(self.sdf_layers))):
             lin = self.sdf_layers[i]
             if i == 0:
                 lo = 3 if self.cfg.include_xyz else 0
                 lin.backward(X0, self.sdf_in_col, self._sdf_outs[0], dY, rows, params, grads,
-                             dX=dX0, dxcol=self.sdf_in_col, dx_range=(lo, lin.n_in))
+                             dX=dX0, dxcol=self.sdf_in_col, dx_range=(lo, lin.n_in), dy_preact=i < last)
             else:
                 dH = self.ws.get(f"dsdf_h{i - 1}", rows, lin.n_in)
                 lin.backward(self._sdf_outs[i - 1], 0, self._sdf_outs[i], dY, rows, params, grads,
-                             dX=dH)
+                             dX=dH, dy_preact=i < last, dx_act=self.sdf_layers[i - 1])
                 dY = dH
         self.encoding.backward(X0, dX0, rows, self.enc_col, grads)
 

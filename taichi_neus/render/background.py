@@ -256,13 +256,14 @@ class Background:
         _bg_composite_backward(b["raw"], b["rgb"], b["delta"], ns, b["trans"], b["alpha"], g_out, g_raw, feat, g_rgb)
         g_c0 = self._rows("g_c0", M, self.cfg.hidden)
         g_Xc = self._rows("g_Xc", M, self.c_cols)
-        self.color[1].backward(b["c0"], 0, b["rgb"], g_rgb, M, params, grads, dX=g_c0)
-        self.color[0].backward(b["Xc"], 0, b["c0"], g_c0, M, params, grads, dX=g_Xc, dx_range=(SH_DIM, self.c_cols))
+        self.color[1].backward(b["c0"], 0, b["rgb"], g_rgb, M, params, grads, dX=g_c0, dx_act=self.color[0])
+        self.color[0].backward(b["Xc"], 0, b["c0"], g_c0, M, params, grads, dX=g_Xc, dx_range=(SH_DIM, self.c_cols),
+                               dy_preact=True)
         _copy_cols(g_Xc, SH_DIM, feat, g_raw, 1, M)  # the feature's gradient joins the density head's
         g_h0 = self._rows("g_h0", M, self.cfg.hidden)
         g_X = self._rows("g_X", M, self.x_cols)
-        self.density[1].backward(b["h0"], 0, b["raw"], g_raw, M, params, grads, dX=g_h0)
-        self.density[0].backward(b["X"], 3, b["h0"], g_h0, M, params, grads, dX=g_X, dxcol=3)
+        self.density[1].backward(b["h0"], 0, b["raw"], g_raw, M, params, grads, dX=g_h0, dx_act=self.density[0])
+        self.density[0].backward(b["X"], 3, b["h0"], g_h0, M, params, grads, dX=g_X, dxcol=3, dy_preact=True)
         self.encoding.backward(b["X"], g_X, M, 3, grads)
 
 
