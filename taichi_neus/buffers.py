@@ -114,3 +114,97 @@ def upload(values: np.ndarray, dtype=ti.f32):
     a = ti.ndarray(dtype, shape=values.shape)
     a.from_numpy(values.astype(np.float32 if dtype == ti.f32 else np.int32, copy=False))
     return a
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows of 16-float vectors: the activation layout of the MLP and hash-grid kernels.
+#
+# A ``(M, D)`` activation matrix is stored as an ndarray of shape ``(M, ceil(D/16))`` whose
+# element is a 16-float vector, so column ``c`` of row ``m`` is ``X[m, c // 16][c % 16]``.
+# With ``real_matrix_scalarize=False`` (CPU, see runtime.init) one element is one LLVM vector
+# load; Vulkan/Metal scalarise the same source. LLVM assumes such loads are naturally aligned
+# (64 bytes): a misaligned base segfaults instead of failing, so every vector buffer the kernels
+# see goes through :func:`check_aligned` (DESIGN §3c). Padding columns are zero when allocated.
+
+VW = 16
+V16 = ti.types.vector(VW, ti.f32)
+ROWS16 = ti.types.ndarray(dtype=V16, ndim=2)
+_ALIGN = 64
+
+
+class MisalignedBufferError(ValueError):
+    """A buffer handed to the vector kernels does not start on a 64-byte boundary."""
+
+
+def blocks(cols: int) -> int:
+    """16-float blocks needed for ``cols`` columns."""
+    return (int(cols) + VW - 1) // VW
+
+
+def data_ptr(a) -> int | None:
+    """Address of ``a``'s first element in host memory, or None where it has none (GPU/Vulkan ndarrays)."""
+    if isinstance(a, np.ndarray):
+        return int(a.ctypes.data)
+    if hasattr(a, "data_ptr") and hasattr(a, "is_cuda"):  # torch tensor
+        return None if a.is_cuda else int(a.data_ptr())
+    if isinstance(a, ti.lang._ndarray.Ndarray):
+        if runtime.current_arch() != "cpu":
+            return None
+        return int(ti.lang.impl.get_runtime().prog.get_ndarray_data_ptr_as_int(a.arr))
+    raise TypeError(f"not a buffer: {type(a).__name__}")
+
+
+def check_aligned(a, what: str = "buffer"):
+    """Return ``a`` if its data starts on a 64-byte boundary (or lives off the host), else raise
+    :class:`MisalignedBufferError`: a misaligned vector load would crash the process."""
+    p = data_ptr(a)
+    if p is not None and p % _ALIGN:
+        raise MisalignedBufferError(
+            f"{what} starts at address {p:#x}, not on a {_ALIGN}-byte boundary: the 16-float vector kernels "
+            "would crash on it; allocate it with taichi_neus.buffers.rows16 (or pass an aligned copy).")
+    return a
+
+
+@ti.kernel
+def _zero16(a: ROWS16):
+    ti.loop_config(block_dim=1024)  # range-for, not fill(): lavapipe's 65,535-workgroup limit
+    for i in range(a.shape[0] * a.shape[1]):
+        a[i // a.shape[1], i % a.shape[1]] = ti.Vector([0.0] * VW)
+
+
+def rows16(rows: int, cols: int):
+    """A zero-filled ``(rows, blocks(cols))`` ndarray of 16-float vectors (row-major ``(rows, cols)``
+    activations, columns padded to a multiple of 16 with zeros)."""
+    runtime.require_init()
+    a = ti.ndarray(V16, shape=(max(int(rows), 1), blocks(cols)))
+    _zero16(a)
+    return check_aligned(a, "a new vector buffer")
+
+
+def rows16_to_numpy(a, cols: int | None = None) -> np.ndarray:
+    """``(rows, cols)`` float32 host copy of a :func:`rows16` buffer (all padded columns if cols is None)."""
+    h = a.to_numpy()
+    h = h.reshape(h.shape[0], -1)
+    return h if cols is None else h[:, :cols]
+
+
+def rows16_upload(values: np.ndarray):
+    """A new :func:`rows16` buffer holding the ``(rows, cols)`` host array ``values``."""
+    values = np.asarray(values, np.float32)
+    a = rows16(values.shape[0], values.shape[1])
+    h = np.zeros((values.shape[0], a.shape[1] * VW), np.float32)
+    h[:, :values.shape[1]] = values
+    a.from_numpy(h.reshape(values.shape[0], a.shape[1], VW))
+    return a
+
+
+@ti.func
+def get(X: ti.template(), m, c):
+    """Column ``c`` of row ``m`` of a rows16 buffer."""
+    return X[m, c // VW][c % VW]
+
+
+@ti.func
+def put(X: ti.template(), m, c, v):
+    """Set column ``c`` of row ``m`` of a rows16 buffer."""
+    X[m, c // VW][c % VW] = v

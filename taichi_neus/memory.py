@@ -63,6 +63,10 @@ def max_rays(cfg) -> int:
     return int(max(tc.min_rays, min(tc.max_rays, tc.sample_budget)))
 
 
+def _pad16(cols: int) -> int:
+    return (int(cols) + 15) // 16 * 16
+
+
 def step_bytes(cfg) -> dict:
     """Bytes of the training step's buffers at the largest batch (:func:`max_rays`), by part.
 
@@ -79,11 +83,14 @@ def step_bytes(cfg) -> dict:
     rays = max_rays(cfg)
     samples = rays * rc.n_fine
     coarse = rays * rc.max_coarse
+    # activation rows are padded to whole 16-float vectors (buffers.rows16)
+    x0p, sdf_outp, c_inp = _pad16(x0), _pad16(sdf_out), _pad16(c_in)
+    sdf_hidden, color_hidden = _pad16(fc.sdf_hidden), _pad16(fc.color_hidden)
     # per stencil row: inputs, hidden layers, outputs, and their gradients
-    row = 2 * x0 + 2 * fc.sdf_hidden * fc.sdf_layers + 2 * sdf_out
-    colour = 2 * c_in + 2 * fc.color_hidden * fc.color_layers + 6
+    row = 2 * x0p + 2 * sdf_hidden * fc.sdf_layers + 2 * sdf_outp
+    colour = 2 * c_inp + 2 * color_hidden * fc.color_layers + 2 * _pad16(3)
     per_sample = GROWTH * (k * row + colour) + 10  # + sdf, normal, rgb, directions
-    per_coarse = 6 + 1.25 * 3 + GROWTH * (x0 + fc.sdf_hidden * fc.sdf_layers + sdf_out)
+    per_coarse = 6 + 1.25 * 3 + GROWTH * (x0p + sdf_hidden * fc.sdf_layers + sdf_outp)
     field = 4 * per_sample * samples
     sampler = 4 * (per_coarse * coarse + 6 * samples)
     n_params = g.n_levels * (2**g.log2_table) * g.n_features + (x0 + 1) * fc.sdf_hidden \
@@ -91,8 +98,8 @@ def step_bytes(cfg) -> dict:
         + (c_in + 1) * fc.color_hidden + fc.color_hidden * fc.color_hidden * max(fc.color_layers - 1, 0) \
         + (fc.color_hidden + 1) * 3
     params = 4 * 4 * n_params  # parameters, gradients, Adam m and v
-    largest = int(max(GROWTH * k * samples * max(x0, fc.sdf_hidden), coarse * 3 * 1.25,
-                      GROWTH * coarse * max(x0, fc.sdf_hidden)))
+    largest = int(max(GROWTH * k * samples * max(x0p, sdf_hidden), coarse * 3 * 1.25,
+                      GROWTH * coarse * max(x0p, sdf_hidden)))
     return {"rays": rays, "samples": samples, "coarse": coarse, "largest_buffer": largest,
             "field": int(field), "sampler": int(sampler), "params": int(params),
             "total": int(field + sampler + params)}

@@ -69,8 +69,33 @@ def _only_software_vulkan() -> bool:
     return sys.platform.startswith("linux") and not glob.glob("/dev/dri/renderD*")
 
 
+def _arch_kwargs(name: str, kwargs: dict, simd: bool = True) -> dict:
+    """Per-backend options. On the CPU with ``simd``, Taichi vectors become LLVM vectors
+    (``real_matrix_scalarize=False``), so the MLP kernels' 16-float operands are SIMD loads and
+    multiply-adds (DESIGN §3c). The SPIR-V backends (Vulkan, Metal) cannot take the flag, and on
+    CUDA it has not been checked on a GPU yet: those keep Taichi's default."""
+    if name == "cpu" and simd:
+        return {"real_matrix_scalarize": False, **kwargs}
+    return dict(kwargs)
+
+
+def _simd_default(simd: bool | None) -> bool:
+    if simd is not None:
+        return bool(simd)
+    return os.environ.get("TAICHI_NEUS_SIMD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def simd_enabled() -> bool:
+    """Whether the running Taichi compiles CPU vectors as SIMD vectors (``real_matrix_scalarize=False``).
+
+    Taichi 1.7.4 then aborts the whole process (an LLVM assertion) when it compiles a kernel that does
+    arithmetic on whole vectors read from a ``ti.Vector.field``, e.g. ``out[i] = o[i] * t[i] + d[i]``; our
+    kernels never do, but a Taichi user's own kernels may: initialise with ``simd=False`` for those."""
+    return _state["arch"] == "cpu" and bool(_state.get("simd"))
+
+
 def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offline_cache: bool = True,
-         **kwargs) -> str:
+         simd: bool | None = None, **kwargs) -> str:
     """Initialise Taichi on ``arch`` and return the name of the arch actually used.
 
     ``arch`` is one of ``auto|cpu|cuda|vulkan|metal``. ``auto`` tries CUDA, then
@@ -79,9 +104,16 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     kernel cache is on by default so a second process starts fast.
     Calling ``init`` again with a different arch resets Taichi (all fields and
     ndarrays made before become invalid).
+
+    ``simd`` (CPU only; default on, or the ``TAICHI_NEUS_SIMD`` environment variable, ``0`` for off):
+    compile Taichi vectors as SIMD vectors, which makes the MLP kernels several times faster. Turn it
+    off when you write your own Taichi kernels with arithmetic on whole ``ti.Vector.field`` elements
+    (see :func:`simd_enabled`: Taichi 1.7.4 cannot compile those with it on).
     """
     check_arch(arch)
-    if _state["arch"] is not None and (arch == _state["arch"] or arch == "auto"):
+    simd = _simd_default(simd)
+    if _state["arch"] is not None and (arch == _state["arch"] or arch == "auto") and \
+            (_state["arch"] != "cpu" or bool(_state.get("simd")) == simd):
         return _state["arch"]
     if arch != "auto" and arch != "cpu" and not _arch_available(arch):
         # refused before ti.reset(): a failed request leaves a running Taichi (and its fields) as it was
@@ -104,7 +136,7 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     available = [n for n in candidates if n == "cpu" or _arch_available(n)]
     ti.set_logging_level(kwargs["log_level"])
     for name in available:
-        ti.init(arch=_ti_arch(name), debug=debug, offline_cache=offline_cache, **kwargs)
+        ti.init(arch=_ti_arch(name), debug=debug, offline_cache=offline_cache, **_arch_kwargs(name, kwargs, simd))
         used = _arch_name(ti.lang.impl.current_cfg().arch)
         if name != "cpu" and used != name:
             # Taichi fell back (driver present but no device): treat as unavailable.
@@ -115,6 +147,7 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
     if used is None:
         raise BackendError(_unavailable(arch))
     _state["arch"] = used
+    _state["simd"] = simd
     if verbose:
         print(f"[taichi_neus] using arch: {used}")
     return used

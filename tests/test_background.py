@@ -41,7 +41,7 @@ def test_samples_are_contracted_and_ordered():
     bg, _, params = _setup()
     o, d, far = _rays(20, 1)
     bg.forward(buffers.upload(o), buffers.upload(d), buffers.upload(far), params)
-    X = bg._bufs["X"].to_numpy()[:, :3].reshape(20, 8, 3)
+    X = buffers.rows16_to_numpy(bg._bufs["X"], 3).reshape(20, 8, 3)
     r = np.linalg.norm(X, axis=2)
     assert (r[:, :-1] >= 1.0 - 1e-5).all() and (r <= 2.0 + 1e-5).all()
     assert (np.diff(r, axis=1) > 0).all()  # moving outwards, towards the contracted infinity at radius 2
@@ -59,7 +59,7 @@ def test_background_values_and_gradients_match_torch():
     n = 24
     o, d, far = _rays(n, 3)
     out = bg.forward(buffers.upload(o), buffers.upload(d), buffers.upload(far), params).to_numpy()
-    X = t64(bg._bufs["X"].to_numpy()[:, :3])
+    X = t64(buffers.rows16_to_numpy(bg._bufs["X"], 3))
     delta = t64(bg._bufs["delta"].to_numpy()).view(n, 8)
     theta = t64(buffers.to_numpy(params)).requires_grad_()
     w = lambda s: theta[s.offset:s.offset + s.size].view(*s.shape)  # noqa: E731

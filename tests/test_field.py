@@ -6,6 +6,7 @@ import torch
 from field_helpers import random_batch, small_field, t64
 
 from taichi_neus import buffers
+from taichi_neus.field import hash_grid
 from taichi_neus.field.hash_grid import HashGrid, HashGridConfig, level_layout
 from taichi_neus.field.mlp import Linear
 from taichi_neus.field.params import ParamLayout
@@ -35,49 +36,101 @@ def test_hash_encoding_values_and_table_gradient():
     grid.init_params(params, seed=3)
     n = 200
     pts, _ = random_batch(n, seed=1, lo=-1.1, hi=1.1)  # includes points outside the domain (clamped)
-    X = buffers.f32(n, 3 + cfg.out_dim)
-    X.from_numpy(np.concatenate([pts, np.zeros((n, cfg.out_dim), np.float32)], 1))
+    X = buffers.rows16_upload(np.concatenate([pts, np.zeros((n, cfg.out_dim), np.float32)], 1))
     grid.forward(X, n, 3, params)
     theta = t64(buffers.to_numpy(params)).requires_grad_()
     table = theta[grid.slice.offset:grid.slice.offset + grid.slice.size].view(*grid.slice.shape)
     ref = hash_encode(t64(pts), table, grid.res_np, grid.loff_np, grid.lsize_np, grid.ldense_np, cfg.bound)
-    got = X.to_numpy()[:, 3:]
+    got = buffers.rows16_to_numpy(X, 3 + cfg.out_dim)[:, 3:]
     assert _rel(got, ref.detach().numpy()) < 1e-5
     upstream = np.random.default_rng(2).normal(size=(n, cfg.out_dim)).astype(np.float32)
-    dX = buffers.f32(n, 3 + cfg.out_dim)
-    dX.from_numpy(np.concatenate([np.zeros((n, 3), np.float32), upstream], 1))
-    grads = layout.allocate()
-    grid.backward(X, dX, n, 3, grads)
+    upstream[::7, 2:4] = 0.0  # levels without gradient at some points are skipped
+    dX = buffers.rows16_upload(np.concatenate([np.zeros((n, 3), np.float32), upstream], 1))
     (ref * t64(upstream)).sum().backward()
-    assert _rel(buffers.to_numpy(grads), theta.grad.numpy()) < 1e-5
+    # the backend's own choice, then both scatters explicitly (per level without atomics, per point with)
+    kernels = [None, hash_grid.hash_encode_backward_by_level, hash_grid.hash_encode_backward_atomic]
+    for kernel in kernels:
+        grads = layout.allocate()
+        buffers.from_numpy(grads, np.full(layout.total, 0.5, np.float32))  # the scatter adds to what is there
+        if kernel is None:
+            grid.backward(X, dX, n, 3, grads)
+        else:
+            kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features)
+        assert _rel(buffers.to_numpy(grads) - 0.5, theta.grad.numpy()) < 1e-5, kernel
+
+
+# (inputs, outputs, first input column): widths that are not multiples of 16 (padded), the field's
+# 3 + 32 → 64 and 64 → 1 + 15 layers, inputs starting inside a 16-column block (the background), and
+# 1, 2, 3 and 4 blocks per register tile.
+_SHAPES = [(9, 6, 2), (35, 64, 0), (32, 64, 3), (64, 3, 0), (37, 16, 0), (20, 33, 14), (24, 32, 5)]
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "softplus", "sigmoid"])
-def test_linear_layer_forward_backward(act):
+@pytest.mark.parametrize("n_in,n_out,xcol", _SHAPES)
+def test_linear_layer_forward_backward(act, n_in, n_out, xcol):
     layout = ParamLayout()
-    lin = Linear(layout, "l", 9, 6, act=act, beta=10.0)
+    layout.add("before", (5,), "other")  # the layer's slices do not start at 0
+    lin = Linear(layout, "l", n_in, n_out, act=act, beta=10.0)
     params = layout.allocate()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(n_in + n_out)
     theta_np = rng.normal(0, 0.5, layout.total).astype(np.float32)
     buffers.from_numpy(params, theta_np)
-    n = 300
-    x = rng.normal(size=(n, 11)).astype(np.float32)  # layer reads columns 2..10
-    X, Y = buffers.upload(x), buffers.f32(n, 6)
-    lin.forward(X, 2, Y, n, params)
+    n = 301  # not a multiple of the 4-point tile
+    x = rng.normal(size=(n, xcol + n_in)).astype(np.float32)
+    X, Y = buffers.rows16_upload(x), buffers.rows16(n, n_out)
+    lin.forward(X, xcol, Y, n, params)
     theta = t64(theta_np).requires_grad_()
     xt = t64(x).requires_grad_()
-    z = torch.nn.functional.linear(xt[:, 2:], theta[lin.W.offset:lin.W.offset + 54].view(9, 6).t(),
-                                   theta[lin.b.offset:lin.b.offset + 6])
+    w, b = lin.W, lin.b
+    z = torch.nn.functional.linear(xt[:, xcol:], theta[w.offset:w.offset + w.size].view(n_in, n_out).t(),
+                                   theta[b.offset:b.offset + b.size])
     y = {"none": z, "relu": torch.relu(z), "softplus": torch.nn.functional.softplus(z, beta=10.0),
          "sigmoid": torch.sigmoid(z)}[act]
-    assert _rel(Y.to_numpy(), y.detach().numpy()) < 1e-5
-    up = rng.normal(size=(n, 6)).astype(np.float32)
-    dY, dX, grads = buffers.upload(up), buffers.f32(n, 11), layout.allocate()
-    partial = buffers.f32(7, 6 * 10)  # (chunks, (in+1)·out)  # chunk count that does not divide n
-    lin.backward(X, 2, Y, dY, n, params, grads, partial, dX=dX, dxcol=2)
+    assert _rel(buffers.rows16_to_numpy(Y, n_out), y.detach().numpy()) < 1e-5
+    up = rng.normal(size=(n, n_out)).astype(np.float32)
+    dY, dX, grads = buffers.rows16_upload(up), buffers.rows16(n, xcol + n_in), layout.allocate()
+    lin.backward(X, xcol, Y, dY, n, params, grads, n_chunks=7, dX=dX, dxcol=xcol)  # 7 chunks: do not divide n
     (y * t64(up)).sum().backward()
-    assert _rel(buffers.to_numpy(grads), theta.grad.numpy()) < 1e-5
-    assert _rel(dX.to_numpy()[:, 2:], xt.grad.numpy()[:, 2:]) < 1e-5
+    g = buffers.to_numpy(grads)
+    assert _rel(g, theta.grad.numpy()) < 1e-5
+    assert not g[:5].any()  # nothing lands outside the layer's slices (padding is dropped)
+    assert _rel(buffers.rows16_to_numpy(dX, xcol + n_in)[:, xcol:], xt.grad.numpy()[:, xcol:]) < 1e-5
+
+
+def test_misaligned_vector_buffer_is_refused_not_crashed():
+    # LLVM's vector loads assume 64-byte alignment: a misaligned view would segfault the process.
+    layout = ParamLayout()
+    lin = Linear(layout, "l", 16, 16)
+    params = layout.allocate()
+    rng = np.random.default_rng(0)
+    buffers.from_numpy(params, rng.normal(size=layout.total).astype(np.float32))
+    n = 8
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+
+    def view(shift):  # (n, 1, 16) host array starting `shift` floats after a 64-byte boundary
+        store = np.zeros(n * 16 + 32, np.float32)
+        start = (-store.ctypes.data % 64) // 4 + shift
+        v = store[start:start + n * 16].reshape(n, 1, 16)
+        v[:] = x.reshape(n, 1, 16)
+        return v
+
+    aligned, misaligned = view(0), view(1)
+    Y = buffers.rows16(n, 16)
+    with pytest.raises(buffers.MisalignedBufferError, match="64-byte boundary"):
+        lin.forward(misaligned, 0, Y, n, params)
+    with pytest.raises(buffers.MisalignedBufferError, match="64-byte boundary"):
+        lin.backward(buffers.rows16_upload(x), 0, Y, misaligned, n, params, layout.allocate())
+    # the same data, aligned, goes through and gives the layer's result: only the alignment was refused
+    lin.forward(aligned, 0, Y, n, params)
+    Wt = buffers.to_numpy(params)[lin.W.offset:lin.W.offset + 256].reshape(16, 16)
+    b = buffers.to_numpy(params)[lin.b.offset:lin.b.offset + 16]
+    assert _rel(buffers.rows16_to_numpy(Y), x @ Wt + b) < 1e-5
+    # every buffer the package makes for these kernels is aligned by construction
+    for rows, cols in [(1, 1), (3, 35), (1000, 64), (7, 3)]:
+        buffers.check_aligned(buffers.rows16(rows, cols))
+    _, layout, params = small_field()
+    buffers.check_aligned(params, "the parameter buffer")
+    assert all(s.offset % 16 == 0 for s in layout.slices.values()) and len(layout.slices) > 5
 
 
 def test_sh_basis_is_orthonormal():
@@ -94,7 +147,7 @@ def test_sh_basis_is_orthonormal():
     out = field.forward(buffers.upload(np.zeros((n, 3), np.float32)), buffers.upload(d.astype(np.float32)), n,
                         params)
     del out
-    Y = field.ws.get("Xc", n, field.color_in).to_numpy()[:n, 6:22].astype(np.float64)
+    Y = buffers.rows16_to_numpy(field.ws.get("Xc", n, field.color_in))[:n, 6:22].astype(np.float64)
     gram = (Y * W.reshape(-1, 1)).T @ Y
     assert np.abs(gram - np.eye(16)).max() < 1e-5
     assert np.abs(Y - sh16(t64(d)).numpy()).max() < 1e-5
@@ -216,11 +269,10 @@ def test_hash_encoding_point_gradient_matches_float64():
     grid.init_params(params, seed=4)
     n = 200
     pts, _ = random_batch(n, seed=2, lo=-1.1, hi=1.1)  # some outside the domain: clamped, zero gradient
-    X = buffers.f32(n, 3 + cfg.out_dim)
-    X.from_numpy(np.concatenate([pts, np.zeros((n, cfg.out_dim), np.float32)], 1))
+    X = buffers.rows16_upload(np.concatenate([pts, np.zeros((n, cfg.out_dim), np.float32)], 1))
     grid.forward(X, n, 3, params)
     upstream = np.random.default_rng(3).normal(size=(n, cfg.out_dim)).astype(np.float32)
-    dX = buffers.upload(np.concatenate([np.zeros((n, 3), np.float32), upstream], 1))
+    dX = buffers.rows16_upload(np.concatenate([np.zeros((n, 3), np.float32), upstream], 1))
     dP = buffers.f32(n, 3)
     grid.backward_points(X, dX, n, 3, params, dP)
     theta = t64(buffers.to_numpy(params))

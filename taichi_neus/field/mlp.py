@@ -1,9 +1,14 @@
 """Tiny fully connected layers as Taichi kernels, forward and hand-written backward.
 
-Activations are row-major ``(M, D)`` float32 ndarrays; a layer reads its input from a
-column range of one buffer and writes its output to another, so an encoding and the
-first layer's input can share one buffer. Weights ``W`` ``(out, in)`` and bias ``b``
-``(out,)`` are slices of the model's flat parameter buffer.
+Activations are row-major ``(M, D)`` matrices stored as rows of 16-float vectors
+(:func:`taichi_neus.buffers.rows16`); a layer reads its input from a column range of one
+buffer and writes its output to another, so an encoding and the first layer's input can
+share one buffer. Weights ``W`` ``(out, in)`` and bias ``b`` ``(out,)`` are slices of the
+model's flat parameter buffer, copied into zero-padded vector form at each call.
+
+Every operand of the inner loops is a 16-float vector (activations, weights, bias,
+accumulators), so with ``real_matrix_scalarize=False`` (CPU, DESIGN §3c) each load and
+multiply-add is one SIMD instruction; Vulkan/Metal run the same source scalarised.
 
 Backward passes use the layer's *output* to get the activation derivative (ReLU: y>0;
 sigmoid: y(1−y); softplus with β: 1 − exp(−β·y)), so no pre-activation is stored.
@@ -20,162 +25,245 @@ from taichi_neus import buffers
 from taichi_neus.field.params import ParamLayout
 
 ACT_NONE, ACT_RELU, ACT_SOFTPLUS, ACT_SIGMOID = 0, 1, 2, 3
+VW = buffers.VW
 _ACTS = {"none": ACT_NONE, "relu": ACT_RELU, "softplus": ACT_SOFTPLUS, "sigmoid": ACT_SIGMOID}
 
 
 @ti.func
-def _act(z: ti.f32, act: ti.template(), beta: ti.f32) -> ti.f32:
+def _exp_neg(a: ti.f32) -> ti.f32:
+    """e^{−a} for a ≥ 0 (a is clamped to [0, 87]), to ~1 ulp: e^{−a} = 2^{−k}·e^{−r} with
+    k = round(a/ln 2), |r| ≤ ln2/2 (Cody–Waite split of ln 2), e^{−r} by its degree-7 Taylor
+    polynomial (error < 6e-9), 2^{−k} built in the exponent bits. Plain arithmetic instead of libm's
+    expf, so the 16 lanes of a vector are computed side by side rather than by 16 calls."""
+    x = ti.min(ti.max(a, 0.0), 87.0)
+    k = ti.floor(x * 1.4426950408889634 + 0.5)
+    r = (x - k * 0.693145751953125) - k * 1.4286068203094172e-06
+    p = 1.0 + (-r) * (1.0 + (-r) * (0.5 + (-r) * (1.0 / 6.0 + (-r) * (1.0 / 24.0 + (-r) * (
+        1.0 / 120.0 + (-r) * (1.0 / 720.0 + (-r) * (1.0 / 5040.0)))))))
+    return p * ti.bit_cast((127 - ti.cast(k, ti.i32)) << 23, ti.f32)
+
+
+@ti.func
+def _log1p01(t: ti.f32) -> ti.f32:
+    """log(1 + t) for t in [0, 1]: 2·atanh(s), s = t/(2 + t) ≤ 1/3, by its series to s¹⁷ (error < 1e-9)."""
+    s = t / (2.0 + t)
+    z = s * s
+    q = 1.0 / 17.0
+    for i in ti.static(range(7, -1, -1)):
+        q = 1.0 / (2 * i + 1) + z * q
+    return 2.0 * s * q
+
+
+@ti.func
+def _act(z, act: ti.template(), beta: ti.f32):
+    """Activation of a 16-float vector, element by element."""
     y = z
     if ti.static(act == ACT_RELU):
         y = ti.max(z, 0.0)
     elif ti.static(act == ACT_SOFTPLUS):
-        bz = beta * z
-        # log(1 + e^{βz}) / β, stable for large |βz| (torch uses a linear branch past βz = 20)
-        y = z if bz > 20.0 else ti.log(1.0 + ti.exp(bz)) / beta
+        # softplus_β(z) = [max(βz, 0) + log(1 + e^{−|βz|})] / β; torch returns z itself past βz = 20
+        for k in ti.static(range(VW)):
+            bz = beta * z[k]
+            y[k] = ti.select(bz > 20.0, z[k], (ti.max(bz, 0.0) + _log1p01(_exp_neg(ti.abs(bz)))) / beta)
     elif ti.static(act == ACT_SIGMOID):
-        y = 1.0 / (1.0 + ti.exp(-z))
+        for k in ti.static(range(VW)):
+            t = _exp_neg(ti.abs(z[k]))
+            y[k] = ti.select(z[k] >= 0.0, 1.0, t) / (1.0 + t)
     return y
 
 
 @ti.func
-def _dact(y: ti.f32, act: ti.template(), beta: ti.f32) -> ti.f32:
-    d = 1.0
+def _dact(y, act: ti.template(), beta: ti.f32):
+    """Derivative of the activation of a 16-float vector, from its output ``y``."""
+    d = y * 0.0 + 1.0
     if ti.static(act == ACT_RELU):
-        d = 1.0 if y > 0.0 else 0.0
+        d = ti.select(y > 0.0, 1.0, 0.0)
     elif ti.static(act == ACT_SOFTPLUS):
-        d = 1.0 - ti.exp(-beta * y)
+        for k in ti.static(range(VW)):
+            d[k] = 1.0 - _exp_neg(beta * y[k])  # softplus' = 1 − e^{−β·softplus}
     elif ti.static(act == ACT_SIGMOID):
         d = y * (1.0 - y)
     return d
 
 
-ROWS = 4  # points per register tile
+ROWS = 4  # points per register tile (tile: ROWS points × 16 outputs, ROWS vector accumulators)
+V16 = buffers.V16
+ROWS16 = buffers.ROWS16
+VEC1 = ti.types.ndarray(dtype=V16, ndim=1)
+VEC2 = ti.types.ndarray(dtype=V16, ndim=2)
 
 
-def col_block(n: int) -> int:
-    """Outputs per register tile: the largest divisor of n that is ≤ 16."""
-    return max(d for d in range(1, 17) if n % d == 0)
+@ti.kernel
+def pack_weights(
+    params: ti.types.ndarray(dtype=ti.f32, ndim=1), w_off: ti.i32, b_off: ti.i32, n_in: ti.i32, n_out: ti.i32,
+    xoff: ti.i32, NIB: ti.i32, NOB: ti.i32, Wp: VEC1, WTp: VEC1, bp: VEC1,
+):
+    """Copy a layer's ``Wt`` (in, out) and ``b`` from the flat buffer into zero-padded vector form.
+
+    ``Wp[r·NOB + ob][k] = Wt[r − xoff, 16·ob + k]``: rows of Wt as vectors over outputs (forward,
+    weight gradient); storage row r is input column ``xoff + i`` of the layer's first input block.
+    ``WTp[j·NIB + ib][k] = Wt[16·ib + k − xoff, j]``: columns of Wt as vectors over inputs (input
+    gradient). Rows and columns outside the layer are zero, so padding adds nothing."""
+    for r, ob in ti.ndrange(NIB * VW, NOB):
+        v = ti.Vector([0.0] * VW)
+        i = r - xoff
+        for k in ti.static(range(VW)):
+            j = ob * VW + k
+            if i >= 0 and i < n_in and j < n_out:
+                v[k] = params[w_off + i * n_out + j]
+        Wp[r * NOB + ob] = v
+    for j, ib in ti.ndrange(NOB * VW, NIB):
+        v = ti.Vector([0.0] * VW)
+        for k in ti.static(range(VW)):
+            i = ib * VW + k - xoff
+            if i >= 0 and i < n_in and j < n_out:
+                v[k] = params[w_off + i * n_out + j]
+        WTp[j * NIB + ib] = v
+    for ob in range(NOB):
+        v = ti.Vector([0.0] * VW)
+        for k in ti.static(range(VW)):
+            j = ob * VW + k
+            if j < n_out:
+                v[k] = params[b_off + j]
+        bp[ob] = v
 
 
 @ti.kernel
 def linear_forward(
-    X: ti.types.ndarray(dtype=ti.f32, ndim=2), xcol: ti.i32, n_in: ti.i32,
-    Y: ti.types.ndarray(dtype=ti.f32, ndim=2), NO: ti.template(), JB: ti.template(), n: ti.i32,
-    params: ti.types.ndarray(dtype=ti.f32, ndim=1), w_off: ti.i32, b_off: ti.i32,
-    act: ti.template(), beta: ti.f32,
+    X: ROWS16, xb: ti.i32, NIB: ti.i32, Y: ROWS16, NOB: ti.i32, n: ti.i32,
+    Wp: VEC1, bp: VEC1, act: ti.template(), beta: ti.f32, JB: ti.template(),
 ):
-    """Y[m, j] = act(b[j] + Σ_i X[m, xcol + i] · Wt[i, j]) for m < n.
+    """Y[m, ob] = act(b[ob] + Σ_r X[m, xb + r // 16][r % 16] · Wp[r, ob]) for m < n (16-output blocks).
 
-    Register tiles of ROWS points × JB outputs: each weight load feeds ROWS multiply-adds and
-    each input load JB; the tile's accumulators stay in registers for the whole input loop."""
-    for mb, jb in ti.ndrange((n + ROWS - 1) // ROWS, NO // JB):
-        acc = ti.Matrix([[0.0] * JB for _ in range(ROWS)])
-        for r in ti.static(range(ROWS)):
-            for j in ti.static(range(JB)):
-                acc[r, j] = params[b_off + jb * JB + j]
-        for i in range(n_in):
-            xs = ti.Vector([X[ti.min(mb * ROWS + r, n - 1), xcol + i] for r in ti.static(range(ROWS))])
-            row = w_off + i * NO + jb * JB
-            for j in ti.static(range(JB)):
-                w = params[row + j]
-                for r in ti.static(range(ROWS)):
-                    acc[r, j] += w * xs[r]
-        for r in ti.static(range(ROWS)):
-            m = mb * ROWS + r
+    Register tiles of ROWS points × JB output blocks (JB·16 outputs; JB divides NOB): each input
+    element, broadcast once, feeds JB vector multiply-adds and each weight vector ROWS, and the
+    ROWS·JB accumulators stay in registers for the whole input loop (DESIGN §3c)."""
+    for mb, og in ti.ndrange((n + ROWS - 1) // ROWS, NOB // JB):
+        acc = [[bp[og * JB + j] for j in ti.static(range(JB))] for _ in ti.static(range(ROWS))]
+        for ib in range(NIB):
+            xs = [X[ti.min(mb * ROWS + t, n - 1), xb + ib] for t in ti.static(range(ROWS))]
+            for k in ti.static(range(VW)):
+                ws = [Wp[(ib * VW + k) * NOB + og * JB + j] for j in ti.static(range(JB))]
+                for t in ti.static(range(ROWS)):
+                    xk = xs[t][k]
+                    for j in ti.static(range(JB)):
+                        acc[t][j] += xk * ws[j]
+        for t in ti.static(range(ROWS)):
+            m = mb * ROWS + t
             if m < n:
                 for j in ti.static(range(JB)):
-                    Y[m, jb * JB + j] = _act(acc[r, j], act, beta)
+                    Y[m, og * JB + j] = acc[t][j]
+        if ti.static(act != ACT_NONE):
+            # the activation in a loop of its own, from the tile just written (in L1): unrolled into
+            # the ROWS·JB tile, softplus's 16-lane polynomial made the kernel take 30 s to compile
+            for q in range(ROWS * JB):
+                m = mb * ROWS + q // JB
+                if m < n:
+                    Y[m, og * JB + q % JB] = _act(Y[m, og * JB + q % JB], act, beta)
 
 
 @ti.kernel
-def act_backward(
-    Y: ti.types.ndarray(dtype=ti.f32, ndim=2), dY: ti.types.ndarray(dtype=ti.f32, ndim=2),
-    n_out: ti.i32, n: ti.i32, act: ti.template(), beta: ti.f32,
-):
-    """dY ← dY · act'(Y) in place (dL/d pre-activation)."""
-    for m in range(n):
-        for j in range(n_out):
-            dY[m, j] *= _dact(Y[m, j], act, beta)
+def act_backward(Y: ROWS16, dY: ROWS16, n: ti.i32, act: ti.template(), beta: ti.f32):
+    """dY ← dY · act'(Y) in place (dL/d pre-activation), 16 columns at a time."""
+    for m, ob in ti.ndrange(n, Y.shape[1]):
+        dY[m, ob] = dY[m, ob] * _dact(Y[m, ob], act, beta)
 
 
 @ti.kernel
 def linear_backward_input(
-    dZ: ti.types.ndarray(dtype=ti.f32, ndim=2), NO: ti.template(),
-    dX: ti.types.ndarray(dtype=ti.f32, ndim=2), xcol: ti.i32, n: ti.i32,
-    params: ti.types.ndarray(dtype=ti.f32, ndim=1), w_off: ti.i32,
-    i_lo: ti.i32, i_hi: ti.i32,
+    dZ: ROWS16, NOB: ti.i32, dX: ROWS16, dxb: ti.i32, ib_lo: ti.i32, ib_hi: ti.i32, NIB: ti.i32, n: ti.i32,
+    WTp: VEC1, JB: ti.template(), X: ROWS16, xb: ti.i32, in_act: ti.template(), in_beta: ti.f32,
 ):
-    """dX[m, xcol + i] = Σ_j dZ[m, j] · Wt[i, j] for i in [i_lo, i_hi) (overwrites).
+    """dX[m, dxb + ib] = Σ_j dZ[m, j] · WTp[j, ib] for input blocks ib in [ib_lo, ib_hi) (overwrites),
+    times in_act'(X[m, xb + ib]) when the input X is the output of a layer with activation in_act
+    (then dX is that layer's dL/d pre-activation, and no separate act_backward pass is needed).
 
-    Tiles of ROWS points: the points' NO upstream gradients are held in registers and each
-    weight row feeds ROWS dot products."""
-    for mb, i in ti.ndrange((n + ROWS - 1) // ROWS, i_hi - i_lo):
-        row = w_off + (i_lo + i) * NO
-        acc = ti.Vector([0.0] * ROWS)
-        for j in range(NO):
-            w = params[row + j]
-            for r in ti.static(range(ROWS)):
-                acc[r] += w * dZ[ti.min(mb * ROWS + r, n - 1), j]
-        for r in ti.static(range(ROWS)):
-            m = mb * ROWS + r
+    Tiles of ROWS points × JB input blocks (JB divides ib_hi − ib_lo), as in :func:`linear_forward`."""
+    for mb, ig in ti.ndrange((n + ROWS - 1) // ROWS, (ib_hi - ib_lo) // JB):
+        ib0 = ib_lo + ig * JB
+        acc = [[ti.Vector([0.0] * VW) for _ in ti.static(range(JB))] for _ in ti.static(range(ROWS))]
+        for ob in range(NOB):
+            dz = [dZ[ti.min(mb * ROWS + t, n - 1), ob] for t in ti.static(range(ROWS))]
+            for k in ti.static(range(VW)):
+                ws = [WTp[(ob * VW + k) * NIB + ib0 + j] for j in ti.static(range(JB))]
+                for t in ti.static(range(ROWS)):
+                    dk = dz[t][k]
+                    for j in ti.static(range(JB)):
+                        acc[t][j] += dk * ws[j]
+        for t in ti.static(range(ROWS)):
+            m = mb * ROWS + t
             if m < n:
-                dX[m, xcol + i_lo + i] = acc[r]
+                for j in ti.static(range(JB)):
+                    dX[m, dxb + ib0 + j] = acc[t][j]
+        if ti.static(in_act != ACT_NONE):
+            for q in range(ROWS * JB):  # a loop of its own, as in linear_forward (compile time)
+                m = mb * ROWS + q // JB
+                if m < n:
+                    b = ib0 + q % JB
+                    dX[m, dxb + b] = dX[m, dxb + b] * _dact(X[m, xb + b], in_act, in_beta)
+
+
+def block_group(n_blocks: int) -> int:
+    """Vector blocks per register tile: the largest of 4, 3, 2, 1 that divides ``n_blocks``
+    (4 points × 4 blocks = 16 accumulators, half the AVX-512 register file)."""
+    return next(j for j in (4, 3, 2, 1) if n_blocks % j == 0)
 
 
 @ti.kernel
 def linear_backward_weight_partial(
-    X: ti.types.ndarray(dtype=ti.f32, ndim=2), xcol: ti.i32, n_in: ti.i32,
-    dZ: ti.types.ndarray(dtype=ti.f32, ndim=2), NO: ti.template(), JB: ti.template(), n: ti.i32,
-    partial: ti.types.ndarray(dtype=ti.f32, ndim=2), n_chunks: ti.i32,
+    X: ROWS16, xb: ti.i32, NIB: ti.i32, dZ: ROWS16, NOB: ti.i32, n: ti.i32, partial: VEC2, n_chunks: ti.i32,
+    IK: ti.template(), JB: ti.template(),
 ):
-    """partial[c, i*NO + j] = Σ_{m in chunk c} X[m, i]·dZ[m, j]; input row i = n_in is the bias (x = 1).
+    """partial[c, r·NOB + ob] = Σ_{m in chunk c} X[m, xb + r // 16][r % 16] · dZ[m, ob] (vectors over
+    outputs); storage row r = 16·NIB is the bias (x = 1).
 
-    One task per (chunk, input, output block): its JB sums stay in registers while the chunk's
-    rows stream by, so nothing is written until the chunk is done (no atomics, no read-modify-write)."""
-    for c, i, jb in ti.ndrange(n_chunks, n_in + 1, NO // JB):
+    One task per (chunk, IK inputs, JB output blocks): its IK·JB vector sums stay in registers while
+    the chunk's rows stream by (no atomics, no read-modify-write); per row, IK broadcasts and JB
+    vector loads feed IK·JB vector multiply-adds."""
+    NKQ = ti.static(VW // IK)
+    for c, q, og in ti.ndrange(n_chunks, NIB * NKQ + 1, NOB // JB):
         lo = c * n // n_chunks
         hi = (c + 1) * n // n_chunks
-        acc = ti.Vector([0.0] * JB)
-        if i < n_in:
+        if q < NIB * NKQ:
+            ib = q // NKQ
+            k0 = (q % NKQ) * IK
+            acc = [[ti.Vector([0.0] * VW) for _ in ti.static(range(JB))] for _ in ti.static(range(IK))]
             for m in range(lo, hi):
-                x = X[m, xcol + i]
+                xv = X[m, xb + ib]
+                dz = [dZ[m, og * JB + j] for j in ti.static(range(JB))]
+                for k in ti.static(range(IK)):
+                    xk = xv[k0 + k]
+                    for j in ti.static(range(JB)):
+                        acc[k][j] += xk * dz[j]
+            for k in ti.static(range(IK)):
                 for j in ti.static(range(JB)):
-                    acc[j] += x * dZ[m, jb * JB + j]
+                    partial[c, (ib * VW + k0 + k) * NOB + og * JB + j] = acc[k][j]
         else:
+            acc = [ti.Vector([0.0] * VW) for _ in ti.static(range(JB))]
             for m in range(lo, hi):
                 for j in ti.static(range(JB)):
-                    acc[j] += dZ[m, jb * JB + j]
-        for j in ti.static(range(JB)):
-            partial[c, i * NO + jb * JB + j] = acc[j]
+                    acc[j] += dZ[m, og * JB + j]
+            for j in ti.static(range(JB)):
+                partial[c, NIB * VW * NOB + og * JB + j] = acc[j]
 
 
 @ti.kernel
 def linear_backward_weight_reduce(
-    partial: ti.types.ndarray(dtype=ti.f32, ndim=2), n_chunks: ti.i32, n_in: ti.i32, n_out: ti.i32,
+    partial: VEC2, n_chunks: ti.i32, xoff: ti.i32, NIB: ti.i32, NOB: ti.i32, n_in: ti.i32, n_out: ti.i32,
     grads: ti.types.ndarray(dtype=ti.f32, ndim=1), w_off: ti.i32, b_off: ti.i32,
 ):
-    """grads[Wt] += Σ_c partial[c, Wt]; grads[b] += Σ_c partial[c, bias row]."""
+    """grads[Wt] += Σ_c partial[c, Wt]; grads[b] += Σ_c partial[c, bias row]; padding is dropped."""
     for k in range((n_in + 1) * n_out):
+        i = k // n_out
+        j = k % n_out
+        r = i + xoff if i < n_in else NIB * VW
         acc = 0.0
         for c in range(n_chunks):
-            acc += partial[c, k]
-        if k < n_in * n_out:
+            acc += partial[c, r * NOB + j // VW][j % VW]
+        if i < n_in:
             grads[w_off + k] += acc
         else:
-            grads[b_off + k - n_in * n_out] += acc
-
-
-_scratch: dict = {}
-
-
-def _partial_scratch(n_chunks: int, cols: int):
-    from taichi_neus import runtime
-    key = (runtime.current_arch(), cols)
-    buf = _scratch.get(key)
-    if buf is None or buf.shape[0] < n_chunks:
-        buf = buffers.f32(max(n_chunks, 64), cols)
-        _scratch[key] = buf
-    return buf
+            grads[b_off + j] += acc
 
 
 def n_weight_chunks(n: int) -> int:
@@ -185,7 +273,13 @@ def n_weight_chunks(n: int) -> int:
 
 class Linear:
     """One dense layer ``y = act(W x + b)``. The weight is stored transposed, ``Wt = Wᵀ`` of shape
-    ``(in, out)``, and the bias ``(out,)``, both in the flat parameter buffer."""
+    ``(in, out)``, and the bias ``(out,)``, both in the flat parameter buffer (their layout does not
+    depend on the kernels: checkpoints and the optimiser see plain slices).
+
+    Activations are :func:`taichi_neus.buffers.rows16` buffers (rows of 16-float vectors). The
+    kernels read the weights from a zero-padded vector copy made from the flat buffer at each call
+    (:func:`pack_weights`, a few thousand floats), so input widths such as 3 + 32 and output widths
+    such as 1 + 15 or 3 run through the same kernels as 64: the padding multiplies by zero."""
 
     def __init__(self, layout: ParamLayout, name: str, n_in: int, n_out: int, act: str = "none",
                  beta: float = 100.0, group: str = "mlp"):
@@ -193,36 +287,86 @@ class Linear:
         self.act = _ACTS[act]
         self.beta = float(beta)
         self.W = layout.add(f"{name}.weight_t", (n_in, n_out), group)
-        self.JB = col_block(n_out)
         self.b = layout.add(f"{name}.bias", (n_out,), group)
+        self.NOB = buffers.blocks(n_out)
+        self._packed: dict = {}
+        self._scratch: dict = {}
+
+    def _geometry(self, xcol: int):
+        """(first input block, offset inside it, input blocks) for input columns [xcol, xcol + n_in)."""
+        xoff = xcol % VW
+        return xcol // VW, xoff, buffers.blocks(xoff + self.n_in)
+
+    def _pack(self, params, xoff: int, NIB: int):
+        from taichi_neus import runtime
+        key = (runtime.current_arch(), xoff)
+        bufs = self._packed.get(key)
+        if bufs is None:
+            mk = lambda k: buffers.check_aligned(ti.ndarray(V16, shape=(k,)), "packed weights")  # noqa: E731
+            bufs = (mk(NIB * VW * self.NOB), mk(self.NOB * VW * NIB), mk(self.NOB))
+            self._packed[key] = bufs
+        pack_weights(params, self.W.offset, self.b.offset, self.n_in, self.n_out, xoff, NIB, self.NOB, *bufs)
+        return bufs
+
+    def _check(self, *named):
+        for what, a in named:
+            buffers.check_aligned(a, what)
+
+    def _weight_grads(self, X, xb: int, xoff: int, NIB: int, dY, n: int, grads, n_chunks) -> None:
+        """Add dL/dW and dL/db into ``grads``: per-chunk partial sums of Xᵀ·dY, then their reduction."""
+        n_chunks = n_weight_chunks(n) if n_chunks is None else int(n_chunks)
+        from taichi_neus import runtime
+        key = (runtime.current_arch(), NIB)
+        partial = self._scratch.get(key)
+        if partial is None or partial.shape[0] < n_chunks:
+            partial = ti.ndarray(V16, shape=(max(n_chunks, 64), (NIB * VW + 1) * self.NOB))
+            self._scratch[key] = buffers.check_aligned(partial, "the weight-gradient scratch")
+        jb = block_group(self.NOB)
+        ik = {1: 16, 2: 8, 3: 4, 4: 4}[jb]  # inputs per tile: IK·JB ≤ 16 accumulators
+        linear_backward_weight_partial(X, xb, NIB, dY, self.NOB, n, partial, n_chunks, ik, jb)
+        linear_backward_weight_reduce(partial, n_chunks, xoff, NIB, self.NOB, self.n_in, self.n_out, grads,
+                                      self.W.offset, self.b.offset)
 
     def forward(self, X, xcol: int, Y, n: int, params) -> None:
-        linear_forward(X, xcol, self.n_in, Y, self.n_out, self.JB, n, params, self.W.offset, self.b.offset,
-                       self.act, self.beta)
+        """``Y[:n, 0:out] = act(X[:n, xcol:xcol + in] · Wt + b)``; X, Y rows16 buffers (Y's padding
+        columns receive act(0))."""
+        self._check(("the layer input", X), ("the layer output", Y))
+        xb, xoff, NIB = self._geometry(xcol)
+        Wp, _, bp = self._pack(params, xoff, NIB)
+        linear_forward(X, xb, NIB, Y, self.NOB, n, Wp, bp, self.act, self.beta, block_group(self.NOB))
 
-    def backward(self, X, xcol: int, Y, dY, n: int, params, grads, partial=None, dX=None, dxcol: int = 0,
-                 dx_range=None) -> None:
+    def backward(self, X, xcol: int, Y, dY, n: int, params, grads, n_chunks: int | None = None, dX=None,
+                 dxcol: int = 0, dx_range=None, dy_preact: bool = False, dx_act: "Linear | None" = None) -> None:
         """Backward through act and the affine map.
 
-        ``dY`` (n, out) holds dL/dY on entry and dL/dZ (pre-activation) on exit. Weight and bias
-        gradients are added into ``grads`` (``partial``: optional (chunks, (in+1)·out) scratch, else
-        an internal one; ``grads=None`` skips them, for input gradients alone); if ``dX`` is given,
-        dL/dX is written into its columns ``dxcol + [i_lo, i_hi)`` (``dx_range``, default all inputs).
+        ``dY`` (n, out) holds dL/dY on entry and dL/dZ (pre-activation) on exit (``dy_preact``: it
+        holds dL/dZ already, see ``dx_act``). Weight and bias gradients are added into ``grads``
+        (``n_chunks``: rows are summed in that many chunks first, default :func:`n_weight_chunks`;
+        ``grads=None`` skips them, for input gradients alone).
+        If ``dX`` is given, dL/dX is written into its columns ``dxcol + [i_lo, i_hi)`` (``dx_range``,
+        default all inputs); ``dxcol ≡ xcol (mod 16)``, and the other columns of the 16-column blocks
+        written receive their gradient too. ``dx_act``: the layer whose output ``X`` is; dX is then
+        multiplied by its activation's derivative on the way out (its dL/dZ, for its backward with
+        ``dy_preact=True``), which saves a pass over the hidden activations.
         """
-        if self.act != ACT_NONE:
-            act_backward(Y, dY, self.n_out, n, self.act, self.beta)
+        self._check(("the layer input", X), ("the layer output", Y), ("the output gradient", dY))
+        xb, xoff, NIB = self._geometry(xcol)
+        Wp, WTp, bp = self._pack(params, xoff, NIB)
+        if self.act != ACT_NONE and not dy_preact:
+            act_backward(Y, dY, n, self.act, self.beta)
         if grads is not None:
-            if partial is None:
-                n_chunks = n_weight_chunks(n)
-                partial = _partial_scratch(n_chunks, (self.n_in + 1) * self.n_out)
-            else:
-                n_chunks = partial.shape[0]
-            linear_backward_weight_partial(X, xcol, self.n_in, dY, self.n_out, self.JB, n, partial, n_chunks)
-            linear_backward_weight_reduce(partial, n_chunks, self.n_in, self.n_out, grads,
-                                          self.W.offset, self.b.offset)
+            self._weight_grads(X, xb, xoff, NIB, dY, n, grads, n_chunks)
         if dX is not None:
+            if dxcol % VW != xoff:
+                raise ValueError(f"dxcol {dxcol} and xcol {xcol} must be equal modulo {VW} (same block layout)")
+            self._check(("the input gradient", dX),)
             lo, hi = dx_range if dx_range is not None else (0, self.n_in)
-            linear_backward_input(dY, self.n_out, dX, dxcol, n, params, self.W.offset, lo, hi)
+            ib_lo, ib_hi = (xoff + lo) // VW, buffers.blocks(xoff + hi)
+            in_act, in_beta = (dx_act.act, dx_act.beta) if dx_act is not None else (ACT_NONE, 0.0)
+            if dx_act is not None and (xcol % VW, dx_act.n_out) != (0, self.n_in):
+                raise ValueError("dx_act needs this layer's whole input to be that layer's output")
+            linear_backward_input(dY, self.NOB, dX, dxcol // VW, ib_lo, ib_hi, NIB, n, WTp, block_group(ib_hi - ib_lo),
+                                  X, xb, in_act, in_beta)
 
 
 def kaiming_uniform(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:

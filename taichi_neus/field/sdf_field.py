@@ -62,69 +62,72 @@ def stencil(mode: str):
     return off, coef
 
 
+ROWS16 = buffers.ROWS16
+get, put = buffers.get, buffers.put
+
+
 @ti.kernel
-def _expand_points(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32,
-                   X0: ti.types.ndarray(dtype=ti.f32, ndim=2),
+def _expand_points(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32, X0: ROWS16,
                    off: ti.types.ndarray(dtype=ti.f32, ndim=2), eps: ti.f32):
     K = off.shape[0]
     for m, k in ti.ndrange(n, K):
         for c in ti.static(range(3)):
-            X0[m * K + k, c] = pts[m, c] + eps * off[k, c]
+            put(X0, m * K + k, c, pts[m, c] + eps * off[k, c])
 
 
 @ti.kernel
-def _gather_outputs(O: ti.types.ndarray(dtype=ti.f32, ndim=2), X0: ti.types.ndarray(dtype=ti.f32, ndim=2),
+def _gather_outputs(O: ROWS16, X0: ROWS16,
                     dirs: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32,
                     coef: ti.types.ndarray(dtype=ti.f32, ndim=2), inv_eps: ti.f32,
                     sdf: ti.types.ndarray(dtype=ti.f32, ndim=1),
                     normal: ti.types.ndarray(dtype=ti.f32, ndim=2),
-                    Xc: ti.types.ndarray(dtype=ti.f32, ndim=2), feat: ti.i32):
+                    Xc: ROWS16, feat: ti.i32):
     K = coef.shape[0]
     for m in range(n):
-        sdf[m] = O[m * K, 0]
+        sdf[m] = get(O, m * K, 0)
         g = ti.Vector([0.0, 0.0, 0.0])
         for k in range(1, K):
-            f = O[m * K + k, 0]
+            f = get(O, m * K + k, 0)
             for c in ti.static(range(3)):
                 g[c] += coef[k, c] * f
         g *= inv_eps
         sh = sh16(dirs[m, 0], dirs[m, 1], dirs[m, 2])
         for c in ti.static(range(3)):
             normal[m, c] = g[c]
-            Xc[m, c] = X0[m * K, c]
-            Xc[m, 3 + c] = g[c]
+            put(Xc, m, c, get(X0, m * K, c))
+            put(Xc, m, 3 + c, g[c])
         for i in ti.static(range(SH_DIM)):
-            Xc[m, 6 + i] = sh[i]
+            put(Xc, m, 6 + i, sh[i])
         for i in range(feat):
-            Xc[m, 6 + SH_DIM + i] = O[m * K, 1 + i]
+            put(Xc, m, 6 + SH_DIM + i, get(O, m * K, 1 + i))
 
 
 @ti.kernel
-def _scatter_grads(dXc: ti.types.ndarray(dtype=ti.f32, ndim=2), dnormal: ti.types.ndarray(dtype=ti.f32, ndim=2),
+def _scatter_grads(dXc: ROWS16, dnormal: ti.types.ndarray(dtype=ti.f32, ndim=2),
                    dsdf: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32,
                    coef: ti.types.ndarray(dtype=ti.f32, ndim=2), inv_eps: ti.f32,
-                   dO: ti.types.ndarray(dtype=ti.f32, ndim=2), feat: ti.i32, use_color: ti.i32):
+                   dO: ROWS16, feat: ti.i32, use_color: ti.i32):
     K = coef.shape[0]
     for m in range(n):
         gn = ti.Vector([dnormal[m, 0], dnormal[m, 1], dnormal[m, 2]])
         if use_color != 0:
             for c in ti.static(range(3)):
-                gn[c] += dXc[m, 3 + c]
-        dO[m * K, 0] = dsdf[m]
+                gn[c] += get(dXc, m, 3 + c)
+        put(dO, m * K, 0, dsdf[m])
         for i in range(feat):
-            dO[m * K, 1 + i] = dXc[m, 6 + SH_DIM + i] if use_color != 0 else 0.0
+            put(dO, m * K, 1 + i, get(dXc, m, 6 + SH_DIM + i) if use_color != 0 else 0.0)
         for k in range(1, K):
             acc = 0.0
             for c in ti.static(range(3)):
                 acc += coef[k, c] * gn[c]
-            dO[m * K + k, 0] = acc * inv_eps
+            put(dO, m * K + k, 0, acc * inv_eps)
             for i in range(feat):
-                dO[m * K + k, 1 + i] = 0.0
+                put(dO, m * K + k, 1 + i, 0.0)
 
 
 @ti.kernel
-def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ti.types.ndarray(dtype=ti.f32, ndim=2),
-                 dXc: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
+def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ROWS16,
+                 dXc: ROWS16, dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
                  n: ti.i32, K: ti.i32, xyz_in_sdf: ti.i32, use_color: ti.i32,
                  dpoints: ti.types.ndarray(dtype=ti.f32, ndim=2), ddirs: ti.types.ndarray(dtype=ti.f32, ndim=2)):
     """dL/dx and dL/d(view dir) per point (overwritten). Every stencil row m·K + k evaluates the SDF
@@ -137,14 +140,14 @@ def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ti.types.ndarr
             for c in ti.static(range(3)):
                 g[c] += dP[m * K + k, c]
                 if xyz_in_sdf != 0:
-                    g[c] += dX0[m * K + k, c]
+                    g[c] += get(dX0, m * K + k, c)
         gd = ti.Vector([0.0, 0.0, 0.0])
         if use_color != 0:
             for c in ti.static(range(3)):
-                g[c] += dXc[m, c]
+                g[c] += get(dXc, m, c)
             gs = ti.Vector([0.0] * SH_DIM)
             for i in ti.static(range(SH_DIM)):
-                gs[i] = dXc[m, 6 + i]
+                gs[i] = get(dXc, m, 6 + i)
             gd = sh16_vjp(dirs[m, 0], dirs[m, 1], dirs[m, 2], gs)
         for c in ti.static(range(3)):
             dpoints[m, c] = g[c]
@@ -152,32 +155,32 @@ def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ti.types.ndarr
 
 
 @ti.kernel
-def _copy_rows(src: ti.types.ndarray(dtype=ti.f32, ndim=2), dst: ti.types.ndarray(dtype=ti.f32, ndim=2),
-               n: ti.i32, cols: ti.i32):
-    for m, c in ti.ndrange(n, cols):
-        dst[m, c] = src[m, c]
-
-
-@ti.kernel
-def _copy_col(src: ti.types.ndarray(dtype=ti.f32, ndim=2), col: ti.i32,
-              dst: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32):
-    for m in range(n):
-        dst[m] = src[m, col]
-
-
-@ti.kernel
-def _points_to_rows(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), start: ti.i32, n: ti.i32,
-                    X0: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+def _rows_to16(src: ti.types.ndarray(dtype=ti.f32, ndim=2), dst: ROWS16, n: ti.i32):
+    """dst[:n, 0:3] = src[:n] (an (n,3) gradient into a vector buffer)."""
     for m in range(n):
         for c in ti.static(range(3)):
-            X0[m, c] = pts[start + m, c]
+            put(dst, m, c, src[m, c])
 
 
 @ti.kernel
-def _col_to_out(O: ti.types.ndarray(dtype=ti.f32, ndim=2), start: ti.i32, n: ti.i32,
-                out: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+def _rows_from16(src: ROWS16, dst: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32):
+    """dst[:n] = src[:n, 0:3] (the colour network's output into the (rows,3) rgb buffer)."""
     for m in range(n):
-        out[start + m] = O[m, 0]
+        for c in ti.static(range(3)):
+            dst[m, c] = get(src, m, c)
+
+
+@ti.kernel
+def _points_to_rows(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), start: ti.i32, n: ti.i32, X0: ROWS16):
+    for m in range(n):
+        for c in ti.static(range(3)):
+            put(X0, m, c, pts[start + m, c])
+
+
+@ti.kernel
+def _col_to_out(O: ROWS16, start: ti.i32, n: ti.i32, out: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+    for m in range(n):
+        out[start + m] = get(O, m, 0)
 
 
 class _Workspace:
@@ -187,12 +190,13 @@ class _Workspace:
         self._bufs: dict = {}
 
     def get(self, name: str, rows: int, cols: int | None = None):
+        """A 1-D float32 buffer (``cols`` None) or a :func:`buffers.rows16` buffer of ``cols`` columns."""
         rows = max(int(rows), 1)  # a batch without samples still gets a (1-row) buffer: ndarrays can't be empty
         cur = self._bufs.get(name)
-        if cur is not None and cur.shape[0] >= rows and (cols is None or cur.shape[1] == cols):
+        if cur is not None and cur.shape[0] >= rows and (cols is None or cur.shape[1] == buffers.blocks(cols)):
             return cur
         cap = max(rows, int(cur.shape[0] * 1.5) if cur is not None else rows)
-        buf = buffers.f32(cap) if cols is None else buffers.f32(cap, cols)
+        buf = buffers.f32(cap) if cols is None else buffers.rows16(cap, cols)
         self._bufs[name] = buf
         return buf
 
@@ -323,15 +327,16 @@ class SDFField:
         h = Xc
         couts = []
         for i, lin in enumerate(self.color_layers):
-            last = i == len(self.color_layers) - 1
-            Y = self.ws.exact("rgb", out_rows, 3) if last else self.ws.get(f"color_h{i}", n, lin.n_out)
+            Y = self.ws.get(f"color_h{i}", n, lin.n_out)
             lin.forward(h, 0, Y, n, params)
             couts.append(Y)
             h = Y
+        rgb = self.ws.exact("rgb", out_rows, 3)
+        _rows_from16(couts[-1], rgb, n)
         self._n, self._eps, self._dirs = n, eps, dirs
         self._sdf_outs, self._color_outs = outs, couts
         self.forward_count += 1  # lets a caller holding saved inputs tell whether the activations are still its own
-        return FieldOutputs(sdf=sdf, normal=normal, rgb=couts[-1], n=n)
+        return FieldOutputs(sdf=sdf, normal=normal, rgb=rgb, n=n)
 
     # --------------------------------------------------------------- backward
     def backward(self, dsdf, dnormal, drgb, params, grads, dpoints=None, ddirs=None) -> None:
@@ -353,16 +358,18 @@ class SDFField:
         use_color = drgb is not None
         if use_color:
             dY = self.ws.get("dcolor_out", n, 3)
-            _copy_rows(drgb, dY, n, 3)
+            _rows_to16(drgb, dY, n)
+            last = len(self.color_layers) - 1
             for i in reversed(range(len(self.color_layers))):
                 lin = self.color_layers[i]
                 Xin = Xc if i == 0 else self._color_outs[i - 1]
                 if i == 0:
-                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, None,
-                                 dX=dXc, dxcol=0, dx_range=(0 if want_inputs else 3, lin.n_in))
+                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads,
+                                 dX=dXc, dxcol=0, dx_range=(0 if want_inputs else 3, lin.n_in), dy_preact=i < last)
                 else:
                     dH = self.ws.get(f"dcolor_h{i - 1}", n, lin.n_in)
-                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, None, dX=dH)
+                    lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, dX=dH,
+                                 dy_preact=i < last, dx_act=self.color_layers[i - 1])
                     dY = dH
         _, coef = self._stencil_dev()
         last = self.sdf_layers[-1]
@@ -370,24 +377,25 @@ class SDFField:
         _scatter_grads(dXc, dnormal, dsdf, n, coef, 1.0 / eps, dO, self.cfg.feature_dim, int(use_color))
         dY = dO
         dX0 = self.ws.get("dX0", rows, self.x0_cols)
+        last = len(self.sdf_layers) - 1
         for i in reversed(range(len(self.sdf_layers))):
             lin = self.sdf_layers[i]
             if i == 0:
                 lo = 3 if self.cfg.include_xyz and not want_inputs else 0
-                lin.backward(X0, self.sdf_in_col, self._sdf_outs[0], dY, rows, params, grads, None,
-                             dX=dX0, dxcol=self.sdf_in_col, dx_range=(lo, lin.n_in))
+                lin.backward(X0, self.sdf_in_col, self._sdf_outs[0], dY, rows, params, grads,
+                             dX=dX0, dxcol=self.sdf_in_col, dx_range=(lo, lin.n_in), dy_preact=i < last)
             else:
                 dH = self.ws.get(f"dsdf_h{i - 1}", rows, lin.n_in)
-                lin.backward(self._sdf_outs[i - 1], 0, self._sdf_outs[i], dY, rows, params, grads, None,
-                             dX=dH)
+                lin.backward(self._sdf_outs[i - 1], 0, self._sdf_outs[i], dY, rows, params, grads,
+                             dX=dH, dy_preact=i < last, dx_act=self.sdf_layers[i - 1])
                 dY = dH
         if grads is not None:
             self.encoding.backward(X0, dX0, rows, self.enc_col, grads)
         if want_inputs:
-            dP = self.ws.get("dP", rows, 3)
+            dP = self.ws.exact("dP", rows, 3)
             self.encoding.backward_points(X0, dX0, rows, self.enc_col, params, dP)
-            dpoints = dpoints if dpoints is not None else self.ws.get("dpoints_unused", n, 3)
-            ddirs = ddirs if ddirs is not None else self.ws.get("ddirs_unused", n, 3)
+            dpoints = dpoints if dpoints is not None else self.ws.exact("dpoints_unused", n, 3)
+            ddirs = ddirs if ddirs is not None else self.ws.exact("ddirs_unused", n, 3)
             _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color),
                          dpoints, ddirs)
 

@@ -19,7 +19,7 @@ unchanged until the Tape ends), so any number of calls may sit on one Tape.
 import numpy as np
 import taichi as ti
 
-from taichi_neus import buffers
+from taichi_neus import buffers, runtime
 from taichi_neus.field.sdf_field import SDFField
 
 F1 = ti.types.ndarray(dtype=ti.f32, ndim=1)
@@ -68,6 +68,17 @@ def nd_add_scalar(src: F1, dst: ti.template(), n: ti.i32):
         dst[i] += src[i]
 
 
+def require_scalarised_cpu() -> None:
+    """Refuse the Tape operations when the CPU compiles vectors as SIMD vectors: the Taichi kernels a
+    user writes around them (``x = o + t * d`` on Vector fields) would abort the process in Taichi
+    1.7.4's compiler instead of raising (see :func:`taichi_neus.runtime.simd_enabled`)."""
+    if runtime.simd_enabled():
+        raise runtime.BackendError(
+            "the Tape operations need Taichi's default vector handling on the CPU: call "
+            "taichi_neus.runtime.init('cpu', simd=False) (or set TAICHI_NEUS_SIMD=0) before creating them, "
+            "because Taichi 1.7.4 cannot compile whole-vector arithmetic on Vector fields with SIMD on.")
+
+
 def has_grad(f) -> bool:
     """Whether the Taichi field ``f`` was made with ``needs_grad=True`` (``f.grad`` exists either way)."""
     return f.grad is not None and bool(f.snode.ptr.has_adjoint())
@@ -85,6 +96,7 @@ class TapeField:
     """
 
     def __init__(self, field: SDFField, params, eps: float | None = None):
+        require_scalarised_cpu()
         self.field = field
         host = params if isinstance(params, np.ndarray) else buffers.to_numpy(params)
         host = np.ascontiguousarray(host, np.float32).reshape(-1)

@@ -27,6 +27,9 @@ from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight
 from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.sh import SH_DIM, sh16
 
+ROWS16 = buffers.ROWS16
+get, put = buffers.get, buffers.put
+
 
 def _bg_grid() -> HashGridConfig:
     return HashGridConfig(n_levels=8, n_features=2, log2_table=17, base_resolution=16, per_level_scale=1.5,
@@ -55,8 +58,7 @@ def _contract(p):
 @ti.kernel
 def _bg_sample(origins: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
                t0: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32, far_ratio: ti.f32, jitter: ti.i32,
-               seed: ti.u32, X: ti.types.ndarray(dtype=ti.f32, ndim=2),
-               delta: ti.types.ndarray(dtype=ti.f32, ndim=1), Xc: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+               seed: ti.u32, X: ROWS16, delta: ti.types.ndarray(dtype=ti.f32, ndim=1), Xc: ROWS16):
     """Sample positions (contracted, in X[:, 0:3]), contracted spacing δ, and SH(dir) into Xc[:, 0:16]."""
     for r in range(t0.shape[0]):
         o = ti.Vector([origins[r, 0], origins[r, 1], origins[r, 2]])
@@ -81,9 +83,9 @@ def _bg_sample(origins: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.n
                 c = 2.0 * d  # the contraction of the point at infinity along d
             row = r * ns + k
             for a in ti.static(range(3)):
-                X[row, a] = c[a]
+                put(X, row, a, c[a])
             for i in ti.static(range(SH_DIM)):
-                Xc[row, i] = sh[i]
+                put(Xc, row, i, sh[i])
             if k > 0:
                 delta[row - 1] = (c - prev).norm()
             prev = c
@@ -96,7 +98,7 @@ def _softplus(x):
 
 
 @ti.kernel
-def _bg_composite(raw: ti.types.ndarray(dtype=ti.f32, ndim=2), rgb: ti.types.ndarray(dtype=ti.f32, ndim=2),
+def _bg_composite(raw: ROWS16, rgb: ROWS16,
                   delta: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32,
                   trans: ti.types.ndarray(dtype=ti.f32, ndim=1), alpha: ti.types.ndarray(dtype=ti.f32, ndim=1),
                   out: ti.types.ndarray(dtype=ti.f32, ndim=2)):
@@ -108,25 +110,24 @@ def _bg_composite(raw: ti.types.ndarray(dtype=ti.f32, ndim=2), rgb: ti.types.nda
             i = r * ns + k
             a = 1.0
             if k < ns - 1:
-                a = 1.0 - ti.exp(-_softplus(raw[i, 0]) * delta[i])
+                a = 1.0 - ti.exp(-_softplus(get(raw, i, 0)) * delta[i])
             trans[i] = T
             alpha[i] = a
             w = T * a
             for c in ti.static(range(3)):
-                acc[c] += w * rgb[i, c]
+                acc[c] += w * get(rgb, i, c)
             T = T * (1.0 - a)
         for c in ti.static(range(3)):
             out[r, c] = acc[c]
 
 
 @ti.kernel
-def _bg_composite_backward(raw: ti.types.ndarray(dtype=ti.f32, ndim=2), rgb: ti.types.ndarray(dtype=ti.f32, ndim=2),
+def _bg_composite_backward(raw: ROWS16, rgb: ROWS16,
                            delta: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32,
                            trans: ti.types.ndarray(dtype=ti.f32, ndim=1),
                            alpha: ti.types.ndarray(dtype=ti.f32, ndim=1),
                            g_out: ti.types.ndarray(dtype=ti.f32, ndim=2),
-                           g_raw: ti.types.ndarray(dtype=ti.f32, ndim=2), feat: ti.i32,
-                           g_rgb: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+                           g_raw: ROWS16, feat: ti.i32, g_rgb: ROWS16):
     """Reverse scan. With w_k = T_k α_k, α_k = 1 − e^{−σ_k δ_k}:
     ∂L/∂c_k = w_k g;  ∂L/∂σ_k = δ_k (T_{k+1} g·c_k − Σ_{j>k} w_j g·c_j);  σ = softplus(raw)."""
     for r in range(g_out.shape[0]):
@@ -140,15 +141,15 @@ def _bg_composite_backward(raw: ti.types.ndarray(dtype=ti.f32, ndim=2), rgb: ti.
             w = T * a
             gc = 0.0
             for c in ti.static(range(3)):
-                g_rgb[i, c] = w * g[c]
-                gc += g[c] * rgb[i, c]
+                put(g_rgb, i, c, w * g[c])
+                gc += g[c] * get(rgb, i, c)
             gs = 0.0
             if k < ns - 1:
                 gs = delta[i] * (T * (1.0 - a) * gc - behind)
-                gs *= 1.0 / (1.0 + ti.exp(-raw[i, 0]))  # softplus'
-            g_raw[i, 0] = gs
+                gs *= 1.0 / (1.0 + ti.exp(-get(raw, i, 0)))  # softplus'
+            put(g_raw, i, 0, gs)
             for f in range(feat):
-                g_raw[i, 1 + f] = 0.0
+                put(g_raw, i, 1 + f, 0.0)
             behind += w * gc
 
 
@@ -177,10 +178,9 @@ def _blend_backward(g_out: ti.types.ndarray(dtype=ti.f32, ndim=2), opacity: ti.t
 
 
 @ti.kernel
-def _copy_cols(src: ti.types.ndarray(dtype=ti.f32, ndim=2), c0: ti.i32, n_cols: ti.i32,
-               dst: ti.types.ndarray(dtype=ti.f32, ndim=2), d0: ti.i32, n: ti.i32):
+def _copy_cols(src: ROWS16, c0: ti.i32, n_cols: ti.i32, dst: ROWS16, d0: ti.i32, n: ti.i32):
     for m, c in ti.ndrange(n, n_cols):
-        dst[m, d0 + c] = src[m, c0 + c]
+        put(dst, m, d0 + c, get(src, m, c0 + c))
 
 
 class Background:
@@ -213,23 +213,31 @@ class Background:
             self._bufs[name] = b
         return b
 
+    def _rows(self, name, rows, cols):
+        """A :func:`buffers.rows16` activation buffer of ``rows`` × ``cols``."""
+        b = self._bufs.get(name)
+        if b is None or tuple(b.shape) != (rows, buffers.blocks(cols)):
+            b = buffers.rows16(rows, cols)
+            self._bufs[name] = b
+        return b
+
     def forward(self, origins, dirs, t0, params, seed: int = 0, perturb: bool = False):
         """Background colour (R,3) of rays starting at distance ``t0`` (R,) (the unit sphere's exit)."""
         R, ns = t0.shape[0], self.cfg.n_samples
         M = R * ns
-        X = self._buf("X", M, self.x_cols)
-        Xc = self._buf("Xc", M, self.c_cols)
+        X = self._rows("X", M, self.x_cols)
+        Xc = self._rows("Xc", M, self.c_cols)
         delta = self._buf("delta", M)
         _bg_sample(origins, dirs, t0, ns, self.cfg.far_disparity_ratio, int(perturb), seed & 0x7FFFFFFF, X, delta,
                    Xc)
         self.encoding.forward(X, M, 3, params)
-        h0 = self._buf("h0", M, self.cfg.hidden)
-        raw = self._buf("raw", M, 1 + self.cfg.feature_dim)
+        h0 = self._rows("h0", M, self.cfg.hidden)
+        raw = self._rows("raw", M, 1 + self.cfg.feature_dim)
         self.density[0].forward(X, 3, h0, M, params)
         self.density[1].forward(h0, 0, raw, M, params)
         _copy_cols(raw, 1, self.cfg.feature_dim, Xc, SH_DIM, M)
-        c0 = self._buf("c0", M, self.cfg.hidden)
-        rgb = self._buf("rgb", M, 3)
+        c0 = self._rows("c0", M, self.cfg.hidden)
+        rgb = self._rows("rgb", M, 3)
         self.color[0].forward(Xc, 0, c0, M, params)
         self.color[1].forward(c0, 0, rgb, M, params)
         trans, alpha = self._buf("trans", M), self._buf("alpha", M)
@@ -243,18 +251,19 @@ class Background:
         R, M = self._saved
         ns, feat = self.cfg.n_samples, self.cfg.feature_dim
         b = self._bufs
-        g_raw = self._buf("g_raw", M, 1 + feat)
-        g_rgb = self._buf("g_rgb", M, 3)
+        g_raw = self._rows("g_raw", M, 1 + feat)
+        g_rgb = self._rows("g_rgb", M, 3)
         _bg_composite_backward(b["raw"], b["rgb"], b["delta"], ns, b["trans"], b["alpha"], g_out, g_raw, feat, g_rgb)
-        g_c0 = self._buf("g_c0", M, self.cfg.hidden)
-        g_Xc = self._buf("g_Xc", M, self.c_cols)
-        self.color[1].backward(b["c0"], 0, b["rgb"], g_rgb, M, params, grads, dX=g_c0)
-        self.color[0].backward(b["Xc"], 0, b["c0"], g_c0, M, params, grads, dX=g_Xc, dx_range=(SH_DIM, self.c_cols))
+        g_c0 = self._rows("g_c0", M, self.cfg.hidden)
+        g_Xc = self._rows("g_Xc", M, self.c_cols)
+        self.color[1].backward(b["c0"], 0, b["rgb"], g_rgb, M, params, grads, dX=g_c0, dx_act=self.color[0])
+        self.color[0].backward(b["Xc"], 0, b["c0"], g_c0, M, params, grads, dX=g_Xc, dx_range=(SH_DIM, self.c_cols),
+                               dy_preact=True)
         _copy_cols(g_Xc, SH_DIM, feat, g_raw, 1, M)  # the feature's gradient joins the density head's
-        g_h0 = self._buf("g_h0", M, self.cfg.hidden)
-        g_X = self._buf("g_X", M, self.x_cols)
-        self.density[1].backward(b["h0"], 0, b["raw"], g_raw, M, params, grads, dX=g_h0)
-        self.density[0].backward(b["X"], 3, b["h0"], g_h0, M, params, grads, dX=g_X, dxcol=3)
+        g_h0 = self._rows("g_h0", M, self.cfg.hidden)
+        g_X = self._rows("g_X", M, self.x_cols)
+        self.density[1].backward(b["h0"], 0, b["raw"], g_raw, M, params, grads, dX=g_h0, dx_act=self.density[0])
+        self.density[0].backward(b["X"], 3, b["h0"], g_h0, M, params, grads, dX=g_X, dxcol=3, dy_preact=True)
         self.encoding.backward(b["X"], g_X, M, 3, grads)
 
 

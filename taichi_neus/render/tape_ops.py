@@ -12,7 +12,15 @@ ndarrays, carry the gradients: DESIGN §3). The backward recomputes the forward 
 import taichi as ti
 
 from taichi_neus import buffers
-from taichi_neus.field.tape_ops import has_grad, nd_add_scalar, nd_to_scalar, nd_to_vec, scalar_to_nd, vec_to_nd
+from taichi_neus.field.tape_ops import (
+    has_grad,
+    nd_add_scalar,
+    nd_to_scalar,
+    nd_to_vec,
+    require_scalarised_cpu,
+    scalar_to_nd,
+    vec_to_nd,
+)
 from taichi_neus.render.compositing import NeuSCompositor
 
 F1 = ti.types.ndarray(dtype=ti.f32, ndim=1)
@@ -54,6 +62,7 @@ class TapeCompositor:
     """
 
     def __init__(self, variance: float, cos_anneal_ratio: float = 1.0, background=(0.0, 0.0, 0.0)):
+        require_scalarised_cpu()
         self.variance = ti.field(ti.f32, shape=(1,), needs_grad=True)
         self.variance[0] = float(variance)
         self.cos_anneal_ratio = float(cos_anneal_ratio)
