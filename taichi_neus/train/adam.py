@@ -19,6 +19,17 @@ from taichi_neus import buffers
 from taichi_neus.field.params import ParamLayout
 
 
+@ti.func
+def _update(params: ti.template(), m: ti.template(), v: ti.template(), i, g, lr, beta1, beta2, eps, bc1, bc2, wd):
+    """One entry's AdamW step: moments, bias-corrected update, decoupled weight decay."""
+    mi = beta1 * m[i] + (1.0 - beta1) * g
+    vi = beta2 * v[i] + (1.0 - beta2) * g * g
+    m[i] = mi
+    v[i] = vi
+    p = params[i]
+    params[i] = p - lr * ((mi / bc1) / (ti.sqrt(vi / bc2) + eps) + wd * p)
+
+
 @ti.kernel
 def _adam_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
               m: ti.types.ndarray(dtype=ti.f32, ndim=1), v: ti.types.ndarray(dtype=ti.f32, ndim=1),
@@ -27,13 +38,7 @@ def _adam_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.nd
     ti.loop_config(block_dim=1024)
     for k in range(size):
         i = start + k
-        g = grads[i] * grad_scale
-        mi = beta1 * m[i] + (1.0 - beta1) * g
-        vi = beta2 * v[i] + (1.0 - beta2) * g * g
-        m[i] = mi
-        v[i] = vi
-        p = params[i]
-        params[i] = p - lr * ((mi / bc1) / (ti.sqrt(vi / bc2) + eps) + wd * p)
+        _update(params, m, v, i, grads[i] * grad_scale, lr, beta1, beta2, eps, bc1, bc2, wd)
 
 
 @ti.kernel
@@ -50,12 +55,7 @@ def _adam_sparse_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.t
             t[i] = ti_
             bc1 = 1.0 - ti.pow(beta1, ti.cast(ti_, ti.f32))
             bc2 = 1.0 - ti.pow(beta2, ti.cast(ti_, ti.f32))
-            mi = beta1 * m[i] + (1.0 - beta1) * g
-            vi = beta2 * v[i] + (1.0 - beta2) * g * g
-            m[i] = mi
-            v[i] = vi
-            p = params[i]
-            params[i] = p - lr * ((mi / bc1) / (ti.sqrt(vi / bc2) + eps) + wd * p)
+            _update(params, m, v, i, g, lr, beta1, beta2, eps, bc1, bc2, wd)
 
 
 @dataclass
