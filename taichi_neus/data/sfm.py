@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from taichi_neus.data.colmap import _mask_file
 from taichi_neus.data.dtu import _image_size, natural_key
 from taichi_neus.errors import UserInputError
 
@@ -139,20 +140,12 @@ def _check_photos(images: pathlib.Path) -> tuple[list[pathlib.Path], tuple[int, 
     return photos, first
 
 
-def _mask_for(mask_dir: pathlib.Path, name: str) -> pathlib.Path | None:
-    stem = pathlib.PurePosixPath(name).stem
-    for cand in (mask_dir / f"{name}.png", mask_dir / name, mask_dir / f"{stem}.png"):
-        if cand.is_file():
-            return cand
-    return None
-
-
 def _check_masks(mask_dir: pathlib.Path, photos, size) -> dict[str, pathlib.Path]:
     if not mask_dir.is_dir():
         raise UserInputError(f"--masks {mask_dir} is not a folder; give the folder holding one mask per photograph.")
     masks = {}
     for p in photos:
-        m = _mask_for(mask_dir, p.name)
+        m = _mask_file(mask_dir, p.name)  # the COLMAP loader's lookup, so both find the same mask
         if m is None:
             raise UserInputError(f"{mask_dir} has no mask for {p.name} (looked for {p.name}.png, {p.name} and "
                                  f"{p.stem}.png); give one mask per photograph.")
