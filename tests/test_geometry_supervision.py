@@ -160,3 +160,52 @@ def test_training_step_adds_both_terms(depth_scene, tmp_path):
     assert st["loss"] == pytest.approx(st["l1"] + st["eikonal"] + st["mask_bce"] + st["sparse"] + st["depth"],
                                        rel=1e-6)
     assert np.isfinite(g).all() and np.abs(g - g0).max() > 0
+
+
+# ------------------------------------------------------------------ eikonal at uniform points
+def test_uniform_in_ball_is_uniform():
+    from taichi_neus.train.trainer import uniform_in_ball
+    p = uniform_in_ball(200_000, np.random.default_rng(0)).astype(np.float64)
+    r = np.linalg.norm(p, axis=1)
+    assert r.max() <= 1.0
+    # uniform in volume: r³ is uniform on [0, 1] (deciles within 1%), directions have zero mean
+    assert np.allclose(np.quantile(r**3, np.linspace(0.1, 0.9, 9)), np.linspace(0.1, 0.9, 9), atol=0.01)
+    assert np.abs((p / r[:, None]).mean(0)).max() < 0.01
+
+
+def test_eikonal_points_step_gradient_matches_torch(tmp_path):
+    """The uniform-point eikonal term (field forward, loss, field backward through the stencil) against the
+    float64 torch field: the loss, and gradients that reach the hash table and the SDF MLP only."""
+    from taichi_neus.train.trainer import uniform_in_ball
+    sc = load_scene(default_scene_path(), downscale=4, **QUIET)
+    tr = _trainer(sc, tmp_path, eikonal_points=512, eikonal_weight=0.3)
+    rng = np.random.default_rng(3)
+    host = buffers.to_numpy(tr.params).copy()  # away from the sphere init, so the hash table matters
+    for sl, sd in ((tr.field.encoding.slice, 0.05), (tr.field.sdf_layers[0].W, 0.3)):
+        host[sl.offset:sl.offset + sl.size] += rng.normal(0, sd, sl.size).astype(np.float32)
+    buffers.from_numpy(tr.params, host)
+    buffers.zero_(tr.grads)
+    state = tr.rng.bit_generator.state
+    pts = uniform_in_ball(512, tr.rng)  # the points the step will draw
+    tr.rng.bit_generator.state = state
+    eps = 1e-2
+    loss = tr._eikonal_points_step(eps=eps)
+    g = buffers.to_numpy(tr.grads)
+    theta = torch.tensor(host, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor(pts, dtype=torch.float64)
+    _, normal, _ = TorchField(tr.field).forward(theta, x, torch.zeros_like(x), eps)
+    ref = 0.3 * ((normal.norm(dim=1) - 1.0) ** 2).mean()
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), rel=1e-4)
+    gt = theta.grad.numpy()
+    for name, sl in tr.layout.slices.items():
+        a, b = g[sl.offset:sl.offset + sl.size], gt[sl.offset:sl.offset + sl.size]
+        if name.startswith("color") or name == "variance":
+            assert np.all(a == 0.0), name
+            continue
+        if np.abs(b).max() < 1e-12:  # an output bias: a constant shift leaves the finite differences alone
+            assert np.abs(a).max() < 1e-6, name
+            continue
+        assert np.abs(a - b).max() <= 2e-4 * np.abs(b).max(), name
+    enc = tr.field.encoding.slice
+    assert np.count_nonzero(g[enc.offset:enc.offset + enc.size]) > 1000  # the term reaches the hash table

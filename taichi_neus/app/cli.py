@@ -405,24 +405,34 @@ def finish_run(tr, summary: dict, t0: float) -> dict:
     else:
         mesh.save(mesh_path, overwrite=True)
         say(f"mesh: wrote {mesh_path} ({len(mesh.vertices):,} vertices, {len(mesh.faces):,} faces)")
-    ds = cfg.train.val_downscale
-    h, w = scene.H // ds, scene.W // ds
+    from taichi_neus.app.results import evaluate_images
+    from taichi_neus.export.mesh_raster import silhouette_iou
     if len(scene.test_ids):
-        say(f"evaluation: rendering {len(scene.test_ids)} held-out views at {w}x{h} …")
-    evals = [tr.evaluate_view(int(v), ds) for v in scene.test_ids]
+        say(f"evaluation: rendering {len(scene.test_ids)} held-out views at the training resolution, "
+            f"{scene.W}x{scene.H} …")
+    quiet = lambda *a: None  # noqa: E731
+    full = evaluate_images(tr, 1, log=quiet)
+    # the figure runs before 2026-11-27 reported: half the training resolution, one centre ray per pixel
+    # against a box-averaged photo (kept under its own name so old and new runs compare)
+    half = evaluate_images(tr, cfg.train.val_downscale, log=quiet) if len(scene.test_ids) else {}
     view = int(scene.test_ids[0]) if len(scene.test_ids) else int(scene.train_ids[0])
     from taichi_neus.app.preview import write_result_image
-    picture = write_result_image(tr, view, evals[0] if evals else tr.evaluate_view(view, ds),
-                                 held_out=bool(len(scene.test_ids)))
+    picture = write_result_image(tr, view, tr.evaluate_view(view, 1), held_out=bool(len(scene.test_ids)))
     say(f"picture: wrote {picture} (photo | render | normals | depth of view {view})")
+    mean, half_mean = full.get("mean", {}), half.get("mean", {})
     metrics = {**summary, "wall_time_s": time.time() - t0, "mesh_time_s": time.time() - t_mesh,
                "mesh": str(mesh_path) if not mesh.is_empty else None,
                "mesh_vertices": int(len(mesh.vertices)), "mesh_faces": int(len(mesh.faces)),
-               "heldout_views": [int(v) for v in scene.test_ids], "heldout_size": [w, h],
-               "heldout_psnr": float(sum(e["psnr"] for e in evals) / max(len(evals), 1)) if evals else None,
-               "result_image": str(picture)}
-    if evals and "psnr_masked" in evals[0]:
-        metrics["heldout_psnr_masked"] = float(sum(e["psnr_masked"] for e in evals) / len(evals))
+               "heldout_views": [int(v) for v in scene.test_ids], "heldout_size": [scene.W, scene.H],
+               "heldout_psnr": mean.get("psnr"), "heldout_ssim": mean.get("ssim"),
+               "heldout_psnr_half_res": half_mean.get("psnr"),
+               "heldout_half_res_size": half.get("size"), "result_image": str(picture)}
+    if "psnr_masked" in mean:
+        metrics.update(heldout_psnr_masked=mean["psnr_masked"], heldout_ssim_masked=mean["ssim_masked"],
+                       heldout_render_mask_iou=mean["mask_iou"],
+                       heldout_psnr_masked_half_res=half_mean.get("psnr_masked"))
+        if not mesh.is_empty:
+            metrics["heldout_mesh_mask_iou"] = silhouette_iou(mesh, scene, scene.test_ids)
     if not cfg.data.path:
         metrics.update(_synthetic_mesh_error(mesh))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

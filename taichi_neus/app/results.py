@@ -364,6 +364,9 @@ def format_train_summary(metrics: dict, out) -> str:
         if metrics.get("heldout_psnr_masked") is not None:
             txt += f" (inside the masks: {metrics['heldout_psnr_masked']:.2f} dB)"
         rows.append(("held-out PSNR", txt))
+        if metrics.get("heldout_mesh_mask_iou") is not None:
+            rows.append(("mesh silhouette IoU", f"{metrics['heldout_mesh_mask_iou']:.4f} against the held-out "
+                                                "views' masks"))
     else:
         rows.append(("held-out PSNR", "no held-out views (--data.holdout_every 0)"))
     if metrics.get("chamfer_to_true_surface") is not None:

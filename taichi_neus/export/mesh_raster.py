@@ -65,3 +65,22 @@ def shaded_image(shade: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 bluish-grey preview of :func:`rasterize`'s shade (black where empty)."""
     rgb = np.stack([shade * 0.85, shade * 0.9, shade], -1)
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def silhouette_iou(mesh: Mesh, scene, views) -> float:
+    """Mean over ``views`` of the IoU between the mesh's silhouette and the scene's object mask.
+
+    The WORLD-space mesh is rasterised into each view at the scene's (training) resolution; a pixel is
+    covered where any triangle lands. ``scene``: a :class:`taichi_neus.data.scene.Scene` with masks.
+    Returns NaN without views or masks."""
+    from taichi_neus.render.image_metrics import mask_iou
+
+    views = [int(v) for v in views]
+    if not views or scene.masks is None or mesh.is_empty:
+        return float("nan")
+    ious = []
+    for v in views:
+        depth, _ = rasterize(mesh, scene.K[v].astype(np.float64), scene.c2w[v].astype(np.float64),
+                             scene.scale_mat, scene.H, scene.W)
+        ious.append(mask_iou(np.isfinite(depth).astype(np.float32), scene.masks[v]))
+    return float(np.mean(ious))

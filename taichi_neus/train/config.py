@@ -65,11 +65,12 @@ class TrainConfig:
     init_variance: float = 0.3  # NeuS's sharpness s = exp(10·v) starts at e^3 ≈ 20
     anneal_end: float = 0.2  # cos-anneal ratio reaches 1 at this fraction of training
     eikonal_weight: float = 0.1  # weight of the eikonal loss (|∇f| = 1)
+    eikonal_points: int = 0  # also hold |∇f| = 1 at this many points drawn uniformly in the unit sphere per step
     mask_weight: float = 0.1  # weight of the mask loss (binary cross-entropy of the opacity)
     eps_start: float = 1.0 / 64  # finite-difference ε, coarse …
     eps_end: float = 1.0 / 1024  # … to fine (unit-sphere units), log-linear
     eps_anneal: float = 0.5  # ε reaches eps_end at this fraction of training
-    grad_scaling: str = "paper"  # near-camera gradient scaling (Philip & Deschaintre 2023): "paper" | "none"
+    grad_scaling: str = "paper"  # near-camera gradient scaling (Philip & Deschaintre 2023): "paper" | "none" | "auto"
     grad_scaling_sigma: float = 0.0  # distance scale of the gradient scaling (0: from the cameras)
     pixel_sampler: str = "uniform"  # how a batch picks its pixels: "uniform" | "quadtree" | "soft_mining"
     s3im_weight: float = 0.0  # λ of the S3IM loss (Xie et al. 2023); 0 = off
@@ -153,8 +154,9 @@ LIMITS: dict[str, Limits] = {
     "train.iters": COUNT, "train.time_budget": NONNEG, "train.sample_budget": COUNT, "train.min_rays": COUNT,
     "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_variance": NONNEG, "train.warmup": NONNEG,
     "train.lr_final": FRACTION, "train.init_variance": ANY, "train.anneal_end": FRACTION,
-    "train.eikonal_weight": NONNEG, "train.mask_weight": NONNEG, "train.eps_start": POSITIVE,
-    "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION, "train.grad_scaling": one_of("paper", "none"),
+    "train.eikonal_weight": NONNEG, "train.eikonal_points": NONNEG, "train.mask_weight": NONNEG,
+    "train.eps_start": POSITIVE,
+    "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION, "train.grad_scaling": one_of("paper", "none", "auto"),
     "train.grad_scaling_sigma": NONNEG, "train.pixel_sampler": one_of("uniform", "quadtree", "soft_mining"),
     "train.s3im_weight": NONNEG, "train.s3im_kernel": COUNT, "train.s3im_repeats": COUNT,
     "train.s3im_patch": COUNT, "train.s3im_batch": COUNT, "train.sparse_weight": NONNEG,

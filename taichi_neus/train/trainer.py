@@ -107,6 +107,14 @@ def _add_rows(g: ti.types.ndarray(dtype=ti.f32, ndim=2), h: ti.types.ndarray(dty
             g[r, c] += h[r, c]
 
 
+def uniform_in_ball(n: int, rng: np.random.Generator, radius: float = 1.0) -> np.ndarray:
+    """(n, 3) float32 points uniform in the ball of ``radius``: a direction uniform on the sphere
+    (a normalised Gaussian) at a distance ``radius · u^(1/3)`` (the volume inside r grows as r³)."""
+    v = rng.normal(size=(n, 3))
+    v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return (v * radius * rng.random((n, 1)) ** (1.0 / 3.0)).astype(np.float32)
+
+
 class TrainingDiverged(UserInputError):
     """Training produced non-finite values repeatedly, even after rolling back with lower learning rates."""
 
@@ -150,7 +158,7 @@ class Trainer:
         self.compositor = NeuSCompositor()
         self.render_compositor = NeuSCompositor()
         sigma = tc.grad_scaling_sigma if tc.grad_scaling_sigma > 0 else scene.camera_sigma()
-        self.grad_scaling = GradScaling(tc.grad_scaling, sigma=sigma)
+        self.grad_scaling = GradScaling(self.grad_scaling_mode(scene, tc.grad_scaling), sigma=sigma)
         use_masks = cfg.data.use_masks and scene.masks is not None
         self.use_masks = use_masks
         # step-based schedules of the samplers follow the run's length: the quadtree's all-pixel phase,
@@ -187,6 +195,21 @@ class Trainer:
         self.train_time = 0.0
 
     # ---------------------------------------------------------------- helpers
+    AUTO_SCALING_RADIUS = 1.5  # "auto" gradient scaling: on when a camera is this close to the sphere's centre
+
+    @classmethod
+    def grad_scaling_mode(cls, scene, mode: str) -> str:
+        """``"auto"`` → ``"paper"`` when a camera sits inside or near the unit sphere (closer than
+        :data:`AUTO_SCALING_RADIUS` to its centre: room-scale and forward-facing captures, where floaters
+        grow in front of the cameras), else ``"none"``. In object-centred captures every sample is far
+        from every camera (≥ 1.8 of σ = 2.9 on DTU), so the scaling cannot reach a floater; it only
+        scales the colour and mask gradients by 0.4–0.75 and slows the front surfaces down."""
+        if mode != "auto":
+            return mode
+        centres = scene.camera_centres()
+        near = len(centres) and float(np.min(np.linalg.norm(centres, axis=-1))) < cls.AUTO_SCALING_RADIUS
+        return "paper" if near else "none"
+
     def variance(self) -> float:
         _read_slot(self.params, self.var_slice.offset, self._var_buf)
         return float(self._var_buf.to_numpy()[0])
@@ -269,6 +292,26 @@ class Trainer:
         self.field.backward(g_sdf, zero, None, self.params, self.grads)
         return loss
 
+    def _eikonal_points_step(self, eps: float) -> float:
+        """The eikonal term on ``eikonal_points`` points drawn uniformly in the unit sphere (NeuS
+        regularises uniform samples along every ray; Wang et al. 2021, eq. 8), so free space and the
+        inside of the object are held to |∇f| = 1 too, not only the thin shell the fine samples cover.
+        Adds its gradient into ``self.grads`` after the main batch's field backward."""
+        tc = self.cfg.train
+        n = tc.eikonal_points
+        if "ek_zero" not in self._dev or self._dev["ek_zero"].shape[0] != n:
+            self._dev["ek_zero"] = buffers.f32(n, 3)  # the (unused) view directions
+            buffers.zero_(self._dev["ek_zero"])
+            self._dev["ek_sdf0"] = buffers.f32(n)  # ∂L/∂sdf = 0
+            buffers.zero_(self._dev["ek_sdf0"])
+            self._dev["ek_gn"] = buffers.f32(n, 3)
+        p_dev = self._upload("ek_p", uniform_in_ball(n, self.rng))
+        zero = self._dev["ek_zero"]
+        out = self.field.forward(p_dev, zero, n, self.params, eps=eps)
+        loss, g_n = losses.eikonal(out.normal, p_dev, n, weight=tc.eikonal_weight, grad_out=self._dev["ek_gn"])
+        self.field.backward(self._dev["ek_sdf0"], g_n, None, self.params, self.grads)
+        return loss
+
     # ------------------------------------------------------------- one step
     def train_step(self) -> dict:
         tc, rc = self.cfg.train, self.cfg.render
@@ -337,7 +380,8 @@ class Trainer:
             self.bg.backward(g_bg, self.params, self.grads)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
         sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
-        loss = l1 + bce + eik + s3im_loss + sparse_loss + depth_loss
+        eik_pts = self._eikonal_points_step(sch["eps"]) if tc.eikonal_points > 0 else 0.0
+        loss = l1 + bce + eik + eik_pts + s3im_loss + sparse_loss + depth_loss
         if not math.isfinite(loss) or _count_nonfinite2(self.grads, self.params, self.layout.total) > 0:
             return self._reject_step(step, loss)
         self.bad_steps = 0
@@ -358,7 +402,7 @@ class Trainer:
         return {"step": self.step, "loss": loss, "l1": l1, "eikonal": eik, "mask_bce": bce,
                 "psnr": -10.0 * math.log10(max(mse, 1e-10)), "s": math.exp(10.0 * self.variance()),
                 "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr, "s3im": s3im_loss,
-                "sparse": sparse_loss, "depth": depth_loss,
+                "sparse": sparse_loss, "depth": depth_loss, "eikonal_points": eik_pts,
                 "lr_scale": sch["lr_scale"] * self.lr_factor, "eps": sch["eps"]}
 
     def _reject_step(self, step: int, loss: float) -> dict:

@@ -1,0 +1,199 @@
+"""The training recipe at equal time: each change against the defaults, on a real DTU scan and on the
+built-in object rendered DTU-like (exact surface known).
+
+    python benchmarks/recipe.py --scene scan24 --budget 300 --runs old new        # two runs, ~12 min
+    python benchmarks/recipe.py --scene synthetic --budget 1080 --runs old new     # the 20-minute check
+    python benchmarks/recipe.py --scene scan24 --budget 300 --runs new new-eikonal_points --seeds 0 1
+
+Every run is the user's command, ``examples/train_dtu.py --data DIR --downscale K --train.time_budget B``
+plus the run's options, in its own process, one after the other (never two at once on this 2-core
+machine). ``--train.time_budget`` makes every schedule follow the elapsed share of the budget, so each
+run ends annealed whatever its step rate. Runs: ``old`` pins the defaults before the recipe work
+(commit d8082ae) explicitly, ``new`` is today's defaults (no option), and ``new-X`` / ``old+X`` take one
+change out of / into them (the table ``CHANGES`` below lists them).
+
+Scenes: ``scan24`` is ``../shared/data/dtu_scan24`` at ¼ resolution (400×300, skipped when absent);
+``synthetic`` is the built-in object rendered like a DTU scan (400×300, 49 views, masks; generated once
+into the cache). Metrics, all from the run's own ``metrics.json`` except the surface figures: held-out PSNR
+inside the masks at the training resolution, the mesh's silhouette IoU against the held-out masks, and on
+the synthetic object the Chamfer distance of the mesh to the exact surface (unit-sphere units, 20k points
+each way) and the shares of the mesh's area inside the object, outside it and within 0.02 of the surface
+(:func:`taichi_neus.export.evaluation.surface_shares` on the exact SDF). Wall time includes the mesh and
+the evaluation. Output: a table on stdout and JSON (``--json``, default ``benchmarks/results/recipe_<scene>.json``).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SCAN24 = ROOT.parent / "shared" / "data" / "dtu_scan24"
+
+# The defaults before the recipe work (d8082ae), pinned so "old" stays the same run after defaults change.
+OLD = {"render.coarse_step": 2.0 * 3**0.5 / 128, "render.n_fine": 32, "train.grad_scaling": "paper",
+       "train.eikonal_points": 0, "train.level_start": 0, "train.eps_from_level": False,
+       "train.lr": 1e-2, "train.mask_weight": 0.1, "train.eikonal_weight": 0.1,
+       "mesh.min_component": 0.0, "mesh.cull_unseen": False}
+
+# One change each: the options that turn it on (their values in the new recipe).
+CHANGES = {
+    "sampling": {"render.coarse_step": 2.0 * 3**0.5 / 512, "render.n_fine": 12},
+    "no_grad_scaling": {"train.grad_scaling": "auto"},
+    "eikonal_points": {"train.eikonal_points": 4096},
+    "levels": {"train.level_start": 4, "train.eps_from_level": True},
+    "mesh_clean": {"mesh.min_component": 0.01, "mesh.cull_unseen": True},
+}
+
+
+def run_options(name: str) -> dict:
+    """The options of run ``name``: ``old``, ``new``, ``old+<change>`` or ``new-<change>``."""
+    if name == "new":
+        return {}
+    if name == "old":
+        return dict(OLD)
+    for sep, base in (("+", OLD), ("-", None)):
+        head, _, change = name.partition(sep)
+        if change and head in ("old", "new"):
+            if change not in CHANGES:
+                raise SystemExit(f"unknown change '{change}' in run '{name}'; changes: {', '.join(CHANGES)}")
+            if sep == "+":
+                return {**base, **CHANGES[change]}
+            return {k: OLD[k] for k in CHANGES[change]}  # the new defaults with this change set back
+    raise SystemExit(f"unknown run '{name}': use old, new, old+CHANGE or new-CHANGE ({', '.join(CHANGES)})")
+
+
+def synthetic_scene(width: int, height: int, views: int) -> pathlib.Path:
+    """The built-in object rendered like a DTU scan, generated once into the cache."""
+    from taichi_neus.data.synthetic import cache_root, make_synthetic_scene
+
+    path = cache_root() / f"dtu_like_{width}x{height}_{views}"
+    if not (path / "scene.json").is_file():
+        print(f"rendering the synthetic object: {views} views at {width}x{height} into {path} …", flush=True)
+        make_synthetic_scene(path, n_views=views, width=width, height=height)
+    return path
+
+
+def surface_figures(mesh_path: str) -> dict:
+    """Chamfer (unit-sphere units) and inside/outside/near shares of a synthetic-object mesh (world units)."""
+    from taichi_neus.data.synthetic import OFFSET, SCALE, sample_surface, synthetic_sdf_unit
+    from taichi_neus.export.evaluation import chamfer, sample_mesh_points, surface_shares
+    from taichi_neus.export.mesh import Mesh
+
+    mesh = Mesh.load(mesh_path)
+    unit = lambda p: (np.asarray(p, np.float64) - OFFSET) / SCALE  # noqa: E731
+    pts = unit(sample_mesh_points(mesh.vertices, mesh.faces, n=20000, seed=0))
+    c = chamfer(pts, unit(sample_surface(20000, seed=1)))
+    shares = surface_shares(mesh.vertices, mesh.faces, lambda p: synthetic_sdf_unit(unit(p)), tol=0.02)
+    return {"chamfer_unit": float(c["chamfer"]), **{f"share_{k}": float(v) for k, v in shares.items()}}
+
+
+def train(name: str, data: pathlib.Path, downscale: int, budget: float, seed: int, out_root: pathlib.Path,
+          extra: list[str]) -> dict:
+    opts = run_options(name)
+    out = out_root / f"{name}_seed{seed}"
+    if out.exists():  # a folder of an earlier benchmark run: train would resume it
+        shutil.rmtree(out)
+    args = [sys.executable, str(ROOT / "examples" / "train_dtu.py"), "--data", str(data), "--out", str(out),
+            "--downscale", str(downscale), "--train.time_budget", str(budget),
+            "--iters", "1000000", "--seed", str(seed), "--train.val_every", "0", *extra]
+    for k, v in opts.items():
+        args += [f"--{k}={'true' if v is True else 'false' if v is False else v}"]
+    print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {' '.join(args[2:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise SystemExit(f"run {name} failed (exit {proc.returncode})")
+    m = json.loads((out / "metrics.json").read_text())
+    row = {"run": name, "seed": seed, "options": opts, "wall_s": wall, "steps": m.get("steps"),
+           "train_time_s": m.get("train_time_s"), "psnr_masked": m.get("heldout_psnr_masked"),
+           "psnr": m.get("heldout_psnr"), "psnr_masked_half_res": m.get("heldout_psnr_masked_half_res"),
+           "mesh_iou": m.get("heldout_mesh_mask_iou"), "render_iou": m.get("heldout_render_mask_iou"),
+           "mesh": m.get("mesh"), "run_dir": str(out)}
+    if (data / "scene.json").is_file() and m.get("mesh"):
+        row.update(surface_figures(m["mesh"]))
+    print("    " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    cols = [("run", "run", "{}"), ("seeds", "n", "{}"), ("steps", "steps", "{:.0f}"),
+            ("psnr_masked", "PSNR mask (dB)", "{:.2f}"), ("mesh_iou", "mesh IoU", "{:.4f}"),
+            ("chamfer_unit", "Chamfer", "{:.4f}"), ("share_inside", "inside", "{:.3f}"),
+            ("share_outside", "outside", "{:.3f}"), ("share_near", "near", "{:.3f}"), ("wall_s", "wall (s)", "{:.0f}")]
+    groups: dict[str, list] = {}
+    for r in rows:
+        groups.setdefault(r["run"], []).append(r)
+    lines = []
+    for name, rs in groups.items():
+        cells = []
+        for key, _, fmt in cols:
+            if key == "run":
+                cells.append(name)
+            elif key == "seeds":
+                cells.append(str(len(rs)))
+            else:
+                vals = [r[key] for r in rs if r.get(key) is not None]
+                if not vals:
+                    cells.append("-")
+                elif len(vals) == 1:
+                    cells.append(fmt.format(vals[0]))
+                else:
+                    cells.append(fmt.format(np.mean(vals)) + " ±" + fmt.format(np.std(vals)).strip())
+        lines.append(cells)
+    head = [h for _, h, _ in cols]
+    w = [max(len(head[i]), *(len(line[i]) for line in lines)) for i in range(len(cols))]
+    out = ["  ".join(h.ljust(w[i]) for i, h in enumerate(head))]
+    out += ["  ".join(c.ljust(w[i]) for i, c in enumerate(line)) for line in lines]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scene", choices=("scan24", "synthetic"), default="synthetic")
+    ap.add_argument("--data", default="", help="a DTU scene folder instead of --scene's")
+    ap.add_argument("--budget", type=float, default=300.0, help="training seconds per run")
+    ap.add_argument("--runs", nargs="+", default=["old", "new"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out-root", default="/tmp/taichi_neus_recipe")
+    ap.add_argument("--json", default="")
+    ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
+    args = ap.parse_args(argv)
+    for name in args.runs:
+        run_options(name)  # refuse a bad name before any run
+    if args.data:
+        data, downscale = pathlib.Path(args.data), 4
+    elif args.scene == "scan24":
+        if not (SCAN24 / "cameras_sphere.npz").is_file():
+            print(f"skipped: {SCAN24} is not here")
+            return 0
+        data, downscale = SCAN24, 4
+    else:
+        data, downscale = synthetic_scene(400, 300, 49), 1
+    extra = [a for a in args.extra if a != "--"]
+    out_root = pathlib.Path(args.out_root) / (args.scene if not args.data else data.name)
+    rows = [train(name, data, downscale, args.budget, seed, out_root, extra)
+            for seed in args.seeds for name in args.runs]
+    print(table(rows))
+    path = pathlib.Path(args.json or ROOT / "benchmarks" / "results" / f"recipe_{args.scene}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"scene": str(data), "downscale": downscale, "budget_s": args.budget,
+                                "extra": extra, "machine": platform.processor() or platform.machine(),
+                                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
