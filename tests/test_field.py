@@ -55,7 +55,8 @@ def test_hash_encoding_values_and_table_gradient():
         if kernel is None:
             grid.backward(X, dX, n, 3, grads)
         else:
-            kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features)
+            kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
+                   cfg.n_levels)
         assert _rel(buffers.to_numpy(grads) - 0.5, theta.grad.numpy()) < 1e-5, kernel
 
 

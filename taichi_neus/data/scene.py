@@ -71,6 +71,16 @@ class Scene:
         """
         return float(np.median(np.linalg.norm(self.camera_centres(), axis=-1)))
 
+    def pixel_footprint(self) -> float:
+        """Size of one training pixel on the object, unit-sphere units: the median over the training
+        views of (camera-centre distance to the origin) / (focal length in pixels). The object sits
+        near the origin, so this is about the width a pixel covers there (at this downscale)."""
+        ids = np.asarray(self.train_ids if len(self.train_ids) else np.arange(self.n_views), np.int64)
+        dist = np.linalg.norm(self.camera_centres()[ids], axis=-1)
+        K = np.asarray(self.K, np.float64)[ids]
+        focal = 0.5 * (np.abs(K[:, 0, 0]) + np.abs(K[:, 1, 1]))
+        return float(np.median(dist / focal))
+
     def unit_to_world(self, points: np.ndarray) -> np.ndarray:
         """(N, 3) unit-sphere points -> (N, 3) float64 world points (through ``scale_mat``)."""
         p = np.asarray(points, np.float64).reshape(-1, 3)

@@ -61,6 +61,20 @@ def level_layout(cfg: HashGridConfig):
             np.array(dense, np.int32), total)
 
 
+def cell_widths(cfg: HashGridConfig) -> np.ndarray:
+    """(L,) float64 cell width ``2·bound/R_l`` of each level, unit-sphere units (coarse to fine)."""
+    res = level_layout(cfg)[0].astype(np.float64)
+    return 2.0 * cfg.bound / res
+
+
+def levels_for_footprint(cfg: HashGridConfig, footprint: float) -> int:
+    """How many levels (from the coarsest) have cells at least ``footprint`` wide (unit-sphere units):
+    the finer ones resolve detail below that size. At least 1; all levels for ``footprint <= 0``."""
+    if footprint <= 0:
+        return cfg.n_levels
+    return max(1, int(np.count_nonzero(cell_widths(cfg) >= footprint)))
+
+
 @ti.func
 def _corner_index(ix: ti.i32, iy: ti.i32, iz: ti.i32, r: ti.i32, size: ti.i32, dense: ti.i32) -> ti.i32:
     idx = 0
@@ -105,11 +119,14 @@ def hash_encode_forward(
     ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
     bound: ti.f32,
     F: ti.template(),
+    n_active: ti.i32,  # levels lv >= n_active are off: their features are written as 0, nothing is read
 ):
     """One thread per point, its position read once, the levels in turn."""
+    L = res.shape[0]
+    La = ti.max(ti.min(n_active, L), 0)
     for m in range(n):
         x0 = X[m, 0]
-        for lv in range(res.shape[0]):
+        for lv in range(La):
             r = res[lv]
             ix, fx = _cell(x0[0], bound, r)
             iy, fy = _cell(x0[1], bound, r)
@@ -122,6 +139,9 @@ def hash_encode_forward(
                     acc[f] += w * params[base + f]
             for f in ti.static(range(F)):
                 put(X, m, col0 + lv * F + f, acc[f])
+        for lv in range(La, L):
+            for f in ti.static(range(F)):
+                put(X, m, col0 + lv * F + f, 0.0)
 
 
 @ti.kernel
@@ -138,10 +158,11 @@ def hash_encode_backward_atomic(
     ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
     bound: ti.f32,
     F: ti.template(),
+    n_active: ti.i32,  # only levels lv < n_active receive gradient
 ):
     """Table gradient, one thread per (point, level), atomic adds (for the massively parallel backends)."""
-    L = res.shape[0]
-    for m, lv in ti.ndrange(n, L):
+    La = ti.max(ti.min(n_active, res.shape[0]), 0)
+    for m, lv in ti.ndrange(n, La):
         r = res[lv]
         ix, fx = _cell(get(X, m, 0), bound, r)
         iy, fy = _cell(get(X, m, 1), bound, r)
@@ -182,16 +203,17 @@ def hash_encode_backward_points(
     ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
     bound: ti.f32,
     F: ti.template(),
+    n_active: ti.i32,  # only levels lv < n_active contribute (the others' features are constant 0)
     dP: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, 3) out: dL/dx, overwritten
 ):
     """dP[m] = Σ_levels Σ_corners (g·table[corner]) ∂w_corner/∂x: the derivative of the trilinear weights.
 
     One thread per point, levels in a loop, so no atomics; the table is only read."""
-    L = res.shape[0]
+    La = ti.max(ti.min(n_active, res.shape[0]), 0)
     for m in range(n):
         x0 = ti.Vector([get(X, m, 0), get(X, m, 1), get(X, m, 2)])
         gp = ti.Vector([0.0, 0.0, 0.0])
-        for lv in range(L):
+        for lv in range(La):
             r = res[lv]
             ix, fx = _cell(x0[0], bound, r)
             iy, fy = _cell(x0[1], bound, r)
@@ -246,6 +268,7 @@ def hash_encode_backward_by_level(
     ldense: ti.types.ndarray(dtype=ti.i32, ndim=1),
     bound: ti.f32,
     F: ti.template(),
+    n_active: ti.i32,  # only levels lv < n_active receive gradient (a task owning none of them does nothing)
 ):
     """Table gradient for the CPU: each task owns whole levels (see LEVELS_PER_TASK), so its points
     are scattered one after the other with plain loads and stores, in point order, no atomics.
@@ -257,15 +280,18 @@ def hash_encode_backward_by_level(
     (0.26 s). The result differs from the atomic scatter only by float32 summation order, and is
     deterministic."""
     L = res.shape[0]
+    La = ti.max(ti.min(n_active, L), 0)
+    # T from all L levels, not the active ones: with few levels active each still gets a task of its own
+    # (task t's first level is t), so both cores keep working early in a coarse-to-fine run.
     T = (L + LEVELS_PER_TASK - 1) // LEVELS_PER_TASK
     for it in range(T * _TASK_STRIDE):
-        if it % _TASK_STRIDE == 0:
-            t = it // _TASK_STRIDE
+        t = it // _TASK_STRIDE
+        if it % _TASK_STRIDE == 0 and t < La:
             for m in range(n):
                 x0 = X[m, 0]
                 for j in ti.static(range(LEVELS_PER_TASK)):
                     lv = t + j * T
-                    if lv < L:
+                    if lv < La:
                         # No test for a zero gradient (a data-dependent branch here made it 1.5x
                         # slower; adding zero leaves the sum unchanged). The upstream gradient is
                         # read before the stores, which might alias it.
@@ -316,27 +342,36 @@ class HashGrid:
     def init_params(self, params, seed: int = 0) -> None:
         _uniform_init(params, self.slice.offset, self.slice.size, self.cfg.init_scale, seed & 0xFFFFFFFF)
 
-    def forward(self, X, n: int, col0: int, params) -> None:
+    def _active(self, n_active: int | None) -> int:
+        """Levels on, in [0, L]: ``None`` is all of them."""
+        L = self.cfg.n_levels
+        return L if n_active is None else min(max(int(n_active), 0), L)
+
+    def forward(self, X, n: int, col0: int, params, n_active: int | None = None) -> None:
         """Encode the points in ``X[:n, 0:3]`` (unit-sphere coords) into ``X[:n, col0:col0+L*F]``
-        (``X`` a :func:`taichi_neus.buffers.rows16` buffer)."""
+        (``X`` a :func:`taichi_neus.buffers.rows16` buffer). With ``n_active`` only the coarsest
+        ``n_active`` levels are looked up; the finer levels' features are written as exactly 0
+        (coarse-to-fine training, Neuralangelo / NeuS2)."""
         res, loff, lsize, ldense = self._level_arrays()
         hash_encode_forward(X, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
-                            self.cfg.bound, self.cfg.n_features)
+                            self.cfg.bound, self.cfg.n_features, self._active(n_active))
 
-    def backward(self, X, dX, n: int, col0: int, grads) -> None:
+    def backward(self, X, dX, n: int, col0: int, grads, n_active: int | None = None) -> None:
         """Add ``dX[:n, col0:col0+L*F]`` (dL/d encoding) scattered onto the table into ``grads``
-        (CPU: one task per level, no atomics; other backends: one thread per point and level, atomics)."""
+        (CPU: one task per level, no atomics; other backends: one thread per point and level, atomics).
+        Only the levels ``< n_active`` (all for None) receive gradient; the others' slices are untouched."""
         from taichi_neus import runtime
         res, loff, lsize, ldense = self._level_arrays()
         kernel = hash_encode_backward_by_level if runtime.current_arch() == "cpu" else hash_encode_backward_atomic
         kernel(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
-                             self.cfg.bound, self.cfg.n_features)
+               self.cfg.bound, self.cfg.n_features, self._active(n_active))
 
-    def backward_points(self, X, dX, n: int, col0: int, params, dP) -> None:
-        """dL/d(position) (n, 3) into ``dP`` (overwritten) from ``dX[:n, col0:col0+L*F]`` (dL/d encoding).
+    def backward_points(self, X, dX, n: int, col0: int, params, dP, n_active: int | None = None) -> None:
+        """dL/d(position) (n, 3) into ``dP`` (overwritten) from ``dX[:n, col0:col0+L*F]`` (dL/d encoding),
+        through the levels ``< n_active`` only (all for None; the others' features are constant).
 
         Piecewise smooth: the trilinear weights' derivative jumps across cell faces (either side's is
         returned, as torch autograd of the same interpolation does); zero outside ``[-bound, bound]``."""
         res, loff, lsize, ldense = self._level_arrays()
         hash_encode_backward_points(X, dX, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
-                                    self.cfg.bound, self.cfg.n_features, dP)
+                                    self.cfg.bound, self.cfg.n_features, self._active(n_active), dP)

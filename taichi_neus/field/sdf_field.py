@@ -254,6 +254,10 @@ class SDFField:
         self.ws = _Workspace()
         self._n = 0
         self.forward_count = 0
+        # Hash-grid levels on (coarse to fine; None: all). Read by forward, sdf and sdf_fn; backward uses
+        # the count of the forward whose activations it differentiates. The trainer sets it once per step.
+        self.active_levels: int | None = None
+        self._levels = None
 
     # ------------------------------------------------------------------ setup
     def set_normal_mode(self, mode: str) -> None:
@@ -297,7 +301,7 @@ class SDFField:
 
     # ---------------------------------------------------------------- forward
     def _sdf_net_forward(self, X0, rows: int, params, tag: str):
-        self.encoding.forward(X0, rows, self.enc_col, params)
+        self.encoding.forward(X0, rows, self.enc_col, params, self.active_levels)
         h, col = X0, self.sdf_in_col
         outs = []
         for i, lin in enumerate(self.sdf_layers):
@@ -311,7 +315,8 @@ class SDFField:
                 out_rows: int | None = None) -> FieldOutputs:
         """Evaluate the field at ``points`` (n,3) with unit view ``dirs`` (n,3); keeps activations
         for :meth:`backward`. Rows ``[0, n)`` of the returned buffers are valid; with ``out_rows``
-        the sdf/normal/rgb buffers have exactly that many rows (the renderer's packed capacity)."""
+        the sdf/normal/rgb buffers have exactly that many rows (the renderer's packed capacity).
+        Only the hash grid's :attr:`active_levels` coarsest levels are on (None: all)."""
         out_rows = max(n, 1) if out_rows is None else int(out_rows)
         eps = self.cfg.fd_eps if eps is None else float(eps)
         off, coef = self._stencil_dev()
@@ -333,7 +338,7 @@ class SDFField:
             h = Y
         rgb = self.ws.exact("rgb", out_rows, 3)
         _rows_from16(couts[-1], rgb, n)
-        self._n, self._eps, self._dirs = n, eps, dirs
+        self._n, self._eps, self._dirs, self._levels = n, eps, dirs, self.active_levels
         self._sdf_outs, self._color_outs = outs, couts
         self.forward_count += 1  # lets a caller holding saved inputs tell whether the activations are still its own
         return FieldOutputs(sdf=sdf, normal=normal, rgb=rgb, n=n)
@@ -390,10 +395,10 @@ class SDFField:
                              dX=dH, dy_preact=i < last, dx_act=self.sdf_layers[i - 1])
                 dY = dH
         if grads is not None:
-            self.encoding.backward(X0, dX0, rows, self.enc_col, grads)
+            self.encoding.backward(X0, dX0, rows, self.enc_col, grads, self._levels)
         if want_inputs:
             dP = self.ws.exact("dP", rows, 3)
-            self.encoding.backward_points(X0, dX0, rows, self.enc_col, params, dP)
+            self.encoding.backward_points(X0, dX0, rows, self.enc_col, params, dP, self._levels)
             dpoints = dpoints if dpoints is not None else self.ws.exact("dpoints_unused", n, 3)
             ddirs = ddirs if ddirs is not None else self.ws.exact("ddirs_unused", n, 3)
             _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color),

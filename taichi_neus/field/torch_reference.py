@@ -15,11 +15,16 @@ PRIME_Z = 805459861
 _MASK32 = (1 << 32) - 1
 
 
-def hash_encode(x: torch.Tensor, table: torch.Tensor, res, loff, lsize, ldense, bound: float) -> torch.Tensor:
-    """x (M,3) → (M, L·F): trilinear interpolation of hashed/dense grid entries per level."""
+def hash_encode(x: torch.Tensor, table: torch.Tensor, res, loff, lsize, ldense, bound: float,
+                n_active: int | None = None) -> torch.Tensor:
+    """x (M,3) → (M, L·F): trilinear interpolation of hashed/dense grid entries per level; the levels
+    ``>= n_active`` (none for None) are constant zeros."""
     u01 = ((x + bound) / (2 * bound)).clamp(0.0, 1.0)
     feats = []
     for lv in range(len(res)):
+        if n_active is not None and lv >= n_active:
+            feats.append(torch.zeros(x.shape[0], table.shape[1], dtype=table.dtype))
+            continue
         r = int(res[lv])
         u = u01 * r
         i0 = torch.floor(u).clamp(max=r - 1).long()
@@ -86,7 +91,7 @@ class TorchField:
         """x (M,3) → (M, 1 + feature_dim)."""
         g = self.f.cfg.grid
         enc = hash_encode(x, self._w(theta, self.table_slice), self.res, self.loff, self.lsize, self.ldense,
-                          g.bound)
+                          g.bound, self.f.active_levels)
         inp = torch.cat([x, enc], dim=1) if self.f.cfg.include_xyz else enc
         return self._mlp(theta, self.f.sdf_layers, inp)
 

@@ -140,6 +140,8 @@ class Renderer:
             raise UserInputError("the differentiable renderer covers runs without a background model (trained with "
                                  "masks); this run models the background beyond the unit sphere.")
         rc, sch = trainer.cfg.render, trainer.schedules(trainer.step)
+        if "levels" in sch:  # coarse-to-fine hash grid: the levels on at this step (the field is shared)
+            trainer.field.active_levels = sch["levels"]
         return cls(trainer.field, trainer.params, trainer.occupancy, trainer.var_slice.offset,
                    coarse_step=rc.coarse_step, max_coarse=rc.max_coarse, n_fine=rc.n_fine, eps=sch["eps"],
                    cos_anneal_ratio=sch["cos_anneal"], background=trainer._fg_background, near=rc.near,

@@ -70,6 +70,11 @@ class TrainConfig:
     eps_start: float = 1.0 / 64  # finite-difference ε, coarse …
     eps_end: float = 1.0 / 1024  # … to fine (unit-sphere units), log-linear
     eps_anneal: float = 0.5  # ε reaches eps_end at this fraction of training
+    # Coarse-to-fine hash grid (Neuralangelo, Li et al. 2023; NeuS2): finer levels switch on as training goes
+    level_start: int = 0  # hash-grid levels on at the start (0: all levels from the start)
+    level_anneal: float = 0.5  # all levels are on at this fraction of training (linear in between)
+    level_footprint: float = 0.0  # levels with cells under this many training-pixel footprints stay off (0: none)
+    eps_from_level: bool = False  # ε = cell width of the finest level on, ≥ eps_end (not the eps schedule)
     grad_scaling: str = "paper"  # near-camera gradient scaling (Philip & Deschaintre 2023): "paper" | "none" | "auto"
     grad_scaling_sigma: float = 0.0  # distance scale of the gradient scaling (0: from the cameras)
     pixel_sampler: str = "uniform"  # how a batch picks its pixels: "uniform" | "quadtree" | "soft_mining"
@@ -155,8 +160,9 @@ LIMITS: dict[str, Limits] = {
     "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_variance": NONNEG, "train.warmup": NONNEG,
     "train.lr_final": FRACTION, "train.init_variance": ANY, "train.anneal_end": FRACTION,
     "train.eikonal_weight": NONNEG, "train.eikonal_points": NONNEG, "train.mask_weight": NONNEG,
-    "train.eps_start": POSITIVE,
-    "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION, "train.grad_scaling": one_of("paper", "none", "auto"),
+    "train.eps_start": POSITIVE, "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION,
+    "train.level_start": NONNEG, "train.level_anneal": FRACTION, "train.level_footprint": NONNEG,
+    "train.grad_scaling": one_of("paper", "none", "auto"),
     "train.grad_scaling_sigma": NONNEG, "train.pixel_sampler": one_of("uniform", "quadtree", "soft_mining"),
     "train.s3im_weight": NONNEG, "train.s3im_kernel": COUNT, "train.s3im_repeats": COUNT,
     "train.s3im_patch": COUNT, "train.s3im_batch": COUNT, "train.sparse_weight": NONNEG,

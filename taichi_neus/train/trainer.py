@@ -19,6 +19,7 @@ import taichi as ti
 from taichi_neus import buffers
 from taichi_neus.data.rays import iter_image_rays, pixel_rays, unit_sphere_near_far
 from taichi_neus.errors import UserInputError
+from taichi_neus.field.hash_grid import cell_widths, levels_for_footprint
 from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.sdf_field import SDFField
 from taichi_neus.render.background import Background, blend, blend_backward
@@ -190,6 +191,16 @@ class Trainer:
         self.lr_factor = 1.0  # halved at each rollback after a non-finite step
         self.bad_steps = 0
         self.samples_per_ray = float(rc.n_fine)
+        # Coarse-to-fine hash grid: the schedule's level count is capped once for the run by the training
+        # pixels' footprint (finer cells than the photos resolve only fit noise).
+        grid = cfg.field.grid
+        self.level_cap = grid.n_levels
+        if tc.level_footprint > 0:
+            fp = scene.pixel_footprint()
+            self.level_cap = levels_for_footprint(grid, tc.level_footprint * fp)
+            log(f"[taichi_neus] hash levels: a training pixel covers {fp:.3g} unit-sphere units; levels with "
+                f"cells under {tc.level_footprint:g} of them stay off: {self.level_cap} of {grid.n_levels} on "
+                f"(finest cell {cell_widths(grid)[self.level_cap - 1]:.3g})")
         self._var_buf = buffers.f32(1)
         self._dev: dict = {}
         self.train_time = 0.0
@@ -252,8 +263,25 @@ class Trainer:
             q = (p - p_w) / (1.0 - p_w)
             lr = tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * min(max(q, 0.0), 1.0)))
         cos_r = min(1.0, p / tc.anneal_end) if tc.anneal_end > 0 else 1.0
-        eps = _log_lerp(tc.eps_start, tc.eps_end, p / tc.eps_anneal if tc.eps_anneal > 0 else 1.0)
-        return {"lr_scale": lr, "cos_anneal": cos_r, "eps": eps}
+        levels = self.active_levels(p)
+        if tc.eps_from_level:  # Neuralangelo: ε follows the finest active level's cell width
+            eps = max(float(cell_widths(self.cfg.field.grid)[levels - 1]), tc.eps_end)
+        else:
+            eps = _log_lerp(tc.eps_start, tc.eps_end, p / tc.eps_anneal if tc.eps_anneal > 0 else 1.0)
+        return {"lr_scale": lr, "cos_anneal": cos_r, "eps": eps, "levels": levels}
+
+    def active_levels(self, p: float) -> int:
+        """Hash-grid levels on at training progress ``p`` (coarse to fine): ``level_start`` at 0, one more
+        at each equal share of ``level_anneal``, all from ``level_anneal`` on (0 or ≥ n_levels: all from the
+        start); never more than :attr:`level_cap`, never fewer than 1. A function of progress only, so a
+        resumed run continues with the count it had."""
+        tc = self.cfg.train
+        L = self.cfg.field.grid.n_levels
+        n = L
+        if 0 < tc.level_start < L:
+            t = min(max(p, 0.0) / tc.level_anneal, 1.0) if tc.level_anneal > 0 else 1.0
+            n = tc.level_start + int(math.floor((L - tc.level_start) * t + 1e-9))
+        return max(1, min(n, self.level_cap))
 
     def _batch(self, n_rays: int):
         """Rays, targets and per-ray loss weights of one batch (host → device)."""
@@ -317,6 +345,7 @@ class Trainer:
         tc, rc = self.cfg.train, self.cfg.render
         step = self.step
         sch = self.schedules(step)
+        self.field.active_levels = sch["levels"]  # for every field evaluation of this step (occupancy too)
         inv_s = self.inv_s()
         if step >= rc.occupancy_warmup and step % rc.occupancy_every == 0:
             self.occupancy.update(self.sdf_fn, inv_s, step)
@@ -403,7 +432,7 @@ class Trainer:
                 "psnr": -10.0 * math.log10(max(mse, 1e-10)), "s": math.exp(10.0 * self.variance()),
                 "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr, "s3im": s3im_loss,
                 "sparse": sparse_loss, "depth": depth_loss, "eikonal_points": eik_pts,
-                "lr_scale": sch["lr_scale"] * self.lr_factor, "eps": sch["eps"]}
+                "lr_scale": sch["lr_scale"] * self.lr_factor, "eps": sch["eps"], "levels": sch["levels"]}
 
     def _reject_step(self, step: int, loss: float) -> dict:
         """A non-finite loss or gradient: the update is not applied (parameters stay the last good ones),
@@ -432,8 +461,9 @@ class Trainer:
         res = {"rgb": np.zeros((n, 3), np.float32), "opacity": np.zeros(n, np.float32),
                "depth": np.zeros(n, np.float32), "normal": np.zeros((n, 3), np.float32)}
         inv_s = self.inv_s()
-        eps = self.schedules(self.step)["eps"]
-        cos_r = self.schedules(self.step)["cos_anneal"]
+        sch = self.schedules(self.step)
+        eps, cos_r = sch["eps"], sch["cos_anneal"]
+        self.field.active_levels = sch["levels"]
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             oo = np.zeros((chunk, 3), np.float32)
@@ -533,6 +563,7 @@ class Trainer:
         intersected with the sphere: ``max(sdf, |p| - 1)``. No surface comes from untrained space.
         """
         block = 1 << 18
+        self.field.active_levels = self.schedules(self.step)["levels"]
         q = self._dev.get("q_sdf")
         if q is None:  # fixed-size block so the SDF kernel compiles once for every call
             q = self._dev["q_sdf"] = buffers.f32(block, 3)
@@ -548,6 +579,7 @@ class Trainer:
     def colour_at(self, points: np.ndarray, view_dirs: np.ndarray) -> np.ndarray:
         """Colour of the field at ``(N, 3)`` unit-sphere points seen along ``(N, 3)`` unit directions; ``(N, 3)``."""
         out = np.empty((points.shape[0], 3), np.float32)
+        self.field.active_levels = self.schedules(self.step)["levels"]
         for s in range(0, points.shape[0], 1 << 16):
             m = min(1 << 16, points.shape[0] - s)
             pts = self._upload("m_p", points[s:s + m])
