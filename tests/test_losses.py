@@ -139,3 +139,18 @@ def test_depth_l1_matches_torch():
     assert np.all(grad.to_numpy()[:3] == 0.0)
     loss, grad = losses.depth_l1(buffers.upload(depth), buffers.upload(np.zeros(r, np.float32)))
     assert loss == 0.0 and np.all(grad.to_numpy() == 0.0)
+
+
+def test_curvature_loss_value_and_gradient():
+    """weight · mean |Δf| over the samples inside r = 1.05, and its (sub)gradient, against numpy."""
+    rng = np.random.default_rng(11)
+    cap, n = 300, 257
+    lap = rng.normal(0, 3, cap).astype(np.float32)
+    lap[5] = 0.0
+    pos = rng.uniform(-1.2, 1.2, (cap, 3)).astype(np.float32)
+    loss, g = losses.curvature(buffers.upload(lap), buffers.upload(pos), n, weight=0.02)
+    inside = (pos[:n].astype(np.float64) ** 2).sum(1) < 1.05**2
+    ref = 0.02 * np.abs(lap[:n][inside]).mean()
+    assert loss == pytest.approx(ref, rel=1e-5)
+    gref = np.where(inside, 0.02 * np.sign(lap[:n]) / inside.sum(), 0.0)
+    assert np.allclose(g.to_numpy()[:n], gref, rtol=1e-5, atol=1e-9)

@@ -27,11 +27,12 @@ def scene():
     return load_dtu(default_scene_path())
 
 
-def _captured_step(scene, tmp_path, grad_scaling: str, level_start: int = 0):
+def _captured_step(scene, tmp_path, grad_scaling: str, level_start: int = 0, curvature: float = 0.0):
     cfg = small_config(iters=100)  # step 6 of 100: cos-anneal ratio 0.3, both relu terms of the cosine live
     cfg.train.grad_scaling = grad_scaling
     if level_start:  # coarse-to-fine hash grid, ε from the finest level on
         cfg.train.level_start, cfg.train.eps_from_level = level_start, True
+    cfg.train.curvature_weight = curvature
     cfg.train.sample_budget = 2048
     cfg.render.occupancy_warmup = 4
     cfg.render.occupancy_every = 2
@@ -120,12 +121,23 @@ def _reference_loss(tr, c: dict, theta: torch.Tensor) -> torch.Tensor:
     bce = tc.mask_weight * (-(m * torch.log(o) + (1 - m) * torch.log(1 - o))).mean()
     inside = (P ** 2).sum(1) < 1.05 ** 2
     eik = tc.eikonal_weight * ((normal[inside].norm(dim=1) - 1.0) ** 2).mean()
-    return l1 + bce + eik
+    curv = 0.0
+    if tc.curvature_weight > 0:  # Neuralangelo's mean |Δf|, Δf from the tetrahedral stencil's five values
+        from taichi_neus.field.sdf_field import laplacian_coef, stencil
+        off = torch.as_tensor(stencil(tr.field.cfg.normal_mode)[0], dtype=f64)
+        lc = torch.as_tensor(laplacian_coef(tr.field.cfg.normal_mode), dtype=f64)
+        eps = c["eps"]
+        f = TorchField(tr.field).sdf_net(theta, (P[None] + eps * off[:, None]).reshape(-1, 3))[:, 0]
+        lap = (lc[:, None] * f.view(off.shape[0], -1)).sum(0) / eps**2
+        curv = tc.curvature_weight * lap[inside].abs().mean()
+    return l1 + bce + eik + curv
 
 
-@pytest.mark.parametrize("grad_scaling,level_start", [("none", 0), ("paper", 0), ("none", 2)])
-def test_one_training_step_matches_float64_autograd_of_the_total_loss(scene, tmp_path, grad_scaling, level_start):
-    tr, c = _captured_step(scene, tmp_path, grad_scaling, level_start)
+@pytest.mark.parametrize("grad_scaling,level_start,curvature", [("none", 0, 0.0), ("paper", 0, 0.0), ("none", 2, 0.0),
+                                                                 ("none", 0, 1e-3)])
+def test_one_training_step_matches_float64_autograd_of_the_total_loss(scene, tmp_path, grad_scaling, level_start,
+                                                                      curvature):
+    tr, c = _captured_step(scene, tmp_path, grad_scaling, level_start, curvature)
     assert c["S"] > 1000 and 0.1 < c["r"] < 0.9
     # the reference field (TorchField) reads the same active level count from tr.field
     assert tr.field.active_levels == c["levels"] == (level_start or tr.cfg.field.grid.n_levels)

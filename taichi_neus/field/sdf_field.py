@@ -62,6 +62,20 @@ def stencil(mode: str):
     return off, coef
 
 
+def laplacian_coef(mode: str) -> np.ndarray:
+    """(K,) float32: Δf ≈ Σ_k lap[k]·f(x + ε·offsets[k]) / ε², from the same stencil as the normal.
+
+    ``central``: the 7-point Laplacian, Σ_c [f(x+εe_c) + f(x−εe_c) − 2f(x)] / ε².
+    ``tetrahedral``: Σ_k f(x+εv_k) − 4f(x) = (ε²/2)·Σ_k v_kᵀ H v_k + O(ε⁴) = 2ε²·tr H + O(ε⁴)
+    (Σ_k v_k = 0 and Σ_k v_k v_kᵀ = 4I), so Δf ≈ [Σ_k f(x+εv_k) − 4f(x)] / 2ε².
+    Neuralangelo's curvature loss (Li et al. CVPR 2023, eq. 9) is the mean |Δf| from such a stencil."""
+    if mode == "central":
+        return np.array([-6.0] + [1.0] * 6, np.float32)
+    if mode == "tetrahedral":
+        return np.array([-2.0] + [0.5] * 4, np.float32)
+    raise ValueError(f"unknown normal_mode '{mode}': use 'tetrahedral' or 'central'")
+
+
 ROWS16 = buffers.ROWS16
 get, put = buffers.get, buffers.put
 
@@ -123,6 +137,29 @@ def _scatter_grads(dXc: ROWS16, dnormal: ti.types.ndarray(dtype=ti.f32, ndim=2),
             put(dO, m * K + k, 0, acc * inv_eps)
             for i in range(feat):
                 put(dO, m * K + k, 1 + i, 0.0)
+
+
+@ti.kernel
+def _gather_laplacian(O: ROWS16, n: ti.i32, lcoef: ti.types.ndarray(dtype=ti.f32, ndim=1), inv_eps2: ti.f32,
+                      lap: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+    """lap[m] = Σ_k lcoef[k]·f(row m·K + k) / ε² (see :func:`laplacian_coef`)."""
+    K = lcoef.shape[0]
+    for m in range(n):
+        acc = 0.0
+        for k in range(K):
+            acc += lcoef[k] * get(O, m * K + k, 0)
+        lap[m] = acc * inv_eps2
+
+
+@ti.kernel
+def _scatter_laplacian(dlap: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32,
+                       lcoef: ti.types.ndarray(dtype=ti.f32, ndim=1), inv_eps2: ti.f32, dO: ROWS16):
+    """dO[m·K + k, 0] += lcoef[k]·dL/dlap[m] / ε² (the transpose of :func:`_gather_laplacian`)."""
+    K = lcoef.shape[0]
+    for m in range(n):
+        g = dlap[m] * inv_eps2
+        for k in range(K):
+            put(dO, m * K + k, 0, get(dO, m * K + k, 0) + lcoef[k] * g)
 
 
 @ti.kernel
@@ -224,6 +261,7 @@ class FieldOutputs:
     normal: object
     rgb: object
     n: int
+    laplacian: object = None  # (n,) float32 finite-difference Laplacian Δf, when forward(laplacian=True)
 
 
 class SDFField:
@@ -265,6 +303,12 @@ class SDFField:
         self.K = off.shape[0]
         self._off_np, self._coef_np = off, coef
         self._off_dev = self._coef_dev = None
+        self._lap_np, self._lap_dev = laplacian_coef(mode), None
+
+    def _laplacian_dev(self):
+        if self._lap_dev is None:
+            self._lap_dev = buffers.upload(self._lap_np)
+        return self._lap_dev
 
     def _stencil_dev(self):
         if self._off_dev is None:
@@ -312,11 +356,13 @@ class SDFField:
         return outs
 
     def forward(self, points, dirs, n: int, params, eps: float | None = None,
-                out_rows: int | None = None) -> FieldOutputs:
+                out_rows: int | None = None, laplacian: bool = False) -> FieldOutputs:
         """Evaluate the field at ``points`` (n,3) with unit view ``dirs`` (n,3); keeps activations
         for :meth:`backward`. Rows ``[0, n)`` of the returned buffers are valid; with ``out_rows``
         the sdf/normal/rgb buffers have exactly that many rows (the renderer's packed capacity).
-        Only the hash grid's :attr:`active_levels` coarsest levels are on (None: all)."""
+        Only the hash grid's :attr:`active_levels` coarsest levels are on (None: all). ``laplacian``:
+        also the finite-difference Laplacian of the SDF from the same stencil (a curvature loss's input;
+        :func:`laplacian_coef`)."""
         out_rows = max(n, 1) if out_rows is None else int(out_rows)
         eps = self.cfg.fd_eps if eps is None else float(eps)
         off, coef = self._stencil_dev()
@@ -338,13 +384,17 @@ class SDFField:
             h = Y
         rgb = self.ws.exact("rgb", out_rows, 3)
         _rows_from16(couts[-1], rgb, n)
+        lap = None
+        if laplacian:
+            lap = self.ws.exact("laplacian", out_rows)
+            _gather_laplacian(O, n, self._laplacian_dev(), 1.0 / (eps * eps), lap)
         self._n, self._eps, self._dirs, self._levels = n, eps, dirs, self.active_levels
         self._sdf_outs, self._color_outs = outs, couts
         self.forward_count += 1  # lets a caller holding saved inputs tell whether the activations are still its own
-        return FieldOutputs(sdf=sdf, normal=normal, rgb=rgb, n=n)
+        return FieldOutputs(sdf=sdf, normal=normal, rgb=rgb, n=n, laplacian=lap)
 
     # --------------------------------------------------------------- backward
-    def backward(self, dsdf, dnormal, drgb, params, grads, dpoints=None, ddirs=None) -> None:
+    def backward(self, dsdf, dnormal, drgb, params, grads, dpoints=None, ddirs=None, dlaplacian=None) -> None:
         """Add dL/dθ into ``grads`` given dL/dsdf (n,), dL/dnormal (n,3), dL/drgb (n,3) for the
         batch of the last :meth:`forward`. ``drgb=None`` skips the colour network (geometry-only
         losses). The inputs are not modified.
@@ -353,7 +403,8 @@ class SDFField:
         points (through the hash encoding's trilinear weights, the MLPs' xyz inputs and every
         finite-difference stencil point) and to the view directions (through the SH encoding; zero when
         ``drgb`` is None) are written too; ``grads=None`` then skips the parameter gradients (e.g. a camera
-        pose refined through a fixed field). The training step passes neither and runs exactly as before."""
+        pose refined through a fixed field). The training step passes neither and runs exactly as before.
+        ``dlaplacian`` (n,): dL/dΔf of the Laplacian the forward returned with ``laplacian=True``."""
         want_inputs = dpoints is not None or ddirs is not None
         n, eps = self._n, self._eps
         rows = self.K * n
@@ -380,6 +431,8 @@ class SDFField:
         last = self.sdf_layers[-1]
         dO = self.ws.get("dO", rows, last.n_out)
         _scatter_grads(dXc, dnormal, dsdf, n, coef, 1.0 / eps, dO, self.cfg.feature_dim, int(use_color))
+        if dlaplacian is not None:
+            _scatter_laplacian(dlaplacian, n, self._laplacian_dev(), 1.0 / (eps * eps), dO)
         dY = dO
         dX0 = self.ws.get("dX0", rows, self.x0_cols)
         last = len(self.sdf_layers) - 1

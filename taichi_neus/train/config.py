@@ -65,6 +65,7 @@ class TrainConfig:
     init_variance: float = 0.3  # NeuS's sharpness s = exp(10·v) starts at e^3 ≈ 20
     anneal_end: float = 0.2  # cos-anneal ratio reaches 1 at this fraction of training
     eikonal_weight: float = 0.1  # weight of the eikonal loss (|∇f| = 1)
+    curvature_weight: float = 0.0  # weight of the curvature loss, mean |ΔSDF| on the samples (Neuralangelo); 0 = off
     eikonal_points: int = 0  # also hold |∇f| = 1 at this many points drawn uniformly in the unit sphere per step
     mask_weight: float = 0.1  # weight of the mask loss (binary cross-entropy of the opacity)
     eps_start: float = 1.0 / 64  # finite-difference ε, coarse …
@@ -159,7 +160,8 @@ LIMITS: dict[str, Limits] = {
     "train.iters": COUNT, "train.time_budget": NONNEG, "train.sample_budget": COUNT, "train.min_rays": COUNT,
     "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_variance": NONNEG, "train.warmup": NONNEG,
     "train.lr_final": FRACTION, "train.init_variance": ANY, "train.anneal_end": FRACTION,
-    "train.eikonal_weight": NONNEG, "train.eikonal_points": NONNEG, "train.mask_weight": NONNEG,
+    "train.eikonal_weight": NONNEG, "train.eikonal_points": NONNEG, "train.curvature_weight": NONNEG,
+    "train.mask_weight": NONNEG,
     "train.eps_start": POSITIVE, "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION,
     "train.level_start": NONNEG, "train.level_anneal": FRACTION, "train.level_footprint": NONNEG,
     "train.grad_scaling": one_of("paper", "none", "auto"),

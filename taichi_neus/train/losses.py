@@ -246,6 +246,54 @@ def eikonal(normal, positions, n_samples: int, *, weight: float = 0.1, radius: f
 
 
 
+# ------------------------------------------------------------------------------------------ curvature
+@ti.kernel
+def _curv_partials(lap: F1, positions: F2, n: ti.i32, radius: ti.f32, chunk: ti.i32, part: F2):
+    for c in range(part.shape[0]):
+        acc = 0.0
+        cnt = 0.0
+        for k in range(chunk):
+            i = c * chunk + k
+            if i < n and _inside(positions, i, radius):
+                acc += ti.abs(lap[i])
+                cnt += 1.0
+        part[c, 0] = acc
+        part[c, 1] = cnt
+
+
+@ti.kernel
+def _curv_grad(lap: F1, positions: F2, n: ti.i32, radius: ti.f32, scale: ti.f32, grad: F1):
+    ti.loop_config(block_dim=1024)
+    for i in range(n):
+        g = 0.0
+        if _inside(positions, i, radius):
+            if lap[i] > 0.0:
+                g = scale
+            elif lap[i] < 0.0:
+                g = -scale
+        grad[i] = g
+
+
+def curvature(laplacian, positions, n_samples: int, *, weight: float, radius: float = 1.05, grad_out=None):
+    """Curvature loss ``weight · mean_{i inside} |Δf_i|`` (Neuralangelo, Li et al. CVPR 2023, eq. 9) over the
+    first ``n_samples`` samples inside the sphere of ``radius``; Δf the field's finite-difference Laplacian
+    (:meth:`SDFField.forward` with ``laplacian=True``), (S_cap,) float32. Returns ``(loss, grad)``, grad
+    (S_cap,) float32 = ∂loss/∂Δf (subgradient 0 at Δf = 0; entries ≥ n_samples untouched)."""
+    cap = laplacian.shape[0]
+    n = int(n_samples)
+    if tuple(positions.shape) != (cap, 3) or not 0 <= n <= cap:
+        raise UserInputError(f"curvature: laplacian {tuple(laplacian.shape)} and positions {tuple(positions.shape)} "
+                             f"must be (S,) and (S, 3) with n_samples={n} <= S.")
+    part = _scratch("curv_part", _n_chunks(cap), 2)
+    _curv_partials(laplacian, positions, n, radius, CHUNK, part)
+    total, count = _reduce(part)
+    grad = grad_out if grad_out is not None else buffers.f32(cap)
+    scale = weight / count if count > 0 else 0.0
+    if n > 0:
+        _curv_grad(laplacian, positions, n, radius, scale, grad)
+    return total * scale, grad
+
+
 # ------------------------------------------------------------------------------- sparse points
 @ti.kernel
 def _sparse_partials(sdf: F1, w: F1, n: ti.i32, chunk: ti.i32, part: F2):

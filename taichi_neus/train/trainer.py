@@ -358,7 +358,9 @@ class Trainer:
         sdirs = self.field.ws.exact("sample_dirs", S_cap, 3)
         _gather_dirs(d_dev, smp.ray_ids, S, sdirs)
 
-        out = self.field.forward(smp.positions, sdirs, S, self.params, eps=sch["eps"], out_rows=S_cap)
+        curv_on = tc.curvature_weight > 0
+        out = self.field.forward(smp.positions, sdirs, S, self.params, eps=sch["eps"], out_rows=S_cap,
+                                 laplacian=curv_on)
         _read_slot(self.params, self.var_slice.offset, self._var_buf)
         comp = self.compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev, smp.ray_offsets,
                                        smp.ray_counts, self._var_buf, sch["cos_anneal"],
@@ -401,16 +403,20 @@ class Trainer:
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
         eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
                                 accumulate=True)
+        curv, g_lap = 0.0, None
+        if curv_on:  # Neuralangelo's mean |Δf| on the same samples, from the same stencil
+            curv, g_lap = losses.curvature(out.laplacian, smp.positions, S, weight=tc.curvature_weight,
+                                           grad_out=self.field.ws.exact("g_lap", S_cap))
 
         buffers.zero_(self.grads)
         if S > 0:
-            self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads)
+            self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads, dlaplacian=g_lap)
         if self.bg is not None:
             self.bg.backward(g_bg, self.params, self.grads)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
         sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
         eik_pts = self._eikonal_points_step(sch["eps"]) if tc.eikonal_points > 0 else 0.0
-        loss = l1 + bce + eik + eik_pts + s3im_loss + sparse_loss + depth_loss
+        loss = l1 + bce + eik + eik_pts + curv + s3im_loss + sparse_loss + depth_loss
         if not math.isfinite(loss) or _count_nonfinite2(self.grads, self.params, self.layout.total) > 0:
             return self._reject_step(step, loss)
         self.bad_steps = 0
@@ -431,7 +437,7 @@ class Trainer:
         return {"step": self.step, "loss": loss, "l1": l1, "eikonal": eik, "mask_bce": bce,
                 "psnr": -10.0 * math.log10(max(mse, 1e-10)), "s": math.exp(10.0 * self.variance()),
                 "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr, "s3im": s3im_loss,
-                "sparse": sparse_loss, "depth": depth_loss, "eikonal_points": eik_pts,
+                "sparse": sparse_loss, "depth": depth_loss, "eikonal_points": eik_pts, "curvature": curv,
                 "lr_scale": sch["lr_scale"] * self.lr_factor, "eps": sch["eps"], "levels": sch["levels"]}
 
     def _reject_step(self, step: int, loss: float) -> dict:
