@@ -178,7 +178,7 @@ def _visible_in_view(geo: dict, k: np.ndarray, pose: np.ndarray, H: int, W: int,
     nr = geo["normal"]
     cos = np.abs(nr[:, 0] * ray[:, 0] + nr[:, 1] * ray[:, 1] + nr[:, 2] * ray[:, 2]) \
         / np.maximum(np.sqrt(ray[:, 0] ** 2 + ray[:, 1] ** 2 + ray[:, 2] ** 2), 1e-30)
-    tan = np.sqrt(np.maximum(1.0 - cos**2, 0.0)) / np.maximum(cos, 0.1)  # capped at 10
+    tan = np.sqrt(np.maximum(1.0 - cos**2, 0.0)) / np.maximum(cos, 0.3)  # capped at 3.2
     tol_face = depth_tol * factor * zc / (0.5 * (k[0, 0] + k[1, 1])) * (1.0 + np.sqrt(2.0) * tan)
     # samples: the vertices (each with the tolerance of one face using it), centroids, lattice points
     samples = ((zv, pv, tol_face[geo["vertex_face"]]), (zc, pcen, tol_face), (ez, ep, tol_face[ef]))
