@@ -98,12 +98,12 @@ def _shown(v) -> str:
     return str(v)
 
 
-def _add_config_options(ap: argparse.ArgumentParser, section: str | None = None) -> None:
-    """One option per leaf field of Config (of one ``section`` if given), in a group per section; defaults
-    are SUPPRESSed, so the namespace holds exactly the options the user gave."""
+def _add_config_options(ap: argparse.ArgumentParser, only: str | None = None) -> None:
+    """One option per leaf field of Config (of the section ``only`` if given), in a group per section;
+    defaults are SUPPRESSed, so the namespace holds exactly the options the user gave."""
     groups = {}
     for opt in options():
-        if section is not None and not opt.key.startswith(section + "."):
+        if only is not None and not opt.key.startswith(only + "."):
             continue
         section = opt.key.split(".")[0] if "." in opt.key else ""
         if section not in groups:
@@ -253,6 +253,7 @@ def parse_args(argv) -> tuple[argparse.Namespace, Config | None, dict]:
     keys = [o.key for o in options()]
     overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
     if args.cmd == "mesh":
+        overrides = {k: v for k, v in overrides.items() if k.startswith("mesh.")}  # not its own --arch
         _make_config("", overrides)  # refuse a bad value now, before the run is loaded
         return args, None, overrides
     if args.cmd != "train":
