@@ -200,6 +200,30 @@ def test_run_folder_given_twice_or_not_at_all(fake_run, tmp_path):
     refused(cli("eval", tmp_path / "nothing"), "does not exist")
 
 
+def test_mesh_takes_the_mesh_options_and_refuses_a_bad_value(fake_run):
+    from taichi_neus.app.cli import parse_args
+    args, cfg, overrides = parse_args(["mesh", "RUN", "--mesh.min_component", "0.01", "--mesh.cull_unseen",
+                                       "--mesh.min_views=2"])
+    assert cfg is None and overrides == {"mesh.min_component": 0.01, "mesh.cull_unseen": True, "mesh.min_views": 2}
+    p = cli("mesh", "--help")
+    h = " ".join(p.stdout.split())
+    assert "--mesh.min_component X" in h and "--mesh.cull_unseen, --no-mesh.cull_unseen" in h
+    assert "--train.iters" not in h  # only the mesh section
+    before = listing(fake_run)
+    for args, words in ((["--mesh.min_component", "1.5"], ["--mesh.min_component must be in [0, 1], got 1.5"]),
+                        (["--mesh.min_views", "0"], ["--mesh.min_views must be ≥ 1, got 0"]),
+                        (["--mesh.cull_unseen=yes"], ["--mesh.cull_unseen is a flag"]),
+                        (["--mesh.min_componentt", "0.1"], ["did you mean --mesh.min_component?"])):
+        refused(cli("mesh", fake_run, "--name", "other.ply", *args), *words)
+    # good values pass the checks: the garbage checkpoint is what stops it
+    refused(cli("mesh", fake_run, "--arch", "cpu", "--name", "other.ply", "--mesh.min_component", "0.01",
+                "--mesh.cull_unseen"), "no readable checkpoint")
+    assert listing(fake_run) == before
+    p = cli("train", "--mesh.min_component=0.02", "--mesh.cull_unseen", "--print-config")
+    assert json.loads(p.stdout)["mesh"] == {**json.loads(Config().to_json())["mesh"], "min_component": 0.02,
+                                            "cull_unseen": True}
+
+
 # ------------------------------------------------------------------- a whole (short) training run
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -294,6 +318,20 @@ def test_mesh_refuses_then_writes_another_name(finished):
     from taichi_neus.export.mesh import Mesh
     a, b = Mesh.load(run / "mesh_000004.ply"), Mesh.load(run / "again.ply")
     np.testing.assert_allclose(a.vertices, b.vertices, atol=1e-5)  # the same checkpoint, the same mesh
+
+
+@pytest.mark.slow
+def test_mesh_with_clean_up_options_and_the_surface_shares(finished):
+    run = next(d for d in (finished["cwd"] / "runs").iterdir() if d.name.endswith("-2"))
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["surface_inside"] + m["surface_outside"] + m["surface_near"] == pytest.approx(1.0)
+    p = cli("mesh", run, "--arch", "cpu", "--name", "cleaned.ply", "--mesh.min_component", "0.01",
+            "--mesh.cull_unseen")
+    assert p.returncode == 0, p.stderr
+    assert "training views" in p.stdout and "largest one's area" in p.stdout
+    from taichi_neus.export.mesh import Mesh
+    a, b = Mesh.load(run / "mesh_000004.ply"), Mesh.load(run / "cleaned.ply")
+    assert 0 < len(b.faces) <= len(a.faces)
 
 
 # ------------------------------------------------------------------------------- torch is optional

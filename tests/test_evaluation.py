@@ -186,6 +186,34 @@ def test_sample_mesh_points_uniform_by_area():
     np.testing.assert_array_equal(p, sample_mesh_points(v, f, n=40000, seed=3))
 
 
+def test_surface_shares_of_a_sphere_its_shrunk_copy_and_a_bubble():
+    from taichi_neus.export.evaluation import surface_shares
+    from taichi_neus.export.mesh import Mesh, extract_mesh
+
+    def sphere(r):
+        return lambda p: (np.linalg.norm(np.asarray(p, np.float64), axis=1) - r).astype(np.float32)
+
+    true = sphere(0.5)
+    same = extract_mesh(sphere(0.5), resolution=48, coarse_resolution=None)
+    sh = surface_shares(same.vertices, same.faces, true, tol=0.02, n=20000)
+    assert sh["near"] == 1.0 and sh["inside"] == 0.0 and sh["outside"] == 0.0
+    shrunk = extract_mesh(sphere(0.45), resolution=48, coarse_resolution=None)
+    sh = surface_shares(shrunk.vertices, shrunk.faces, true, tol=0.02, n=20000)
+    assert sh["inside"] == 1.0 and sh["near"] == 0.0
+    # sphere + a closed bubble of radius 0.25 in its solid: the bubble's share of the area is 0.2
+    bubble = extract_mesh(sphere(0.25), resolution=48, coarse_resolution=None)
+    both = Mesh(np.concatenate([same.vertices, bubble.vertices]),
+                np.concatenate([same.faces, bubble.faces + len(same.vertices)]))
+    sh = surface_shares(both.vertices, both.faces, true, tol=0.02, n=50000, seed=1)
+    assert sh["inside"] == pytest.approx(0.25**2 / (0.25**2 + 0.5**2), abs=0.01)
+    assert sh["outside"] == 0.0 and sh["inside"] + sh["near"] == pytest.approx(1.0)
+    # units: the mesh and the SDF in world units (x2), the band scaled with them
+    sh = surface_shares(2 * shrunk.vertices, shrunk.faces, lambda q: 2 * true(q / 2), tol=0.04, n=5000)
+    assert sh["inside"] == 1.0
+    empty = surface_shares(np.zeros((0, 3)), np.zeros((0, 3), int), true)
+    assert all(np.isnan(x) for x in empty.values())
+
+
 def test_sample_mesh_points_grid_spacing():
     v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0]], float)  # right triangle, legs 1
     p = sample_mesh_points(v, np.array([[0, 1, 2]]), spacing=0.1)

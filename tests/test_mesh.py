@@ -257,3 +257,115 @@ def test_clean_dilation_is_a_disk_of_radius_r():
     )
     assert clean_mesh_with_masks(tri, K, c2w, masks, None, dilation=7).faces.shape[0] == 1
     assert clean_mesh_with_masks(tri, K, c2w, masks, None, dilation=6).is_empty
+
+
+# ------------------------------------------------- clean-up of unseen faces and small components
+def bubble_and_speck_sdf(points):
+    """A sphere (r 0.5) with a closed bubble (r 0.15) inside the solid and a small speck (r 0.06) outside."""
+    p = points.astype(np.float64)
+    outer = np.linalg.norm(p, axis=1) - 0.5
+    bubble = 0.15 - np.linalg.norm(p - [0.1, 0, 0], axis=1)
+    speck = np.linalg.norm(p - [0.75, 0, 0], axis=1) - 0.06
+    return np.minimum(np.maximum(outer, bubble), speck).astype(np.float32)
+
+
+def _cameras_around(n_views, radius, H, W, f):
+    """Cameras on a sphere (Fibonacci directions) looking at the origin: every point of a convex object is seen."""
+    K = np.tile(np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1.0]]), (n_views, 1, 1))
+    c2w = np.zeros((n_views, 4, 4))
+    for i in range(n_views):
+        zc = 1 - 2 * (i + 0.5) / n_views
+        phi = i * np.pi * (3 - np.sqrt(5))
+        eye = radius * np.array([np.sqrt(1 - zc * zc) * np.cos(phi), np.sqrt(1 - zc * zc) * np.sin(phi), zc])
+        fwd = -eye / np.linalg.norm(eye)
+        up = np.array([0, 0, 1.0]) if abs(fwd[2]) < 0.9 else np.array([1.0, 0, 0])
+        right = np.cross(fwd, up)
+        right /= np.linalg.norm(right)
+        down = np.cross(fwd, right)
+        c2w[i, :3, 0], c2w[i, :3, 1], c2w[i, :3, 2], c2w[i, :3, 3], c2w[i, 3, 3] = right, down, fwd, eye, 1
+    return K, c2w
+
+
+@pytest.fixture(scope="module")
+def bubble_mesh():
+    m = extract_mesh(bubble_and_speck_sdf, resolution=64, coarse_resolution=None, scale_mat=SCALE_MAT)
+    centre = ((m.vertices.astype(np.float64) - SHIFT) / SCALE)[m.faces].mean(1)
+    parts = {"bubble": np.linalg.norm(centre - [0.1, 0, 0], axis=1) < 0.2,
+             "speck": np.linalg.norm(centre - [0.75, 0, 0], axis=1) < 0.1}
+    parts["outer"] = ~parts["bubble"] & ~parts["speck"]
+    assert all(v.sum() > 20 for v in parts.values())
+    return m, parts
+
+
+def _count(mesh, part_sdf_centre, radius):
+    centre = ((mesh.vertices.astype(np.float64) - SHIFT) / SCALE)[mesh.faces].mean(1)
+    return int((np.linalg.norm(centre - part_sdf_centre, axis=1) < radius).sum())
+
+
+@pytest.mark.parametrize("H, W, f", [(48, 64, 60.0), (300, 400, 300.0)])  # faces over a pixel, and under
+def test_cull_unseen_removes_the_bubble_and_keeps_the_outside(bubble_mesh, H, W, f):
+    from taichi_neus.export.mesh import cull_unseen_faces
+    from taichi_neus.export.mesh_raster import face_view_counts
+    m, parts = bubble_mesh
+    K, c2w = _cameras_around(12, 3.0, H, W, f)
+    counts = face_view_counts(m, K, c2w, SCALE_MAT, H, W)
+    assert (counts[parts["bubble"]] == 0).all()
+    assert (counts[parts["outer"]] > 0).all() and (counts[parts["speck"]] > 0).all()
+    out = cull_unseen_faces(m, K, c2w, SCALE_MAT, H, W)
+    assert out.faces.shape[0] == parts["outer"].sum() + parts["speck"].sum()
+    assert _count(out, [0.1, 0, 0], 0.2) == 0
+    assert set(edge_use_counts(out.faces)) == {2}  # the outer sphere and the speck stay closed
+    # min_views: a face needs that many views; more views than cameras keeps nothing
+    assert cull_unseen_faces(m, K, c2w, SCALE_MAT, H, W, min_views=13).is_empty
+    assert cull_unseen_faces(m, K, c2w, SCALE_MAT, H, W, min_views=2).faces.shape[0] \
+        == int((counts >= 2).sum())
+
+
+def test_cull_unseen_drops_what_the_cameras_cannot_see():
+    """Cameras on one side: a face of a convex sphere is seen by a camera on the outer side of its plane.
+    Faces just past the rim, within about a pixel of the silhouette, may count as seen."""
+    from taichi_neus.export.mesh import cull_unseen_faces
+    from taichi_neus.export.mesh_raster import face_view_counts
+    m = extract_mesh(sphere_sdf, resolution=80, coarse_resolution=None)
+    K, c2w = _cameras_around(12, 3.0, 96, 128, 120.0)
+    up = c2w[:, 2, 3] > 1.0  # cameras well above the z = 0 plane
+    centre = m.vertices[m.faces].mean(1).astype(np.float64)
+    normal = centre / np.linalg.norm(centre, axis=1, keepdims=True)
+    to_cam = c2w[up][:, :3, 3][None] - centre[:, None]  # (F, C, 3)
+    facing = np.max((normal[:, None] * to_cam).sum(-1) / np.linalg.norm(to_cam, axis=-1), axis=1)
+    counts = face_view_counts(m, K[up], c2w[up], None, 96, 128)
+    assert (counts[facing > 0.05] > 0).all()  # in front of some camera: seen
+    assert (counts[facing < -0.5] == 0).all() and (facing < -0.5).sum() > 100  # well behind all: not
+    out = cull_unseen_faces(m, K[up], c2w[up], None, 96, 128)
+    assert out.faces.shape[0] == (counts > 0).sum()
+
+
+def test_min_component_removes_the_speck_by_area(bubble_mesh):
+    from taichi_neus.export.mesh import drop_small_components
+    m, parts = bubble_mesh
+    assert drop_small_components(m, 0.0) is m
+    out = drop_small_components(m, 0.05)  # speck: (0.06 / 0.5)^2 ~ 1.4% of the sphere's area; bubble 9%
+    assert out.faces.shape[0] == parts["outer"].sum() + parts["bubble"].sum()
+    assert _count(out, [0.75, 0, 0], 0.1) == 0
+    np.testing.assert_array_equal(largest_component(m).faces.shape, drop_small_components(m, 1.0).faces.shape)
+    assert drop_small_components(m, 0.01).faces.shape == m.faces.shape  # 1.4% > 1%: kept
+
+
+def test_mesh_from_run_applies_the_options_after_the_mask_cleaning(bubble_mesh):
+    """A stand-in trainer with the bubble-and-speck SDF: cull_unseen, then min_component, from cfg.mesh."""
+    from types import SimpleNamespace
+
+    from taichi_neus.export.mesh import mesh_from_run
+    from taichi_neus.train.config import MeshConfig
+    K, c2w = _cameras_around(12, 3.0, 48, 64, 60.0)
+    scene = SimpleNamespace(K=K, c2w=c2w, H=48, W=64, masks=None, scale_mat=SCALE_MAT, train_ids=np.arange(12))
+    cfg = SimpleNamespace(mesh=MeshConfig(resolution=64, min_component=0.05, cull_unseen=True))
+    tr = SimpleNamespace(cfg=cfg, scene=scene, sdf_at=bubble_and_speck_sdf,
+                         colour_at=lambda p, d: np.full((len(p), 3), 0.5, np.float32))
+    said = []
+    out = mesh_from_run(tr, log=said.append)
+    _, parts = bubble_mesh
+    assert out.faces.shape[0] == parts["outer"].sum()  # neither bubble nor speck
+    assert any("training views" in s for s in said) and any("largest one's area" in s for s in said)
+    assert mesh_from_run(tr, cull_unseen=False, min_component=0.0).faces.shape[0] == sum(
+        v.sum() for k, v in parts.items() if k != "outer") + parts["outer"].sum()

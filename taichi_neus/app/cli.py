@@ -98,11 +98,13 @@ def _shown(v) -> str:
     return str(v)
 
 
-def _add_config_options(ap: argparse.ArgumentParser) -> None:
-    """One option per leaf field of Config, in a group per section; defaults are SUPPRESSed, so the
-    namespace holds exactly the options the user gave."""
+def _add_config_options(ap: argparse.ArgumentParser, only: str | None = None) -> None:
+    """One option per leaf field of Config (of the section ``only`` if given), in a group per section;
+    defaults are SUPPRESSed, so the namespace holds exactly the options the user gave."""
     groups = {}
     for opt in options():
+        if only is not None and not opt.key.startswith(only + "."):
+            continue
         section = opt.key.split(".")[0] if "." in opt.key else ""
         if section not in groups:
             title = f"--{section}.* options: {SECTIONS.get(section, section)}" if section else "backend"
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="marching-cubes cells per axis [default: the run's --mesh.resolution]")
     me.add_argument("--clean", action="store_true", help="cull with the masks as NeuS's DTU evaluation does")
     me.add_argument("--name", default="", metavar="FILE", help="output file in RUN [default: mesh_<step>.ply]")
+    _add_config_options(me, "mesh")  # --mesh.* as train has them; the defaults are the run's config
 
     re_ = sub.add_parser("render", help="render a camera path of a run into RUN/renders/<path>/", **kw,
                          description="Render a camera path of the run's latest checkpoint into RUN/renders/<path>/.")
@@ -232,7 +235,8 @@ def parse_args(argv) -> tuple[argparse.Namespace, Config | None, dict]:
         (defaults < ``--config`` file < options) and ``overrides`` maps each config key the user gave
         on the command line (aliases resolved: ``--iters`` → ``'train.iters'``, ``--data`` →
         ``'data.path'``, ``--no-mask`` → ``'data.use_masks'``) to its typed value; for the other
-        commands ``cfg`` is None and ``overrides`` empty.
+        commands ``cfg`` is None and ``overrides`` empty, except ``mesh``, whose ``overrides`` are the
+        ``--mesh.*`` options given (checked like train's, to be applied to the run's config).
 
     Raises:
         UserInputError: one sentence for any bad option or value (typos get a close match).
@@ -246,10 +250,14 @@ def parse_args(argv) -> tuple[argparse.Namespace, Config | None, dict]:
             raise UserInputError(f"unknown option {tok.split('=', 1)[0]}{hint}; "
                                  f"'{PROG} {args.cmd} --help' lists every option.")
         raise UserInputError(f"unexpected argument '{tok}' for '{args.cmd}'; see '{PROG} {args.cmd} --help'.")
-    if args.cmd != "train":
-        return args, None, {}
     keys = [o.key for o in options()]
     overrides = {k: getattr(args, k) for k in keys if hasattr(args, k)}
+    if args.cmd == "mesh":
+        overrides = {k: v for k, v in overrides.items() if k.startswith("mesh.")}  # not its own --arch
+        _make_config("", overrides)  # refuse a bad value now, before the run is loaded
+        return args, None, overrides
+    if args.cmd != "train":
+        return args, None, {}
     cfg = _make_config(args.config, overrides)
     return args, cfg, overrides
 
@@ -397,7 +405,7 @@ def finish_run(tr, summary: dict, t0: float) -> dict:
     t_mesh = time.time()
     say(f"mesh: marching cubes on {cfg.mesh.resolution}³ cells over the unit sphere …")
     from taichi_neus.export.mesh import mesh_from_run
-    mesh = mesh_from_run(tr)
+    mesh = mesh_from_run(tr, log=say)
     mesh_path = out / f"mesh_{tr.step:06d}.ply"
     if mesh.is_empty:
         say("mesh: the field has no surface inside the unit sphere, so no mesh was written "
@@ -455,16 +463,29 @@ def _preview_settings(args):
     return st
 
 
+SURFACE_TOL = 0.02  # half-width of the "near" band of surface_shares on the built-in scene, unit-sphere units
+
+
 def _synthetic_mesh_error(mesh) -> dict:
-    """Chamfer distance of the mesh to the built-in scene's exact surface (world units)."""
+    """Chamfer distance of the mesh to the built-in scene's exact surface (world units), and the shares of
+    the mesh's area inside, outside and near it (``surface_*``; the SDF and its band of ±SURFACE_TOL in
+    unit-sphere units: the mesh is mapped back through the scene's ``scale_mat``)."""
     if mesh.is_empty:
-        return {"chamfer_to_true_surface": None}
+        return {"chamfer_to_true_surface": None, "surface_inside": None, "surface_outside": None,
+                "surface_near": None}
+    import numpy as np
+
     from taichi_neus.data import sample_surface
-    from taichi_neus.export.evaluation import chamfer, sample_mesh_points
+    from taichi_neus.data.synthetic import scale_mat, synthetic_sdf_unit
+    from taichi_neus.export.evaluation import chamfer, sample_mesh_points, surface_shares
     pts = sample_mesh_points(mesh.vertices, mesh.faces, n=20000, seed=0)
     c = chamfer(pts, sample_surface(20000, seed=1))
+    S = scale_mat()
+    unit = (mesh.vertices.astype(np.float64) - S[:3, 3]) @ np.linalg.inv(S[:3, :3]).T
+    sh = surface_shares(unit, mesh.faces, synthetic_sdf_unit, tol=SURFACE_TOL)
     return {"chamfer_to_true_surface": float(c["chamfer"]), "accuracy": float(c["accuracy"]),
-            "completeness": float(c["completeness"])}
+            "completeness": float(c["completeness"]), "surface_inside": sh["inside"],
+            "surface_outside": sh["outside"], "surface_near": sh["near"], "surface_tol_unit": SURFACE_TOL}
 
 
 # ------------------------------------------------------------------ commands on a run folder
@@ -497,24 +518,31 @@ def _positive(flag: str, value: int, zero_ok: bool = False) -> None:
         raise UserInputError(f"{flag} must be {'0 (default) or ' if zero_ok else ''}a positive integer, got {value}.")
 
 
-def cmd_mesh(args) -> int:
+def cmd_mesh(args, overrides: dict | None = None) -> int:
+    """``taichi-neus mesh RUN``: ``--mesh.*`` options (``overrides``) replace the run's config values for this
+    mesh; ``--resolution`` and ``--clean`` are the older spellings of ``--mesh.resolution`` and
+    ``--mesh.clean_with_masks`` (mask culling stays off unless asked for, whatever the run used)."""
     from taichi_neus.app.results import latest_checkpoint_step, load_run
+    overrides = overrides or {}
     run = _run_folder(args)
     if args.resolution != 0 and args.resolution < 2:
         raise UserInputError(f"--resolution must be at least 2 cells per axis (0: the run's), got {args.resolution}.")
-    suffix = "_clean" if args.clean else ""
+    clean = bool(args.clean or overrides.get("mesh.clean_with_masks", False))
+    suffix = "_clean" if clean else ""
 
     def target(step: int) -> pathlib.Path:
         return run / (args.name or f"mesh_{step:06d}{suffix}.ply")
 
     _refuse_existing(target(latest_checkpoint_step(run)), args.overwrite, "--name FILE to write another file")
     _, _, tr = load_run(run, args.arch)
+    for key, value in overrides.items():
+        set_value(tr.cfg, key, value)
     path = target(tr.step)  # an unreadable newest checkpoint falls back to an older step
     _refuse_existing(path, args.overwrite, "--name FILE to write another file")
     from taichi_neus.export.mesh import mesh_from_run
     res = args.resolution or tr.cfg.mesh.resolution
-    say(f"mesh: marching cubes on {res}³ cells from step {tr.step}{' (culled with the masks)' if args.clean else ''} …")
-    mesh = mesh_from_run(tr, args.resolution or None, clean=args.clean)
+    say(f"mesh: marching cubes on {res}³ cells from step {tr.step}{' (culled with the masks)' if clean else ''} …")
+    mesh = mesh_from_run(tr, args.resolution or None, clean=clean, log=say)
     if mesh.is_empty:
         raise UserInputError(f"the field of {run} at step {tr.step} has no surface inside the unit sphere; "
                              "there is no mesh to write.")
@@ -585,7 +613,7 @@ def main(argv=None) -> int:
             return cmd_render(args)
         if args.cmd == "eval":
             return cmd_eval(args)
-        return cmd_mesh(args)
+        return cmd_mesh(args, overrides)
     except (UserInputError, BackendError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ __all__ = [
     "background_coverage",
     "chamfer",
     "sample_mesh_points",
+    "surface_shares",
     "downsample_points",
     "dtu_chamfer",
 ]
@@ -202,6 +203,34 @@ def sample_mesh_points(vertices, faces, n: int | None = None, *, spacing: float 
             pts = tri[m, 0][:, None] + ka[None, :, None] * e1[m][:, None] + kb[None, :, None] * e2[m][:, None]
             out.append(pts.reshape(-1, 3))
     return np.concatenate(out, axis=0)
+
+
+def surface_shares(vertices, faces, sdf_fn, tol: float = 0.02, n: int = 50000, seed=0) -> dict:
+    """Where a mesh's surface lies relative to a known true surface: the share of its area inside the
+    object, outside it, and near its surface.
+
+    ``n`` points are sampled uniformly by area (:func:`sample_mesh_points`) and the true SDF is
+    evaluated at them. Closed bubbles in the solid show up as ``inside``, floaters as ``outside``.
+
+    Args:
+        vertices: ``(V, 3)`` float; faces: ``(F, 3)`` int.
+        sdf_fn: ``(N, 3)`` points in the units of ``vertices`` -> ``(N,)`` true signed distance in
+            the same units, negative inside.
+        tol: half-width of the "near" band, same units.
+        n: sample points; seed: their random seed.
+
+    Returns:
+        dict: ``inside`` (share with sdf < -tol), ``outside`` (sdf > tol), ``near`` (the rest);
+        NaN each for a mesh without area.
+    """
+    pts = sample_mesh_points(vertices, faces, n=n, seed=seed)
+    if pts.shape[0] == 0:
+        return {"inside": float("nan"), "outside": float("nan"), "near": float("nan")}
+    d = np.asarray(sdf_fn(pts), dtype=np.float64).reshape(-1)
+    if d.shape[0] != pts.shape[0]:
+        raise ValueError(f"sdf_fn returned {d.shape[0]} values for {pts.shape[0]} points")
+    inside, outside = float((d < -tol).mean()), float((d > tol).mean())
+    return {"inside": inside, "outside": outside, "near": 1.0 - inside - outside}
 
 
 def downsample_points(points, radius: float, seed=0) -> np.ndarray:

@@ -23,7 +23,8 @@ import numpy as np
 
 from taichi_neus.errors import UserInputError
 
-__all__ = ["Mesh", "extract_mesh", "mesh_from_run", "clean_mesh_with_masks", "largest_component"]
+__all__ = ["Mesh", "extract_mesh", "mesh_from_run", "clean_mesh_with_masks", "largest_component",
+           "drop_small_components", "cull_unseen_faces"]
 
 
 @dataclass
@@ -280,6 +281,46 @@ def largest_component(mesh: Mesh) -> Mesh:
     return _subset_faces(mesh, keep)
 
 
+def drop_small_components(mesh: Mesh, min_share: float) -> Mesh:
+    """Drop the connected components whose surface area is below ``min_share`` of the largest one's.
+
+    Components as in :func:`largest_component` (faces joined through shared vertices), measured by
+    area; ``min_share`` 0 keeps everything, 1 keeps the largest component (and any of equal area).
+    """
+    if mesh.is_empty or min_share <= 0:
+        return mesh
+    labels = _vertex_components(mesh.vertices.shape[0], mesh.faces)
+    face_label = labels[mesh.faces[:, 0]]
+    v = mesh.vertices.astype(np.float64)
+    f = mesh.faces
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+    comp_area = np.bincount(face_label, weights=area, minlength=mesh.vertices.shape[0])
+    keep = comp_area[face_label] >= min_share * comp_area.max()
+    return _subset_faces(mesh, keep)
+
+
+def cull_unseen_faces(mesh: Mesh, K: np.ndarray, c2w: np.ndarray, scale_mat: np.ndarray | None, H: int, W: int,
+                      min_views: int = 1) -> Mesh:
+    """Drop the faces that fewer than ``min_views`` cameras see (hidden behind other faces or out of view).
+
+    Surfaces no camera can see are unconstrained by the photographs: the walls of closed bubbles inside
+    the solid, the far side of an object filmed from one side. Visibility is
+    :func:`taichi_neus.export.mesh_raster.face_view_counts` (a depth buffer per view).
+
+    Args:
+        mesh: world-unit mesh; ``scale_mat`` (4, 4) maps unit sphere -> world (``None``: unit-sphere mesh).
+        K: (V, 3, 3) intrinsics, pixels; c2w: (V, 4, 4) camera-to-world, unit-sphere coordinates (OpenCV axes).
+        H, W: image size in pixels.
+        min_views: keep a face visible in at least this many views.
+    """
+    from taichi_neus.export.mesh_raster import face_view_counts
+
+    if mesh.is_empty:
+        return mesh
+    counts = face_view_counts(mesh, K, c2w, scale_mat, H, W)
+    return _subset_faces(mesh, counts >= min_views)
+
+
 def _subset_faces(mesh: Mesh, keep: np.ndarray) -> Mesh:
     """The faces where ``keep`` is True, with unreferenced vertices removed and indices remapped."""
     faces = mesh.faces[keep]
@@ -359,8 +400,13 @@ def clean_mesh_with_masks(
     return largest_component(out) if keep_largest else out
 
 
-def mesh_from_run(trainer, resolution: int | None = None, clean: bool | None = None) -> Mesh:
+def mesh_from_run(trainer, resolution: int | None = None, clean: bool | None = None,
+                  min_component: float | None = None, cull_unseen: bool | None = None,
+                  min_views: int | None = None, log=None) -> Mesh:
     """The zero level set of a trained field as a world-unit mesh with vertex colours.
+
+    Clean-up, in this order: the mask culling (``clean``), the faces no training camera sees
+    (``cull_unseen``), the small components (``min_component``).
 
     Args:
         trainer: a :class:`taichi_neus.train.trainer.Trainer` (anything with ``sdf_at``,
@@ -368,13 +414,36 @@ def mesh_from_run(trainer, resolution: int | None = None, clean: bool | None = N
         resolution: marching-cubes grid size over [-1, 1]^3 (default ``cfg.mesh.resolution``).
         clean: cull faces outside the object masks as NeuS's DTU evaluation does (default
             ``cfg.mesh.clean_with_masks``; ignored when the scene has no masks).
+        min_component: drop components with less than this share of the largest one's area
+            (default ``cfg.mesh.min_component``; 0 keeps all), :func:`drop_small_components`.
+        cull_unseen: drop faces that fewer than ``min_views`` training views see (default
+            ``cfg.mesh.cull_unseen``), :func:`cull_unseen_faces` at the training resolution.
+        min_views: see ``cull_unseen`` (default ``cfg.mesh.min_views``).
+        log: optional ``log(str)`` told how many faces each step removed.
     """
-    resolution = resolution or trainer.cfg.mesh.resolution
+    mc = trainer.cfg.mesh
+    resolution = resolution or mc.resolution
+    min_component = mc.min_component if min_component is None else min_component
+    cull_unseen = mc.cull_unseen if cull_unseen is None else cull_unseen
+    min_views = mc.min_views if min_views is None else min_views
     scene = trainer.scene
     # A vertex is coloured as seen head-on: the view direction is the inward normal.
     mesh = extract_mesh(trainer.sdf_at, resolution=resolution, bound=1.0,
                         color_fn=lambda p, n: trainer.colour_at(p, -n), scale_mat=scene.scale_mat)
-    clean = trainer.cfg.mesh.clean_with_masks if clean is None else clean
+    clean = mc.clean_with_masks if clean is None else clean
     if clean and scene.masks is not None and not mesh.is_empty:
         mesh = clean_mesh_with_masks(mesh, scene.K, scene.c2w, scene.masks, scene.scale_mat)
+    if cull_unseen and not mesh.is_empty:
+        ids = np.asarray(scene.train_ids)
+        before = mesh.faces.shape[0]
+        mesh = cull_unseen_faces(mesh, scene.K[ids], scene.c2w[ids], scene.scale_mat, scene.H, scene.W, min_views)
+        if log is not None:
+            log(f"mesh: dropped {before - mesh.faces.shape[0]:,} of {before:,} faces seen in fewer than "
+                f"{min_views} of {len(ids)} training views")
+    if min_component > 0 and not mesh.is_empty:
+        before = mesh.faces.shape[0]
+        mesh = drop_small_components(mesh, min_component)
+        if log is not None:
+            log(f"mesh: dropped {before - mesh.faces.shape[0]:,} of {before:,} faces in components under "
+                f"{min_component:g} of the largest one's area")
     return mesh

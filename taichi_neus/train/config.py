@@ -100,6 +100,9 @@ class TrainConfig:
 class MeshConfig:
     resolution: int = 256  # marching-cubes grid cells per axis over the unit sphere's cube
     clean_with_masks: bool = False  # cull faces outside the masks (as NeuS's DTU evaluation does)
+    min_component: float = 0.0  # drop components under this share of the largest one's area (0: keep all)
+    cull_unseen: bool = False  # drop faces no training camera sees (e.g. closed bubbles inside the solid)
+    min_views: int = 1  # with cull_unseen: keep faces visible in at least this many training views
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ LIMITS: dict[str, Limits] = {
     "train.s3im_patch": COUNT, "train.s3im_batch": COUNT, "train.sparse_weight": NONNEG,
     "train.sparse_batch": COUNT, "train.depth_weight": NONNEG, "train.max_bad_steps": COUNT, "train.seed": NONNEG,
     "train.val_every": NONNEG, "train.val_downscale": COUNT, "train.ckpt_every": NONNEG, "train.log_every": COUNT,
-    "mesh.resolution": Limits(lo=2),
+    "mesh.resolution": Limits(lo=2), "mesh.min_component": FRACTION, "mesh.min_views": COUNT,
     "field.sdf_hidden": COUNT, "field.sdf_layers": COUNT, "field.feature_dim": COUNT,
     "field.softplus_beta": POSITIVE, "field.sphere_init_radius": Limits(lo=0, hi=1, lo_open=True),
     "field.color_hidden": COUNT, "field.color_layers": COUNT, "field.normal_mode": one_of("tetrahedral", "central"),
