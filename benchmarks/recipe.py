@@ -40,6 +40,8 @@ SCAN24 = ROOT.parent / "shared" / "data" / "dtu_scan24"
 # The defaults before the recipe work (d8082ae), pinned so "old" stays the same run after defaults change.
 OLD = {"render.coarse_step": 2.0 * 3**0.5 / 128, "render.n_fine": 32, "train.grad_scaling": "paper",
        "train.eikonal_points": 0, "train.level_start": 0, "train.eps_from_level": False,
+       "train.level_footprint": 0.0, "train.sparse_adam": False, "field.grid.log2_table": 19,
+       "train.curvature_weight": 0.0,
        "train.lr": 1e-2, "train.mask_weight": 0.1, "train.eikonal_weight": 0.1,
        "mesh.min_component": 0.0, "mesh.cull_unseen": False}
 
@@ -49,12 +51,24 @@ CHANGES = {
     "no_grad_scaling": {"train.grad_scaling": "auto"},
     "eikonal_points": {"train.eikonal_points": 4096},
     "levels": {"train.level_start": 4, "train.eps_from_level": True},
+    "footprint": {"train.level_footprint": 1.0},
+    "sparse_adam": {"train.sparse_adam": True},
+    "table17": {"field.grid.log2_table": 17},
+    "curvature": {"train.curvature_weight": 5e-4},
     "mesh_clean": {"mesh.min_component": 0.01, "mesh.cull_unseen": True},
 }
 
 
 def run_options(name: str) -> dict:
-    """The options of run ``name``: ``old``, ``new``, ``old+<change>`` or ``new-<change>``."""
+    """The options of run ``name``: ``old``, ``new``, ``old+<change>`` or ``new-<change>`` (options this
+    version of the package does not have are left out)."""
+    from taichi_neus.train.config import options
+
+    known = {o.key for o in options()}
+    return {k: v for k, v in _run_options(name).items() if k in known}
+
+
+def _run_options(name: str) -> dict:
     if name == "new":
         return {}
     if name == "old":
@@ -105,7 +119,7 @@ def train(name: str, data: pathlib.Path, downscale: int, budget: float, seed: in
             "--downscale", str(downscale), "--train.time_budget", str(budget),
             "--iters", "1000000", "--seed", str(seed), "--train.val_every", "0", *extra]
     for k, v in opts.items():
-        args += [f"--{k}={'true' if v is True else 'false' if v is False else v}"]
+        args += [f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k}={v}"]
     print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {' '.join(args[2:])}", flush=True)
     t0 = time.time()
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
