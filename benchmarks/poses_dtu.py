@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--max-image-size", type=int, default=0, help="long side for SIFT (0: the package default)")
+    ap.add_argument("--max-features", type=int, default=0, help="SIFT keypoints per photo (0: the package default)")
     ap.add_argument("--limit", type=int, default=0, help="use only the first N photographs (0: all)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "poses_dtu.json"))
     args = ap.parse_args(argv)
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     from taichi_neus.data.cameras import decompose_projection
     from taichi_neus.data.colmap import intrinsics, qvec_to_rotation, read_model
     from taichi_neus.data.dtu import list_images
-    from taichi_neus.data.sfm import MAX_IMAGE_SIZE, compare_cameras, poses_from_photos
+    from taichi_neus.data.sfm import MAX_FEATURES, MAX_IMAGE_SIZE, compare_cameras, poses_from_photos
 
     photos = list_images(data / "images")
     if args.limit:
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
             (src / p.name).symlink_to(p.resolve())
         t0 = time.time()
         size = args.max_image_size or MAX_IMAGE_SIZE
-        summary = poses_from_photos(src, pathlib.Path(td) / "scene", max_image_size=size)
+        features = args.max_features or MAX_FEATURES
+        summary = poses_from_photos(src, pathlib.Path(td) / "scene", max_image_size=size, max_features=features)
         wall = time.time() - t0
         cams_c, recs, _, _ = read_model(pathlib.Path(td) / "scene" / "sparse")
     index = {p.name: i for i, p in enumerate(photos)}
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
     cmp = compare_cameras(np.stack(w2c_est), np.stack(w2c_ref), centre=centre)
     res = {
         "data": str(data), "photos": len(photos), "registered": len(recs), "left_out": summary.left_out,
-        "max_image_size": size, "sparse_points": summary.points, "reprojection_error_px": summary.reprojection_error,
+        "max_image_size": size, "max_features": features,
+        "sparse_points": summary.points, "reprojection_error_px": summary.reprojection_error,
         "rotation_deg": {"median": float(np.median(cmp["rotation_deg"])), "max": float(cmp["rotation_deg"].max())},
         "shared_offset_deg": cmp["offset_deg"],
         "spread_deg": {"median": float(np.median(cmp["spread_deg"])), "max": float(cmp["spread_deg"].max())},
