@@ -139,6 +139,14 @@ def train(name: str, data: pathlib.Path, downscale: int, budget: float, seed: in
     return row
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
 def table(rows: list[dict]) -> str:
     cols = [("run", "run", "{}"), ("seeds", "n", "{}"), ("steps", "steps", "{:.0f}"),
             ("psnr_masked", "PSNR mask (dB)", "{:.2f}"), ("mesh_iou", "mesh IoU", "{:.4f}"),
@@ -196,15 +204,18 @@ def main(argv=None) -> int:
         data, downscale = synthetic_scene(400, 300, 49), 1
     extra = [a for a in args.extra if a != "--"]
     out_root = pathlib.Path(args.out_root) / (args.scene if not args.data else data.name)
-    rows = [train(name, data, downscale, args.budget, seed, out_root, extra)
-            for seed in args.seeds for name in args.runs]
-    print(table(rows))
     path = pathlib.Path(args.json or ROOT / "benchmarks" / "results" / f"recipe_{args.scene}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"scene": str(data), "downscale": downscale, "budget_s": args.budget,
-                                "extra": extra, "machine": platform.processor() or platform.machine(),
-                                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                                "rows": rows}, indent=1))
+    rows = []
+    for seed in args.seeds:
+        for name in args.runs:
+            rows.append(train(name, data, downscale, args.budget, seed, out_root, extra))
+            # written after every run, so a long batch that stops keeps what it measured
+            path.write_text(json.dumps({"scene": str(data), "downscale": downscale, "budget_s": args.budget,
+                                        "extra": extra, "machine": platform.processor() or platform.machine(),
+                                        "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                                        "commit": _commit(), "rows": rows}, indent=1))
+    print(table(rows))
     print(f"wrote {path}")
     return 0
 
