@@ -127,7 +127,14 @@ def train(name: str, data: pathlib.Path, downscale: int, budget: float, seed: in
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
         raise SystemExit(f"run {name} failed (exit {proc.returncode})")
+    return collect(name, seed, out, data, wall)
+
+
+def collect(name: str, seed: int, out: pathlib.Path, data: pathlib.Path, wall: float | None = None) -> dict:
+    """The table row of a finished run folder (``--collect`` rebuilds a table from earlier runs' folders)."""
+    opts = run_options(name)
     m = json.loads((out / "metrics.json").read_text())
+    wall = m.get("wall_time_s") if wall is None else wall
     row = {"run": name, "seed": seed, "options": opts, "wall_s": wall, "steps": m.get("steps"),
            "train_time_s": m.get("train_time_s"), "psnr_masked": m.get("heldout_psnr_masked"),
            "psnr": m.get("heldout_psnr"), "psnr_masked_half_res": m.get("heldout_psnr_masked_half_res"),
@@ -189,6 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out-root", default="/tmp/taichi_neus_recipe")
     ap.add_argument("--json", default="")
+    ap.add_argument("--collect", action="store_true", help="no training: the table of the runs' existing folders")
     ap.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options passed to every run")
     args = ap.parse_args(argv)
     for name in args.runs:
@@ -209,7 +217,10 @@ def main(argv=None) -> int:
     rows = []
     for seed in args.seeds:
         for name in args.runs:
-            rows.append(train(name, data, downscale, args.budget, seed, out_root, extra))
+            if args.collect:
+                rows.append(collect(name, seed, out_root / f"{name}_seed{seed}", data))
+            else:
+                rows.append(train(name, data, downscale, args.budget, seed, out_root, extra))
             # written after every run, so a long batch that stops keeps what it measured
             path.write_text(json.dumps({"scene": str(data), "downscale": downscale, "budget_s": args.budget,
                                         "extra": extra, "machine": platform.processor() or platform.machine(),
