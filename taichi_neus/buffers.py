@@ -60,40 +60,45 @@ def zero_(a) -> None:
 
 
 @ti.kernel
-def _copy_out(src: ti.types.ndarray(dtype=ti.f32, ndim=1), dst: ti.types.ndarray(dtype=ti.f32, ndim=1),
-              start: ti.i32):
+def _copy_out(src: ti.types.ndarray(ndim=1), dst: ti.types.ndarray(ndim=1), start: ti.i32):
     ti.loop_config(block_dim=1024)
     for i in range(dst.shape[0]):
         dst[i] = src[start + i]
 
 
 @ti.kernel
-def _copy_in(src: ti.types.ndarray(dtype=ti.f32, ndim=1), dst: ti.types.ndarray(dtype=ti.f32, ndim=1),
-             start: ti.i32):
+def _copy_in(src: ti.types.ndarray(ndim=1), dst: ti.types.ndarray(ndim=1), start: ti.i32):
     ti.loop_config(block_dim=1024)
     for i in range(src.shape[0]):
         dst[start + i] = src[i]
 
 
+def _host_dtype(a):
+    """(Taichi dtype, numpy dtype) of a float32 or int32 ndarray (the Adam step counts are int32)."""
+    return (ti.i32, np.int32) if a.dtype == ti.i32 else (ti.f32, np.float32)
+
+
 def to_numpy(a) -> np.ndarray:
-    """Copy a 1-D float32 ndarray to the host in chunks (safe for any size on every backend)."""
+    """Copy a 1-D float32 (or int32) ndarray to the host in chunks (safe for any size on every backend)."""
     n = a.shape[0]
     if len(a.shape) != 1 or n <= _CHUNK:
         return a.to_numpy()
-    out = np.empty(n, np.float32)
-    stage = ti.ndarray(ti.f32, shape=(_CHUNK,))
+    tdt, ndt = _host_dtype(a)
+    out = np.empty(n, ndt)
+    stage = ti.ndarray(tdt, shape=(_CHUNK,))
     for s in range(0, n, _CHUNK):
         m = min(_CHUNK, n - s)
         if m != _CHUNK:
-            stage = ti.ndarray(ti.f32, shape=(m,))
+            stage = ti.ndarray(tdt, shape=(m,))
         _copy_out(a, stage, s)
         out[s:s + m] = stage.to_numpy()
     return out
 
 
 def from_numpy(a, values: np.ndarray) -> None:
-    """Copy host ``values`` into the 1-D float32 ndarray ``a`` in chunks."""
-    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    """Copy host ``values`` into the 1-D float32 (or int32) ndarray ``a`` in chunks."""
+    tdt, ndt = _host_dtype(a)
+    values = np.ascontiguousarray(values, dtype=ndt).reshape(-1)
     n = a.shape[0]
     if values.shape[0] != n:
         raise ValueError(f"size mismatch: buffer has {n} elements, values {values.shape[0]}")
@@ -102,7 +107,7 @@ def from_numpy(a, values: np.ndarray) -> None:
         return
     for s in range(0, n, _CHUNK):
         m = min(_CHUNK, n - s)
-        stage = ti.ndarray(ti.f32, shape=(m,))
+        stage = ti.ndarray(tdt, shape=(m,))
         stage.from_numpy(values[s:s + m])
         _copy_in(stage, a, s)
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import taichi as ti
 import torch
 
 from taichi_neus import buffers
@@ -104,3 +105,16 @@ def test_sparse_adam_state_round_trips_and_fills_counts_from_a_dense_checkpoint(
     again.load_state_dict(sparse.state_dict())
     for k in ("m", "v", "t"):
         np.testing.assert_array_equal(again.state_dict()[k], sparse.state_dict()[k])
+
+
+def test_large_buffers_round_trip_in_chunks_float_and_int():
+    """Buffers above the copy chunk (2²¹) go through staged copies: float32 parameters and the sparse
+    optimiser's int32 step counts (a checkpoint of a full-size sparse run once failed here)."""
+    n = buffers._CHUNK * 2 + 12345
+    f = np.random.default_rng(0).normal(size=n).astype(np.float32)
+    i = np.arange(n, dtype=np.int32) * 7
+    a, b = buffers.f32(n), ti.ndarray(ti.i32, shape=(n,))
+    buffers.from_numpy(a, f)
+    buffers.from_numpy(b, i)
+    assert np.array_equal(buffers.to_numpy(a), f) and buffers.to_numpy(a).dtype == np.float32
+    assert np.array_equal(buffers.to_numpy(b), i) and buffers.to_numpy(b).dtype == np.int32
