@@ -66,17 +66,17 @@ class TrainConfig:
     anneal_end: float = 0.2  # cos-anneal ratio reaches 1 at this fraction of training
     eikonal_weight: float = 0.1  # weight of the eikonal loss (|∇f| = 1)
     curvature_weight: float = 0.0  # weight of the curvature loss, mean |ΔSDF| on the samples (Neuralangelo); 0 = off
-    eikonal_points: int = 0  # also hold |∇f| = 1 at this many points drawn uniformly in the unit sphere per step
+    eikonal_points: int = 4096  # also hold |∇f| = 1 at this many points drawn uniformly in the unit sphere per step
     mask_weight: float = 0.1  # weight of the mask loss (binary cross-entropy of the opacity)
     eps_start: float = 1.0 / 64  # finite-difference ε, coarse …
     eps_end: float = 1.0 / 1024  # … to fine (unit-sphere units), log-linear
     eps_anneal: float = 0.5  # ε reaches eps_end at this fraction of training
     # Coarse-to-fine hash grid (Neuralangelo, Li et al. 2023; NeuS2): finer levels switch on as training goes
-    level_start: int = 0  # hash-grid levels on at the start (0: all levels from the start)
+    level_start: int = 4  # hash-grid levels on at the start (0: all levels from the start)
     level_anneal: float = 0.5  # all levels are on at this fraction of training (linear in between)
-    level_footprint: float = 0.0  # levels with cells under this many training-pixel footprints stay off (0: none)
-    eps_from_level: bool = False  # ε = cell width of the finest level on, ≥ eps_end (not the eps schedule)
-    grad_scaling: str = "paper"  # near-camera gradient scaling (Philip & Deschaintre 2023): "paper" | "none" | "auto"
+    level_footprint: float = 1.0  # levels with cells under this many training-pixel footprints stay off (0: none)
+    eps_from_level: bool = True  # ε = cell width of the finest level on, ≥ eps_end (not the eps schedule)
+    grad_scaling: str = "auto"  # near-camera gradient scaling (Philip & Deschaintre 2023): "paper" | "none" | "auto"
     grad_scaling_sigma: float = 0.0  # distance scale of the gradient scaling (0: from the cameras)
     pixel_sampler: str = "uniform"  # how a batch picks its pixels: "uniform" | "quadtree" | "soft_mining"
     s3im_weight: float = 0.0  # λ of the S3IM loss (Xie et al. 2023); 0 = off
