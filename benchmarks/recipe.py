@@ -75,11 +75,11 @@ def _run_options(name: str) -> dict:
         return dict(OLD)
     for sep, base in (("+", OLD), ("-", None)):
         head, _, change = name.partition(sep)
-        if change and head in ("old", "new"):
+        if change and (head in ("old", "new") if sep == "+" else head == "new"):
             if change not in CHANGES:
                 raise SystemExit(f"unknown change '{change}' in run '{name}'; changes: {', '.join(CHANGES)}")
             if sep == "+":
-                return {**base, **CHANGES[change]}
+                return {**(base if head == "old" else {}), **CHANGES[change]}
             return {k: OLD[k] for k in CHANGES[change]}  # the new defaults with this change set back
     raise SystemExit(f"unknown run '{name}': use old, new, old+CHANGE or new-CHANGE ({', '.join(CHANGES)})")
 
