@@ -52,7 +52,7 @@ class RenderConfig:
 
 @dataclass
 class TrainConfig:
-    iters: int = 3000  # training steps
+    iters: int = 5000  # training steps
     time_budget: float = 0.0  # seconds of training (0: none); schedules then follow the elapsed share
     sample_budget: int = 16384  # target samples per step; the ray count adapts to it
     min_rays: int = 128  # fewest rays per step
