@@ -268,7 +268,8 @@ def test_a_finished_run_says_what_it_did_and_where(finished):
     rel = pathlib.Path("runs") / run.name
     out = p.stdout
     for line in (f"run folder: {rel}", "mesh: marching cubes on 24³ cells", f"mesh: wrote {rel / 'mesh_000004.ply'}",
-                 "evaluation: rendering 4 held-out views at 48x48", f"picture: wrote {rel / 'result.png'}",
+                 "evaluation: rendering 4 held-out views at the training resolution, 96x96",
+                 f"picture: wrote {rel / 'result.png'}",
                  f"metrics: wrote {rel / 'metrics.json'}"):
         assert line in out, out
     # a summary table at the end, not the JSON (that is in metrics.json)
