@@ -157,8 +157,8 @@ def test_training_step_adds_both_terms(depth_scene, tmp_path):
     g = buffers.to_numpy(both.grads)
     assert st0["sparse"] == 0.0 and st0["depth"] == 0.0
     assert st["sparse"] > 0 and st["depth"] > 0
-    assert st["loss"] == pytest.approx(st["l1"] + st["eikonal"] + st["mask_bce"] + st["sparse"] + st["depth"],
-                                       rel=1e-6)
+    assert st["loss"] == pytest.approx(st["l1"] + st["eikonal"] + st["eikonal_points"] + st["mask_bce"] + st["sparse"]
+                                       + st["depth"], rel=1e-6)
     assert np.isfinite(g).all() and np.abs(g - g0).max() > 0
 
 

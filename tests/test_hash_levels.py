@@ -13,6 +13,7 @@ from taichi_neus.field import hash_grid
 from taichi_neus.field.hash_grid import HashGrid, HashGridConfig, cell_widths, levels_for_footprint
 from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.torch_reference import TorchField, hash_encode
+from taichi_neus.train.config import Config
 
 # 2 dense and 3 hashed levels (as tests/test_field.py), so both indexing paths are switched off and on
 CFG = HashGridConfig(n_levels=5, n_features=2, log2_table=10, base_resolution=3, per_level_scale=2.2, init_scale=0.5)
@@ -171,7 +172,8 @@ def scene():
 def _trainer(scene, tmp_path, log=None, **train):
     from taichi_neus.train.trainer import Trainer
     cfg = small_config(iters=100)
-    for k, v in train.items():
+    # every level from the start, the ε schedule and no footprint cap unless a test asks (not the defaults)
+    for k, v in {"level_start": 0, "eps_from_level": False, "level_footprint": 0.0, **train}.items():
         setattr(cfg.train, k, v)
     return Trainer(scene, cfg, tmp_path, log=log or (lambda *a: None))
 
@@ -196,6 +198,7 @@ def test_level_schedule_from_level_start_to_all_at_level_anneal(scene, tmp_path)
     assert tr.schedules(0)["eps"] == pytest.approx(tr.cfg.train.eps_start)  # ε schedule unchanged by default
     default = _trainer(scene, tmp_path / "d")
     assert {default.schedules(s)["levels"] for s in (0, 30, 100)} == {L}  # level_start 0: all from the start
+    assert Config().train.level_start > 0 and Config().train.eps_from_level  # the defaults: coarse to fine
 
 
 def test_eps_from_level_is_the_finest_active_cell_floored_at_eps_end(scene, tmp_path):

@@ -30,8 +30,10 @@ def scene():
 def _captured_step(scene, tmp_path, grad_scaling: str, level_start: int = 0, curvature: float = 0.0):
     cfg = small_config(iters=100)  # step 6 of 100: cos-anneal ratio 0.3, both relu terms of the cosine live
     cfg.train.grad_scaling = grad_scaling
-    if level_start:  # coarse-to-fine hash grid, ε from the finest level on
-        cfg.train.level_start, cfg.train.eps_from_level = level_start, True
+    # coarse-to-fine hash grid with ε from the finest level on when level_start > 0, else every level and the ε
+    # schedule; no footprint cap; no uniform eikonal points (their term is checked in test_geometry_supervision)
+    cfg.train.level_start, cfg.train.eps_from_level = level_start, bool(level_start)
+    cfg.train.level_footprint, cfg.train.eikonal_points = 0.0, 0
     cfg.train.curvature_weight = curvature
     cfg.train.sample_budget = 2048
     cfg.render.occupancy_warmup = 4
