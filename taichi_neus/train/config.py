@@ -100,7 +100,7 @@ class TrainConfig:
 class MeshConfig:
     resolution: int = 256  # marching-cubes grid cells per axis over the unit sphere's cube
     clean_with_masks: bool = False  # cull faces outside the masks (as NeuS's DTU evaluation does)
-    min_component: float = 0.0  # drop components under this share of the largest one's area (0: keep all)
+    min_component: float = 0.01  # drop components under this share of the largest one's area (0: keep all)
     cull_unseen: bool = False  # drop faces no training camera sees (e.g. closed bubbles inside the solid)
     min_views: int = 1  # with cull_unseen: keep faces visible in at least this many training views
 
