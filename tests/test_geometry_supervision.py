@@ -108,6 +108,16 @@ def test_supervision_points_keep_the_object_with_masks():
     assert d_beside.min() > 1e-3
 
 
+def _away_from_init(tr, rng) -> np.ndarray:
+    """Perturb the hash table and the first SDF layer (the sphere init silences both, so the hash table would
+    not matter); returns the new parameters (host copy)."""
+    host = buffers.to_numpy(tr.params).copy()
+    for sl, sd in ((tr.field.encoding.slice, 0.05), (tr.field.sdf_layers[0].W, 0.3)):
+        host[sl.offset:sl.offset + sl.size] += rng.normal(0, sd, sl.size).astype(np.float32)
+    buffers.from_numpy(tr.params, host)
+    return host
+
+
 def _trainer(scene, tmp_path, **train):
     cfg = small_config(iters=10)
     for k, v in train.items():
@@ -121,10 +131,7 @@ def test_sparse_point_step_gradient_matches_torch(tmp_path):
     sc.points = (sc.world_to_unit(syn.sample_surface(300, seed=2)) + rng.normal(0, 0.02, (300, 3))).astype(np.float32)
     sc.point_weights = rng.uniform(0.2, 2.0, 300).astype(np.float32)
     tr = _trainer(sc, tmp_path, sparse_weight=0.5, sparse_batch=4096)  # the batch holds every point
-    host = buffers.to_numpy(tr.params).copy()  # away from the sphere init, so the hash table matters
-    for sl, sd in ((tr.field.encoding.slice, 0.05), (tr.field.sdf_layers[0].W, 0.3)):  # the init silences both
-        host[sl.offset:sl.offset + sl.size] += rng.normal(0, sd, sl.size).astype(np.float32)
-    buffers.from_numpy(tr.params, host)
+    _away_from_init(tr, rng)
     buffers.zero_(tr.grads)
     loss = tr._sparse_point_step(eps=1e-2)
     g = buffers.to_numpy(tr.grads)
@@ -180,10 +187,7 @@ def test_eikonal_points_step_gradient_matches_torch(tmp_path):
     sc = load_scene(default_scene_path(), downscale=4, **QUIET)
     tr = _trainer(sc, tmp_path, eikonal_points=512, eikonal_weight=0.3)
     rng = np.random.default_rng(3)
-    host = buffers.to_numpy(tr.params).copy()  # away from the sphere init, so the hash table matters
-    for sl, sd in ((tr.field.encoding.slice, 0.05), (tr.field.sdf_layers[0].W, 0.3)):
-        host[sl.offset:sl.offset + sl.size] += rng.normal(0, sd, sl.size).astype(np.float32)
-    buffers.from_numpy(tr.params, host)
+    host = _away_from_init(tr, rng)
     buffers.zero_(tr.grads)
     state = tr.rng.bit_generator.state
     pts = uniform_in_ball(512, tr.rng)  # the points the step will draw
