@@ -141,6 +141,7 @@ def test_depth_l1_matches_torch():
     assert loss == 0.0 and np.all(grad.to_numpy() == 0.0)
 
 
+@pytest.mark.portable
 def test_curvature_loss_value_and_gradient():
     """weight · mean |Δf| over the samples inside r = 1.05, and its (sub)gradient, against numpy."""
     rng = np.random.default_rng(11)
