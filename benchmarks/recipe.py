@@ -14,7 +14,11 @@ change out of / into them (the table ``CHANGES`` below lists them).
 
 Scenes: ``scan24`` is ``../shared/data/dtu_scan24`` at ¼ resolution (400×300, skipped when absent);
 ``synthetic`` is the built-in object rendered like a DTU scan (400×300, 49 views, masks; generated once
-into the cache). Metrics, all from the run's own ``metrics.json`` except the surface figures: held-out PSNR
+into the cache); ``synthetic_colmap`` is the same object as a COLMAP scene whose sparse points are its
+exact surface with realistic noise (for ``new+sparse_points``); ``--data`` takes any scene folder, e.g. the
+output of ``taichi-neus poses``.
+
+Metrics, all from the run's own ``metrics.json`` except the surface figures: held-out PSNR
 inside the masks at the training resolution, the mesh's silhouette IoU against the held-out masks, and on
 the synthetic object the Chamfer distance of the mesh to the exact surface (unit-sphere units, 20k points
 each way) and the shares of the mesh's area inside the object, outside it and within 0.02 of the surface
@@ -43,7 +47,7 @@ OLD = {"render.coarse_step": 2.0 * 3**0.5 / 128, "render.n_fine": 32, "train.gra
        "train.level_footprint": 0.0, "train.sparse_adam": False, "field.grid.log2_table": 19,
        "train.curvature_weight": 0.0,
        "train.lr": 1e-2, "train.mask_weight": 0.1, "train.eikonal_weight": 0.1,
-       "mesh.min_component": 0.0, "mesh.cull_unseen": False}
+       "mesh.min_component": 0.0, "mesh.cull_unseen": False, "train.sparse_weight": 0.0}
 
 # One change each: the options that turn it on (their values in the new recipe).
 CHANGES = {
@@ -56,6 +60,8 @@ CHANGES = {
     "table17": {"field.grid.log2_table": 17},
     "curvature": {"train.curvature_weight": 5e-4},
     "mesh_clean": {"mesh.min_component": 0.01, "mesh.cull_unseen": True},
+    "sparse_points": {"train.sparse_weight": 0.1},  # COLMAP scenes only (Geo-NeuS; issue 12)
+    "sparse_points_strong": {"train.sparse_weight": 1.0},
 }
 
 
@@ -95,6 +101,57 @@ def synthetic_scene(width: int, height: int, views: int) -> pathlib.Path:
     return path
 
 
+def synthetic_colmap_scene(width: int, height: int, views: int, noise_px: float = 1.0,
+                           outliers: float = 0.02, n_points: int = 8000, seed: int = 0) -> pathlib.Path:
+    """The DTU-like synthetic object as a COLMAP scene (PINHOLE, its true cameras) whose sparse points are
+    the exact surface with realistic noise: Gaussian of ``noise_px`` pixels' footprint at the object
+    (isotropic, world units) and an ``outliers`` share uniform in the object's bounding sphere; each point
+    gets a track of 2-8 views and a reprojection error around 0.5 px, as COLMAP's have. Written once into
+    the cache (images and masks are links to the NeuS-layout scene's); ``scene.json`` comes along so the
+    surface figures are computed."""
+    from taichi_neus.data.cameras import decompose_projection
+    from taichi_neus.data.colmap import rotation_to_qvec
+    from taichi_neus.data.synthetic import BOUND_RADIUS, OFFSET, SCALE, cache_root, sample_surface
+
+    src = synthetic_scene(width, height, views)
+    path = cache_root() / f"dtu_like_{width}x{height}_{views}_colmap_{noise_px:g}px"
+    if (path / "scene.json").is_file():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = tmp / "sparse" / "0"
+    for d in (tmp / "images", tmp / "masks", model):
+        d.mkdir(parents=True)
+    cams = np.load(src / "cameras_sphere.npz")
+    lines, centres = [], []
+    for i, img in enumerate(sorted((src / "image").glob("*.png"))):
+        (tmp / "images" / img.name).symlink_to(img)
+        (tmp / "masks" / img.name).symlink_to(src / "mask" / img.name)
+        K, R, t = decompose_projection(cams[f"world_mat_{i}"][:3], f"world_mat_{i}")
+        centres.append(-R.T @ t)
+        lines += [f"{i + 1} " + " ".join(repr(float(x)) for x in (*rotation_to_qvec(R), *t)) + f" 1 {img.name}", ""]
+    (model / "images.txt").write_text("\n".join(lines) + "\n")
+    fx, fy, cx, cy = (float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]))
+    (model / "cameras.txt").write_text(f"1 PINHOLE {width} {height} {fx!r} {fy!r} {cx!r} {cy!r}\n")
+    rng = np.random.default_rng(seed)
+    footprint = np.median(np.linalg.norm(np.array(centres) - OFFSET, axis=1)) / K[0, 0]  # world units per pixel
+    n_out = int(round(outliers * n_points))
+    pts = sample_surface(n_points - n_out, seed=seed + 7) + rng.normal(0, noise_px * footprint, (n_points - n_out, 3))
+    d = rng.normal(size=(n_out, 3))
+    r = BOUND_RADIUS * SCALE * rng.uniform(0, 1, n_out) ** (1 / 3)
+    pts = np.concatenate([pts, OFFSET + d / np.linalg.norm(d, axis=1, keepdims=True) * r[:, None]])
+    rows = []
+    for j, q in enumerate(pts):
+        track = rng.choice(views, size=int(rng.integers(2, 9)), replace=False)
+        err = 0.3 + abs(rng.normal(0, 0.3))
+        rows.append(f"{j + 1} {float(q[0])!r} {float(q[1])!r} {float(q[2])!r} 128 128 128 {err:.4f} "
+                    + " ".join(f"{v + 1} 0" for v in track))
+    (model / "points3D.txt").write_text("\n".join(rows) + "\n")
+    shutil.copy(src / "scene.json", tmp / "scene.json")
+    tmp.rename(path)
+    return path
+
+
 def surface_figures(mesh_path: str) -> dict:
     """Chamfer (unit-sphere units) and inside/outside/near shares of a synthetic-object mesh (world units)."""
     from taichi_neus.data.synthetic import OFFSET, SCALE, sample_surface, synthetic_sdf_unit
@@ -109,24 +166,33 @@ def surface_figures(mesh_path: str) -> dict:
     return {"chamfer_unit": float(c["chamfer"]), **{f"share_{k}": float(v) for k, v in shares.items()}}
 
 
-def train(name: str, data: pathlib.Path, downscale: int, budget: float, seed: int, out_root: pathlib.Path,
-          extra: list[str]) -> dict:
-    opts = run_options(name)
-    out = out_root / f"{name}_seed{seed}"
+def launch(out: pathlib.Path, data: pathlib.Path, downscale: int, options: dict, extra: list[str],
+           budget: float = 0.0, iters: int = 0, seed: int = 0, label: str = "") -> float:
+    """Run the user's command (``examples/train_dtu.py``) into a fresh ``out`` in its own process, to
+    ``budget`` training seconds (``--train.time_budget``) or ``iters`` steps; returns its wall seconds.
+    ``options``: {config key: value}; ``extra``: further command-line arguments."""
     if out.exists():  # a folder of an earlier benchmark run: train would resume it
         shutil.rmtree(out)
     args = [sys.executable, str(ROOT / "examples" / "train_dtu.py"), "--data", str(data), "--out", str(out),
-            "--downscale", str(downscale), "--train.time_budget", str(budget),
-            "--iters", "1000000", "--seed", str(seed), "--train.val_every", "0", *extra]
-    for k, v in opts.items():
+            "--downscale", str(downscale), "--seed", str(seed), "--train.val_every", "0"]
+    args += ["--train.time_budget", str(budget), "--iters", "1000000"] if budget > 0 else ["--iters", str(iters)]
+    for k, v in options.items():
         args += [f"--{k}" if v is True else f"--no-{k}" if v is False else f"--{k}={v}"]
-    print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {' '.join(args[2:])}", flush=True)
+    args += extra
+    print(f"[{time.strftime('%H:%M:%S')}] {label or out.name}: {' '.join(args[2:])}", flush=True)
     t0 = time.time()
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.time() - t0
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-        raise SystemExit(f"run {name} failed (exit {proc.returncode})")
+        raise SystemExit(f"run {label or out.name} failed (exit {proc.returncode})")
+    return wall
+
+
+def train(name: str, data: pathlib.Path, downscale: int, budget: float, seed: int, out_root: pathlib.Path,
+          extra: list[str]) -> dict:
+    out = out_root / f"{name}_seed{seed}"
+    wall = launch(out, data, downscale, run_options(name), extra, budget=budget, seed=seed, label=f"{name} seed {seed}")
     return collect(name, seed, out, data, wall)
 
 
@@ -189,8 +255,10 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scene", choices=("scan24", "synthetic"), default="synthetic")
-    ap.add_argument("--data", default="", help="a DTU scene folder instead of --scene's")
+    ap.add_argument("--scene", choices=("scan24", "synthetic", "synthetic_colmap"), default="synthetic",
+                    help="synthetic_colmap: the synthetic object as a COLMAP scene with noisy exact sparse points")
+    ap.add_argument("--data", default="", help="a scene folder (any layout) instead of --scene's")
+    ap.add_argument("--downscale", type=int, default=0, help="image downscale (0: 4 for real scans, 1 synthetic)")
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds per run")
     ap.add_argument("--runs", nargs="+", default=["old", "new"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -208,8 +276,11 @@ def main(argv=None) -> int:
             print(f"skipped: {SCAN24} is not here")
             return 0
         data, downscale = SCAN24, 4
+    elif args.scene == "synthetic_colmap":
+        data, downscale = synthetic_colmap_scene(400, 300, 49), 1
     else:
         data, downscale = synthetic_scene(400, 300, 49), 1
+    downscale = args.downscale or downscale
     extra = [a for a in args.extra if a != "--"]
     out_root = pathlib.Path(args.out_root) / (args.scene if not args.data else data.name)
     path = pathlib.Path(args.json or ROOT / "benchmarks" / "results" / f"recipe_{args.scene}.json")

@@ -71,6 +71,23 @@ def test_loads_text_model(text_scene, capsys):
     assert s.scale_mat[0, 0] < 2.0
 
 
+def test_downscale_that_does_not_divide_crops_right_and_bottom(tmp_path):
+    # undistorted photographs come in odd sizes (DTU's 1600x1200 -> 1591x1193): the remainder is dropped
+    truth = write_colmap(tmp_path, n_views=4, W=43, H=34, seed=2, with_masks=True)
+    logs = []
+    s = load_colmap(tmp_path, downscale=4, log=logs.append)
+    assert (s.W, s.H) == (10, 8) and s.images.shape == (4, 8, 10, 3) and s.masks.shape == (4, 8, 10)
+    assert any("lose their last 3 columns and 2 rows" in line for line in logs)
+    want = truth["images"][:, :32, :40].reshape(4, 8, 4, 10, 4, 3).astype(np.float64).mean(axis=(2, 4))
+    assert np.abs(s.images.astype(np.float64) - want).max() <= 0.5 + 1e-9
+    m = truth["masks"][:, :32, :40].reshape(4, 8, 4, 10, 4).astype(np.float64).mean(axis=(2, 4))
+    assert ((s.masks > 127) == (np.floor(m + 0.5) > 127)).all()
+    np.testing.assert_allclose(s.K[0, :2], truth["K"][:2] / 4, rtol=1e-6)  # pixel (0, 0) did not move
+    full = load_colmap(tmp_path, downscale=1, log=logs.append)
+    assert (full.W, full.H) == (43, 34)
+    np.testing.assert_array_equal(full.images, truth["images"])
+
+
 def test_binary_model_equals_text(tmp_path, text_scene):
     root, truth = text_scene
     b = tmp_path / "bin"

@@ -430,7 +430,8 @@ def _load_one(file, k, K, dist, Ku, grey: bool) -> np.ndarray:
         raise UserInputError(f"cannot convert image {file} ({e}); re-save it as 8-bit RGB.") from None
     if dist != (0.0, 0.0):
         a = undistort(a, K, dist, Ku)
-    a = block_mean(a, k)
+    H, W = a.shape[0] // k * k, a.shape[1] // k * k  # the right and bottom remainders are cropped
+    a = block_mean(a[:H, :W], k)
     return np.where(a > 127, 255, 0).astype(np.uint8) if grey else a
 
 
@@ -446,10 +447,10 @@ def load_colmap(path, downscale: int = 1, holdout_every: int = 8, use_masks: boo
     """Load a COLMAP scene folder (see the module docstring) into a :class:`Scene`.
 
     Args:
-        path: the scene folder; downscale: integer area-downscale factor (after undistortion);
-        holdout_every: every n-th view (in name order) is held out, 0: none; use_masks: read masks/
-        if present; roi: ``(cx, cy, cz, radius)`` world units, or None/() for automatic; log: where the
-        one-line summary of the chosen region goes.
+        path: the scene folder; downscale: integer area-downscale factor (after undistortion; the
+        last W mod k columns and H mod k rows are dropped); holdout_every: every n-th view (in name
+        order) is held out, 0: none; use_masks: read masks/ if present; roi: ``(cx, cy, cz, radius)``
+        world units, or None/() for automatic; log: where the one-line summaries (region, cropping) go.
 
     Returns:
         Scene with uint8 images, masks or None, pinhole K (float32, downscaled), c2w in unit-sphere
@@ -504,7 +505,13 @@ def load_colmap(path, downscale: int = 1, holdout_every: int = 8, use_masks: boo
         if s != (W0, H0):
             raise UserInputError(f"image {f} is {s[0]}x{s[1]} but its camera in {cam_file} is {W0}x{H0}; "
                                  "use the photographs COLMAP was run on.")
-    k = _check_downscale(downscale, W0, H0, image_dir)
+    # Undistorted photographs come in any size (COLMAP crops them to valid pixels, 1591x1193 for DTU's
+    # 1600x1200), so a downscale that does not divide it drops the last W0 mod k columns and H0 mod k
+    # rows: pixel (0, 0) stays put, hence K before the scaling is unchanged.
+    k = _check_downscale(downscale, W0, H0, image_dir, crop=True)
+    if W0 % k or H0 % k:
+        log(f"[taichi_neus] {image_dir}: the {W0}x{H0} images lose their last {W0 % k} columns and {H0 % k} rows "
+            f"so that downscale {k} divides them ({W0 // k * k}x{H0 // k * k})")
     V = len(records)
     train_ids, test_ids = _split(V, holdout_every, img_file)
     mask_files = None

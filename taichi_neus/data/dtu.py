@@ -144,11 +144,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _check_downscale(downscale, W: int, H: int, image_dir: pathlib.Path) -> int:
+def _check_downscale(downscale, W: int, H: int, image_dir: pathlib.Path, crop: bool = False) -> int:
+    """The integer downscale factor, refused (UserInputError) when it is not a positive integer, leaves
+    fewer than MIN_SIZE pixels a side or, unless ``crop`` (the caller drops the right and bottom
+    ``W mod k``, ``H mod k`` pixels), does not divide W and H."""
     if isinstance(downscale, bool) or not isinstance(downscale, (int, np.integer)) or downscale < 1:
         raise UserInputError(f"downscale must be a positive integer, got {downscale!r}.")
     k = int(downscale)
-    if W % k or H % k:
+    if (W % k or H % k) and not crop:
         good = [d for d in _divisors(math.gcd(W, H)) if min(W, H) // d >= MIN_SIZE]
         raise UserInputError(
             f"downscale {k} does not divide the {W}x{H} images in {image_dir}; "
