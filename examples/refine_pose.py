@@ -5,9 +5,9 @@
 
 Loads the run's latest checkpoint, turns one camera by ``--rot`` degrees about a random axis through its
 centre and moves it by ``--trans`` unit-sphere units, then recovers the pose with Adam on se(3)
-(:mod:`taichi_neus.render.pose`) against the view's photo (``--target render``: against the field's own
-image at the true pose). Prints JSON: the initial and final rotation error (degrees) and translation
-error (unit-sphere units).
+(:mod:`taichi_neus.render.pose`; a robust Cauchy loss by default) against the view's photo
+(``--target render``: against the field's own image at the true pose). Prints JSON: the initial and
+final rotation error (degrees) and translation error (unit-sphere units).
 """
 
 import argparse
@@ -59,12 +59,13 @@ def run(args) -> dict:
     r0, t0 = pose_errors(c2w_init, c2w_true)
     start = time.time()
     res = refine_pose(ren, K, c2w_init, img, iters=args.iters, batch=args.batch, lr=args.lr, lr_final=args.lr_final,
-                      seed=args.seed)
+                      seed=args.seed, loss=args.loss)
     r1, t1 = pose_errors(res["c2w"], c2w_true)
     # the part of the final centre error along the true optical axis (the direction a photo pins down least)
     axial = abs(float((res["c2w"][:3, 3] - c2w_true[:3, 3]) @ c2w_true[:3, 2]))
     return {"run": str(args.run), "view": view, "target": args.target, "image": [int(scene.H), int(scene.W)],
-            "iters": args.iters, "batch": args.batch, "initial": {"rotation_deg": r0, "translation": t0},
+            "iters": args.iters, "batch": args.batch, "loss": args.loss, "seed": args.seed,
+            "initial": {"rotation_deg": r0, "translation": t0},
             "final": {"rotation_deg": r1, "translation": t1, "translation_along_axis": axial},
             "loss_first": res["loss"][0], "loss_last": res["loss"][-1], "time_s": round(time.time() - start, 2)}
 
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--target", choices=("photo", "render"), default="photo",
                     help="photo: the view's photograph; render: the field's own image at the true pose (separates "
                          "the optimisation from the field's errors)")
+    ap.add_argument("--loss", choices=("cauchy", "l1", "l2"), default="cauchy",
+                    help="photometric loss: robust Cauchy (default), l1, or l2 (iNeRF's squared error)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arch", default="cpu", help="cpu or cuda (torch tensors go to the kernels without copies)")
     args = ap.parse_args(argv)

@@ -84,12 +84,13 @@ def trained_run(tmp_path_factory, ti_arch):
 
 
 def test_refine_pose_example_recovers_a_perturbed_camera(trained_run, capsys, ti_arch):
-    """The example against the photo, on a weak field (250 small steps, ~18 dB): the rotation must come back
-    (measured 5° → 1.2°) and the loss fall. The translation is not asserted here: this field's silhouette is
-    inflated, so the photo is explained best from ~0.09 further along the optical axis (the pose the loss
-    prefers is wrong by the field's error; measured after 1,200 steps: 0.57° / 0.053, 0.045 of it axial)."""
+    """The example against the photo, on a weak field (250 small steps, ~18 dB), with the squared loss (the
+    robust default ignores the misalignment's own large residuals on a field this weak): the rotation must
+    come back (measured 5° → 1.2° and 2.0° on two trainings) and the loss fall. The translation is not
+    asserted here: this field's silhouette is inflated, so the photo is explained best from further along
+    the optical axis (the pose the loss prefers is wrong by the field's error)."""
     rc = _example().main(["--run", str(trained_run), "--iters", "150", "--batch", "512", "--arch", ti_arch,
-                          "--view", "1"])
+                          "--view", "1", "--loss", "l2"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["initial"]["rotation_deg"] == pytest.approx(5.0, abs=1e-4)
@@ -116,3 +117,20 @@ def test_refine_pose_example_meets_the_target_against_the_fields_own_image(train
     res = json.loads(capsys.readouterr().out)
     assert res["target"] == "render"
     assert res["final"]["rotation_deg"] < 0.5 and res["final"]["translation"] < 0.01
+
+
+def test_photometric_losses_match_their_formulas_and_gradients():
+    from taichi_neus.render.pose import photometric_loss
+
+    r = torch.tensor([[0.0, 0.01, -0.2], [0.5, -0.03, 0.003]], dtype=torch.float64, requires_grad=True)
+    c = 0.2
+    want = {"cauchy": np.log1p((r.detach().numpy() / c) ** 2).mean(), "l1": np.abs(r.detach().numpy()).mean(),
+            "l2": (r.detach().numpy() ** 2).mean()}
+    for kind, value in want.items():
+        assert float(photometric_loss(r, kind, scale=c)) == pytest.approx(value, rel=1e-12)
+        assert torch.autograd.gradcheck(lambda x, k=kind: photometric_loss(x, k, scale=c), (r,))
+    # robust (redescending): a residual of 0.5 (an unlearnt texel) pulls less than one of 0.2 (l2: 2.5x more)
+    g = torch.autograd.grad(photometric_loss(r, "cauchy", scale=c), r)[0].numpy()
+    assert abs(g[1, 0]) < abs(g[0, 2])
+    with pytest.raises(ValueError, match="unknown loss"):
+        photometric_loss(r, "huber")
