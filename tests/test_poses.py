@@ -236,13 +236,12 @@ def test_train_on_photographs_only_says_run_poses(photos, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- benchmark
-def test_poses_benchmark_runs_on_a_dtu_layout(photos, tmp_path):
-    """benchmarks/poses_dtu.py on the synthetic photographs written in DTU's layout: the script runs end to
-    end and its JSON holds what it promises (its DTU numbers are measured, never asserted)."""
+def _dtu_layout(photos, data):
+    """The synthetic photographs and masks in DTU's layout (images/, mask/, cameras_sphere.npz)."""
     from taichi_neus.data.cameras import projection_matrix
     root, c2w, K = photos
-    data = tmp_path / "dtu_like"
     shutil.copytree(root / "images", data / "images")
+    shutil.copytree(root / "masks", data / "mask")
     cams = {}
     for i, m in enumerate(c2w):
         w2c = np.linalg.inv(m)
@@ -250,6 +249,13 @@ def test_poses_benchmark_runs_on_a_dtu_layout(photos, tmp_path):
         world[:3] = projection_matrix(K, w2c[:3, :3], w2c[:3, 3])
         cams[f"world_mat_{i}"], cams[f"scale_mat_{i}"] = world, np.eye(4)
     np.savez(data / "cameras_sphere.npz", **cams)
+    return data
+
+
+def test_poses_benchmark_runs_on_a_dtu_layout(photos, tmp_path):
+    """benchmarks/poses_dtu.py on the synthetic photographs written in DTU's layout: the script runs end to
+    end and its JSON holds what it promises (its DTU numbers are measured, never asserted)."""
+    data = _dtu_layout(photos, tmp_path / "dtu_like")
     bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "poses_dtu.py"
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, str(bench), "--data", str(data), "--json", str(out)], capture_output=True,
@@ -261,3 +267,25 @@ def test_poses_benchmark_runs_on_a_dtu_layout(photos, tmp_path):
     p = subprocess.run([sys.executable, str(bench), "--data", str(tmp_path / "absent"), "--json", str(out)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "skipped" in p.stdout
+
+
+def test_photos_benchmark_runs_end_to_end(photos, tmp_path):
+    """benchmarks/photos_dtu.py on the synthetic photographs in DTU's layout, 20 steps per run: poses, both
+    trainings, the mesh carried into DTU's frame and judged there, the picture, the JSON (numbers measured
+    on scan24 are never asserted; here the aligned cameras must agree and every figure must be there)."""
+    data = _dtu_layout(photos, tmp_path / "dtu_like")
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "photos_dtu.py"
+    out, fig = tmp_path / "r.json", tmp_path / "fig.png"
+    p = subprocess.run([sys.executable, str(bench), "--data", str(data), "--out-root", str(tmp_path / "runs"),
+                        "--iters", "20", "--json", str(out), "--figure", str(fig), "--view", "8", "--",
+                        "--mesh.resolution", "32",
+                        "--arch", "cpu"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert set(r["runs"]) == {"dtu", "photos"} and r["alignment"]["centre_error_rel_median"] < 0.01
+    for run in r["runs"].values():
+        assert run["steps"] == 20 and 0.0 <= run["mesh_iou_dtu"] <= 1.0
+        assert np.isfinite(run["heldout_psnr_masked"])
+    assert "chamfer" in r["runs"]["photos"]["to_dtu_mesh_inside_0.95"]
+    assert pathlib.Path(r["runs"]["photos"]["mesh_dtu_frame"]).is_file()
+    assert np.asarray(Image.open(fig)).shape[1] == 3 * W // 4  # the photograph and the two meshes
