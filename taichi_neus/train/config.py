@@ -84,7 +84,8 @@ class TrainConfig:
     s3im_repeats: int = 10  # S3IM: repeats of the batch in the virtual image
     s3im_patch: int = 64  # virtual patch height; with S3IM on, rays per batch = s3im_batch
     s3im_batch: int = 4096  # rays per step with S3IM on (a multiple of s3im_patch)
-    # Geometric supervision (off by default: the equal-time comparison that would justify a default is not done)
+    # Geometric supervision, off by default: at equal time the sparse points tightened the surface with exact
+    # points but lowered held-out PSNR on scan 24's COLMAP points (benchmarks/results/recipe_*_sparse.json)
     sparse_weight: float = 0.0  # λ of |SDF| at COLMAP's sparse points (Geo-NeuS; Scene.points); 0 = off
     sparse_batch: int = 1024  # sparse points drawn per step
     depth_weight: float = 0.0  # λ of the L1 between rendered and given depth (scene depths/); 0 = off
