@@ -36,7 +36,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from poses_dtu import DEFAULT_DATA  # noqa: E402
+from poses_dtu import DEFAULT_DATA, paired_poses  # noqa: E402
 from recipe import ROOT, _commit, launch  # noqa: E402
 
 
@@ -58,26 +58,18 @@ def link_photos(data: pathlib.Path, folder: pathlib.Path) -> tuple[pathlib.Path,
     return folder / "images", folder / "masks"
 
 
-def alignment(data: pathlib.Path, scene: pathlib.Path):
-    """(s, R, t) with ``x_dtu_world = s R x_colmap_world + t``, from the camera centres of the views both
-    hold, and the per-view comparison (:func:`taichi_neus.data.sfm.compare_cameras`)."""
-    from taichi_neus.data.cameras import decompose_projection
-    from taichi_neus.data.colmap import find_model, qvec_to_rotation, read_model
+def alignment(data: pathlib.Path, scene: pathlib.Path) -> dict:
+    """The scene's registered cameras against DTU's (:func:`taichi_neus.data.sfm.compare_cameras`): per-view
+    errors and the similarity ``x_dtu_world = scale · rotation · x_colmap_world + translation`` that aligns
+    the camera centres."""
+    from taichi_neus.data.colmap import find_model, read_model
     from taichi_neus.data.dtu import list_images
-    from taichi_neus.data.sfm import compare_cameras, similarity_align
+    from taichi_neus.data.sfm import compare_cameras
 
-    index = {p.name: i for i, p in enumerate(list_images(data / "images"))}
     cams = np.load(data / "cameras_sphere.npz")
     _, recs, _, _ = read_model(find_model(scene))
-    est, ref = [], []
-    for r in recs:
-        _, R, t = decompose_projection(cams[f"world_mat_{index[r.name]}"][:3])
-        ref.append(np.block([[R, t[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]]))
-        est.append(np.block([[qvec_to_rotation(r.qvec), np.asarray(r.tvec)[:, None]],
-                             [np.zeros((1, 3)), np.ones((1, 1))]]))
-    est, ref = np.stack(est), np.stack(ref)
-    centres = lambda w2c: -np.einsum("vji,vj->vi", w2c[:, :3, :3], w2c[:, :3, 3])  # noqa: E731
-    return similarity_align(centres(est), centres(ref)), compare_cameras(est, ref, cams["scale_mat_0"][:3, 3])
+    est, ref, _ = paired_poses(cams, {p.name: i for i, p in enumerate(list_images(data / "images"))}, recs)
+    return compare_cameras(est, ref, cams["scale_mat_0"][:3, 3])
 
 
 def judge(runs: dict, data: pathlib.Path, scene: pathlib.Path, figure: pathlib.Path | None, view: int = 24) -> dict:
@@ -88,7 +80,8 @@ def judge(runs: dict, data: pathlib.Path, scene: pathlib.Path, figure: pathlib.P
     from taichi_neus.export.mesh_raster import silhouette_iou
 
     dtu = load_scene(data, downscale=4, log=lambda *_: None)
-    (s, R, t), cmp = alignment(data, scene)
+    cmp = alignment(data, scene)
+    s, R, t = cmp["scale"], cmp["rotation"], cmp["translation"]
     meshes = {}
     for name, row in runs.items():
         mesh = Mesh.load(row["mesh"])

@@ -38,6 +38,22 @@ DEFAULT_DATA = next((d for d in (ROOT.parent / "shared" / "data" / "dtu_scan24",
                     ROOT.parent / "shared" / "data" / "dtu_scan24")
 
 
+def paired_poses(cams, index: dict, recs):
+    """World-to-camera poses of the registered photographs, COLMAP's (V, 4, 4) and DTU's (V, 4, 4), and
+    DTU's focal lengths (V,) pixels (mean of fx, fy). ``cams``: the loaded ``cameras_sphere.npz``;
+    ``index``: photograph name -> DTU view; ``recs``: COLMAP's image records."""
+    from taichi_neus.data.cameras import decompose_projection
+    from taichi_neus.data.colmap import qvec_to_rotation
+
+    est, ref, f_ref = np.tile(np.eye(4), (len(recs), 1, 1)), np.tile(np.eye(4), (len(recs), 1, 1)), []
+    for v, r in enumerate(recs):
+        i = index[r.name]
+        K, ref[v, :3, :3], ref[v, :3, 3] = decompose_projection(cams[f"world_mat_{i}"][:3], f"world_mat_{i}")
+        est[v, :3, :3], est[v, :3, 3] = qvec_to_rotation(r.qvec), r.tvec
+        f_ref.append(0.5 * (K[0, 0] + K[1, 1]))
+    return est, ref, np.array(f_ref)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
@@ -55,8 +71,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("[poses_dtu] skipped: pycolmap is not installed (pip install 'taichi_neus[photos]')")
         return 0
-    from taichi_neus.data.cameras import decompose_projection
-    from taichi_neus.data.colmap import intrinsics, qvec_to_rotation, read_model
+    from taichi_neus.data.colmap import intrinsics, read_model
     from taichi_neus.data.dtu import list_images
     from taichi_neus.data.sfm import MAX_FEATURES, MAX_IMAGE_SIZE, compare_cameras, poses_from_photos
 
@@ -75,22 +90,11 @@ def main(argv=None) -> int:
         summary = poses_from_photos(src, pathlib.Path(td) / "scene", max_image_size=size, max_features=features)
         wall = time.time() - t0
         cams_c, recs, _, _ = read_model(pathlib.Path(td) / "scene" / "sparse")
-    index = {p.name: i for i, p in enumerate(photos)}
-    w2c_est, w2c_ref, f_ref = [], [], []
-    for r in recs:
-        i = index[r.name]
-        K, R, t = decompose_projection(cams[f"world_mat_{i}"][:3], f"world_mat_{i}")
-        ref = np.eye(4)
-        ref[:3, :3], ref[:3, 3] = R, t
-        est = np.eye(4)
-        est[:3, :3], est[:3, 3] = qvec_to_rotation(r.qvec), r.tvec
-        w2c_est.append(est)
-        w2c_ref.append(ref)
-        f_ref.append(0.5 * (K[0, 0] + K[1, 1]))
+    w2c_est, w2c_ref, f_ref = paired_poses(cams, {p.name: i for i, p in enumerate(photos)}, recs)
     K_est, _ = intrinsics(cams_c[recs[0].camera_id])
     f_est = 0.5 * (K_est[0, 0] + K_est[1, 1])
     centre = cams["scale_mat_0"][:3, 3]
-    cmp = compare_cameras(np.stack(w2c_est), np.stack(w2c_ref), centre=centre)
+    cmp = compare_cameras(w2c_est, w2c_ref, centre=centre)
     res = {
         "data": str(data), "photos": len(photos), "registered": len(recs), "left_out": summary.left_out,
         "max_image_size": size, "max_features": features,

@@ -367,7 +367,8 @@ def compare_cameras(w2c_est: np.ndarray, w2c_ref: np.ndarray, centre=None) -> di
     ``centre`` (default: the centroid of the reference centres).
 
     Returns a dict of per-view arrays (``rotation_deg``, ``spread_deg``, ``centre_rel``) and
-    ``offset_deg``, ``scale``.
+    ``offset_deg``, and the alignment ``scale``, ``rotation`` (3, 3), ``translation`` (3,) with
+    ``x_ref = scale · rotation · x_est + translation``.
     """
     def centres(w2c):
         return -np.einsum("vji,vj->vi", w2c[:, :3, :3], w2c[:, :3, 3])
@@ -381,7 +382,7 @@ def compare_cameras(w2c_est: np.ndarray, w2c_ref: np.ndarray, centre=None) -> di
     dist = np.linalg.norm(c_ref - centre, axis=1).mean()
     err = np.linalg.norm((s * c_est @ R.T + t) - c_ref, axis=1) / dist
     return {"rotation_deg": rotation_angle_deg(E), "spread_deg": spread, "offset_deg": float(rotation_angle_deg(mean)),
-            "centre_rel": err, "scale": s}
+            "centre_rel": err, "scale": s, "rotation": R, "translation": t}
 
 
 __all__ = ["EXHAUSTIVE_MAX", "MAX_FEATURES", "MAX_IMAGE_SIZE", "MIN_IMAGES", "PosesSummary", "compare_cameras",

@@ -21,8 +21,8 @@ The loss is robust by default: the Cauchy (Lorentzian) ``ρ(r) = log(1 + r²/c²
 ``c`` = :data:`ROBUST_SCALE` (Barron, "A General and Adaptive Robust Loss Function", CVPR 2019: α = 0).
 A well-trained field's errors against a photo are heavy-tailed (texture it has not learnt, silhouette
 pixels), and under a squared loss those few large residuals pull the pose to where they shrink. On the
-quick start's run, 5° / 0.1 came back to 0.30° / 0.018 under the squared loss and 0.18–0.20° /
-0.0085–0.0104 under this one (three perturbations; ``benchmarks/results/refine_pose_demo.json``).
+quick start's run, 5° / 0.1 came back to 0.30–0.32° / 0.017–0.019 under the squared loss and
+0.19–0.20° / 0.0085–0.0105 under this one (three perturbations; ``benchmarks/results/refine_pose_demo.json``).
 On a weak field (~18 dB) every residual is large and the robust loss ignores the ones the misalignment
 causes: use ``loss="l2"`` there (5° came back to 2.0° under l2, 3.2° under Cauchy; annealing ``c`` from
 1 down to 0.03 did no better there, nor on the quick start's run).
