@@ -52,17 +52,19 @@ def photometric_loss(residual: torch.Tensor, kind: str = "cauchy", scale: float 
 
 
 def _hat(w: torch.Tensor) -> torch.Tensor:
-    z = torch.zeros((), dtype=w.dtype)
-    return torch.stack([torch.stack([z, -w[2], w[1]]), torch.stack([w[2], z, -w[0]]),
-                        torch.stack([-w[1], w[0], z])])
+    """(..., 3) → (..., 3, 3) cross-product matrices."""
+    z = torch.zeros_like(w[..., 0])
+    x, y, c = w[..., 0], w[..., 1], w[..., 2]
+    return torch.stack([torch.stack([z, -c, y], -1), torch.stack([c, z, -x], -1),
+                        torch.stack([-y, x, z], -1)], -2)
 
 
 def se3_exp(xi: torch.Tensor) -> torch.Tensor:
-    """(6,) ξ = (ω, ν) → (4, 4) rigid transform exp(ξ^) (Rodrigues; V-matrix for the translation).
+    """(..., 6) ξ = (ω, ν) → (..., 4, 4) rigid transforms exp(ξ^) (Rodrigues; V-matrix for the translation).
 
     Differentiable at ξ = 0: the series are used below θ = 1e-4 rad."""
-    w, v = xi[:3], xi[3:]
-    th2 = (w * w).sum()
+    w, v = xi[..., :3], xi[..., 3:]
+    th2 = (w * w).sum(-1)[..., None, None]
     th = torch.sqrt(th2 + 1e-30)
     W = _hat(w)
     W2 = W @ W
@@ -70,11 +72,11 @@ def se3_exp(xi: torch.Tensor) -> torch.Tensor:
     a = torch.where(small, 1 - th2 / 6, torch.sin(th) / th)
     b = torch.where(small, 0.5 - th2 / 24, (1 - torch.cos(th)) / (th2 + 1e-30))
     c = torch.where(small, 1.0 / 6 - th2 / 120, (th - torch.sin(th)) / (th2 * th + 1e-30))
-    eye = torch.eye(3, dtype=xi.dtype)
+    eye = torch.eye(3, dtype=xi.dtype, device=xi.device).expand(W.shape)
     R = eye + a * W + b * W2
-    t = (eye + b * W + c * W2) @ v
-    top = torch.cat([R, t[:, None]], 1)
-    return torch.cat([top, torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=xi.dtype)], 0)
+    t = ((eye + b * W + c * W2) @ v[..., None])
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=xi.dtype, device=xi.device).expand(*W.shape[:-2], 1, 4)
+    return torch.cat([torch.cat([R, t], -1), bottom], -2)
 
 
 def camera_dirs(K: np.ndarray, pix: np.ndarray) -> torch.Tensor:

@@ -89,6 +89,8 @@ class TrainConfig:
     sparse_weight: float = 0.0  # λ of |SDF| at COLMAP's sparse points (Geo-NeuS; Scene.points); 0 = off
     sparse_batch: int = 1024  # sparse points drawn per step
     depth_weight: float = 0.0  # λ of the L1 between rendered and given depth (scene depths/); 0 = off
+    refine_poses: bool = False  # refine every training camera's pose jointly with the field (BARF-style; masks only)
+    lr_pose: float = 1e-3  # learning rate of the pose twists (radians, unit-sphere units), on the main schedule
     max_bad_steps: int = 5  # consecutive non-finite steps (each rolled back, lr halved) before giving up
     seed: int = 0  # random seed (initialisation, pixel batches, samples)
     val_every: int = 500  # write a validation image every k steps (0: never)
@@ -162,8 +164,8 @@ LIMITS: dict[str, Limits] = {
     "render.occupancy_resolution": COUNT, "render.occupancy_every": COUNT, "render.occupancy_warmup": NONNEG,
     "render.coarse_step": POSITIVE, "render.max_coarse": COUNT, "render.n_fine": COUNT, "render.near": NONNEG,
     "train.iters": COUNT, "train.time_budget": NONNEG, "train.sample_budget": COUNT, "train.min_rays": COUNT,
-    "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_variance": NONNEG, "train.warmup": NONNEG,
-    "train.lr_final": FRACTION, "train.init_variance": ANY, "train.anneal_end": FRACTION,
+    "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_pose": POSITIVE, "train.lr_variance": NONNEG,
+    "train.warmup": NONNEG, "train.lr_final": FRACTION, "train.init_variance": ANY, "train.anneal_end": FRACTION,
     "train.eikonal_weight": NONNEG, "train.eikonal_points": NONNEG, "train.curvature_weight": NONNEG,
     "train.mask_weight": NONNEG,
     "train.eps_start": POSITIVE, "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION,
@@ -314,6 +316,13 @@ class Config:
         if tc.s3im_weight > 0 and importlib.util.find_spec("torch") is None:
             raise UserInputError("S3IM (--train.s3im_weight > 0) needs torch, which is not installed; install it "
                                  "(pip install torch, or the package's [torch] extra) or leave S3IM off.")
+        if tc.refine_poses:
+            if importlib.util.find_spec("torch") is None:
+                raise UserInputError("--train.refine_poses needs torch, which is not installed; install it (pip "
+                                     "install torch, or the package's [torch] extra) or leave it off.")
+            if self.background.mode == "on" or not self.data.use_masks:
+                raise UserInputError("--train.refine_poses needs the scene's masks (it covers runs without a "
+                                     "background model): train with masks, or without --train.refine_poses.")
         return self
 
     def to_dict(self) -> dict:

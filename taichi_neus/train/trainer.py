@@ -37,6 +37,7 @@ CKPT_KEYS = ("params", "adam_m", "adam_v", "adam_step", "step", "occupancy", "n_
              "train_time", "rng", "layout_total")
 # written since resume continues the interrupted run exactly; a checkpoint without them still loads (with a note)
 CKPT_RUN_KEYS = ("lr_factor", "bad_steps", "pixel_sampler")
+POSE_PREFIX = "pose."  # the pose refiner's state_dict() entries (runs with --train.refine_poses)
 SAMPLER_PREFIX = "sampler."  # the pixel sampler's state_dict() entries
 
 
@@ -114,6 +115,20 @@ def uniform_in_ball(n: int, rng: np.random.Generator, radius: float = 1.0) -> np
     v = rng.normal(size=(n, 3))
     v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
     return (v * radius * rng.random((n, 1)) ** (1.0 / 3.0)).astype(np.float32)
+
+
+def ray_gradients(ray_ids: np.ndarray, t: np.ndarray, dpoints: np.ndarray, ddirs: np.ndarray,
+                  g_dirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-ray ∂L/∂origin and ∂L/∂direction, (R, 3) float64 each, of samples ``x = o + t·d`` (t held fixed)
+    whose view direction is their ray's ``d``: ∂L/∂o = Σ ∂L/∂x, ∂L/∂d = Σ (t·∂L/∂x + ∂L/∂view-dir) plus
+    the compositing's own ∂L/∂d (R, 3). ``ray_ids`` (S,) the owning ray of each sample, ``t`` (S,),
+    ``dpoints``, ``ddirs`` (S, 3)."""
+    R = len(g_dirs)
+    dp = np.asarray(dpoints, np.float64)
+    dd = np.asarray(ddirs, np.float64) + np.asarray(t, np.float64)[:, None] * dp
+    g_o = np.stack([np.bincount(ray_ids, dp[:, c], R) for c in range(3)], -1)
+    g_d = np.stack([np.bincount(ray_ids, dd[:, c], R) for c in range(3)], -1) + g_dirs
+    return g_o, g_d
 
 
 class TrainingDiverged(UserInputError):
@@ -201,6 +216,15 @@ class Trainer:
             log(f"[taichi_neus] hash levels: a training pixel covers {fp:.3g} unit-sphere units; levels with "
                 f"cells under {tc.level_footprint:g} of them stay off: {self.level_cap} of {grid.n_levels} on "
                 f"(finest cell {cell_widths(grid)[self.level_cap - 1]:.3g})")
+        self.refiner = None
+        if tc.refine_poses:
+            if self.bg is not None:
+                raise UserInputError("--train.refine_poses needs the scene's masks (it covers runs without a "
+                                     "background model): this scene has none; train without --train.refine_poses.")
+            from taichi_neus.train.pose_refiner import PoseRefiner  # torch: an optional dependency
+
+            # the scene's poses are replaced by the refined ones as training goes (rays, renders, mesh culling)
+            self.refiner = PoseRefiner(scene.c2w, scene.train_ids, tc.lr_pose)
         self._var_buf = buffers.f32(1)
         self._dev: dict = {}
         self.train_time = 0.0
@@ -340,6 +364,13 @@ class Trainer:
         self.field.backward(self._dev["ek_sdf0"], g_n, None, self.params, self.grads)
         return loss
 
+    def _pose_gradients(self, vids, d, smp, S: int, dpoints, ddirs, g_dirs) -> None:
+        """The batch's per-ray gradients (:func:`ray_gradients`) into the pose refiner."""
+        R = len(vids)
+        g_o, g_d = ray_gradients(smp.ray_ids.to_numpy()[:S], smp.t.to_numpy()[:S], dpoints.to_numpy()[:S],
+                                 ddirs.to_numpy()[:S], g_dirs.to_numpy()[:R])
+        self.refiner.accumulate(vids, d, g_o, g_d)
+
     # ------------------------------------------------------------- one step
     def train_step(self) -> dict:
         tc, rc = self.cfg.train, self.cfg.render
@@ -399,7 +430,8 @@ class Trainer:
         if self.depths is not None:  # rendered depth Σ w·t against the given depth maps (data/depths.py)
             depth_loss, g_depth = losses.depth_l1(comp.depth, self._upload("depth_t", self._depth_target(vids, pix)),
                                                   weight=tc.depth_weight)
-        g = self.compositor.backward(g_colour, g_opacity, g_depth)
+        refine = self.refiner is not None
+        g = self.compositor.backward(g_colour, g_opacity, g_depth, ray_inputs=refine)
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
         eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
                                 accumulate=True)
@@ -410,7 +442,12 @@ class Trainer:
 
         buffers.zero_(self.grads)
         if S > 0:
-            self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads, dlaplacian=g_lap)
+            dpts = self.field.ws.exact("dpoints", S, 3) if refine else None
+            ddirs = self.field.ws.exact("ddirs", S, 3) if refine else None
+            self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads, dlaplacian=g_lap,
+                                dpoints=dpts, ddirs=ddirs)
+            if refine:
+                self._pose_gradients(vids, d, smp, S, dpts, ddirs, g.dirs)
         if self.bg is not None:
             self.bg.backward(g_bg, self.params, self.grads)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
@@ -421,6 +458,8 @@ class Trainer:
             return self._reject_step(step, loss)
         self.bad_steps = 0
         self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor)
+        if refine and self.refiner.step(sch["lr_scale"] * self.lr_factor):
+            self.scene.c2w[:] = self.refiner.poses()
 
         colour = pred.to_numpy() if colour is None else colour
         err = np.abs(colour - target).mean(axis=1)
@@ -446,6 +485,8 @@ class Trainer:
         Checkpoints are only written from good states, so none is ever poisoned."""
         self.bad_steps += 1
         self.lr_factor *= 0.5
+        if self.refiner is not None:
+            self.refiner.clear()
         self.log(f"[taichi_neus] step {step}: non-finite loss or gradient (loss={loss}); update skipped, "
                  f"learning rate x{self.lr_factor:g}")
         if self.bad_steps >= self.cfg.train.max_bad_steps:
@@ -609,6 +650,8 @@ class Trainer:
                "bad_steps": np.int64(self.bad_steps),
                "pixel_sampler": np.frombuffer(self.pixels.name.encode(), np.uint8)}
         out.update({SAMPLER_PREFIX + k: np.asarray(v) for k, v in self.pixels.state_dict().items()})
+        if self.refiner is not None:
+            out.update({POSE_PREFIX + k: np.asarray(v) for k, v in self.refiner.state_dict().items()})
         return out
 
     def save_checkpoint(self) -> pathlib.Path:
@@ -658,8 +701,15 @@ class Trainer:
             notes.append(f"it was trained with the {saved_sampler} pixel sampler: the {self.pixels.name} sampler "
                          "starts fresh")
             sampler = {}
+        poses = {k[len(POSE_PREFIX):]: v for k, v in st.items() if k.startswith(POSE_PREFIX)}
+        if self.refiner is not None and not poses:
+            notes.append("it holds no refined poses (trained without --train.refine_poses): refinement starts from "
+                         "the given poses")
         if sampler:  # the samplers read every entry before changing anything, so a bad one raises here
             self.pixels.load_state_dict(sampler)
+        if self.refiner is not None and poses:
+            self.refiner.load_state_dict(poses)
+            self.scene.c2w[:] = self.refiner.poses()
         buffers.from_numpy(self.params, st["params"])
         self.opt.load_state_dict({"m": st["adam_m"], "v": st["adam_v"], "step": st["adam_step"],
                                   **({"t": st["adam_t"]} if "adam_t" in st else {})})
@@ -720,4 +770,6 @@ class Trainer:
                     if tc.ckpt_every:
                         self.save_checkpoint()
                     break
+        if self.refiner is not None:  # what the user looks at: each camera's given and refined pose
+            self.refiner.write(self.out / "poses_refined.json", self.scene.image_names or None)
         return {"steps": self.step, "train_time_s": self.train_time}
