@@ -62,6 +62,7 @@ CHANGES = {
     "mesh_clean": {"mesh.min_component": 0.01, "mesh.cull_unseen": True},
     "sparse_points": {"train.sparse_weight": 0.1},  # COLMAP scenes only (Geo-NeuS; issue 12)
     "sparse_points_strong": {"train.sparse_weight": 1.0},
+    "refine_poses": {"train.refine_poses": True},
 }
 
 
