@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rotation", type=float, default=2.0, help="degrees per training camera")
     ap.add_argument("--translation", type=float, default=0.03, help="unit-sphere units per training camera")
     ap.add_argument("--perturb-seed", type=int, default=0)
+    ap.add_argument("--refine-options", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="further options of the refined run, e.g. train.lr_pose=1e-4 train.pose_start=0.2")
     ap.add_argument("--out-root", default="/tmp/taichi_neus_refine_poses")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "refine_poses_train.json"))
     args = ap.parse_args(argv)
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for name in args.runs:
             opts, perturbed = RUNS[name]
+            if opts:
+                opts = {**opts, **dict(kv.split("=", 1) for kv in args.refine_options)}
             data = scene if perturbed else src
             out = root / f"{name}_seed{seed}"
             wall = launch(out, data, 1, opts, [], budget=args.budget, seed=seed, label=f"{name} seed {seed}")
@@ -164,6 +168,7 @@ def main(argv=None) -> int:
     res = {"benchmark": "refine_poses_train", "commit": _commit(),
            "machine": platform.processor() or platform.machine(),
            "date": time.strftime("%Y-%m-%d %H:%M"), "budget_s": args.budget, "seeds": args.seeds,
+           "refine_options": args.refine_options,
            "perturbation": {"rotation_deg": args.rotation, "translation": args.translation,
                             "seed": args.perturb_seed, "aligned": {k: v for k, v in given.items() if k != "sim"}},
            "command": "python benchmarks/refine_poses_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -338,20 +338,31 @@ def test_mesh_with_clean_up_options_and_the_surface_shares(finished):
 # ------------------------------------------------------------------------------- torch is optional
 def test_the_package_works_without_torch_except_s3im():
     """torch is an extra: every module but the ones built on torch (the S3IM loss, the tests' torch reference,
-    the torch autograd adapters and the pose refinement built on them) imports without it, and asking for
-    S3IM without torch is refused in one sentence."""
+    the torch autograd adapters and the pose refinement built on them, in rendering and in training) imports
+    without it, and asking for S3IM or --train.refine_poses without torch is refused in one sentence."""
     code = """
 import importlib, pkgutil, sys
 sys.modules["torch"] = None  # as if torch were not installed: import torch raises ImportError
 import taichi_neus
 skip = {"taichi_neus.train.s3im", "taichi_neus.field.torch_reference", "taichi_neus.field.torch_ops",
-        "taichi_neus.render.torch_ops", "taichi_neus.render.pose"}
+        "taichi_neus.render.torch_ops", "taichi_neus.render.pose", "taichi_neus.train.pose_refiner"}
 for m in pkgutil.walk_packages(taichi_neus.__path__, "taichi_neus."):
     if m.name not in skip:
         importlib.import_module(m.name)
 from taichi_neus.app.cli import main
-sys.exit(main(["train", "--train.s3im_weight", "1", "--print-config"]))
+sys.exit(main(["train", sys.argv[1], "--print-config"]))
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    refused(p, "S3IM", "needs torch", "pip install torch")
+    for option, words in (("--train.s3im_weight=1", ("S3IM", "needs torch", "pip install torch")),
+                          ("--train.refine_poses", ("--train.refine_poses", "needs torch", "pip install torch"))):
+        p = subprocess.run([sys.executable, "-c", code, option], capture_output=True, text=True, timeout=120, env=env)
+        refused(p, *words)
+
+
+def test_refine_poses_without_masks_is_refused_before_anything_is_written(tmp_path):
+    """Joint pose refinement covers runs with masks only (the background model has no ray gradients)."""
+    out = tmp_path / "run"
+    for args in (["--no-data.use_masks"], ["--background.mode", "on"]):
+        p = cli("train", "--out", out, "--train.refine_poses", *args, "--arch", "cpu")
+        refused(p, "--train.refine_poses needs the scene's masks")
+        assert not out.exists()

@@ -79,6 +79,18 @@ def se3_exp(xi: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([R, t], -1), bottom], -2)
 
 
+def apply_twist(xi: torch.Tensor, c2w: torch.Tensor) -> torch.Tensor:
+    """``A·exp(ξ^)·A⁻¹·c2w`` with ``A = [R | 0]`` (the module docstring's twist about the world origin along
+    the camera's axes) for (..., 6) ξ and (..., 4, 4) float64 ``c2w``, multiplied out as
+    ``[R·E | R·(E·Rᵀ·C + τ)]`` for ``exp(ξ^) = [E | τ]``: no ``Rᵀ·R`` product, whose rounding would compound
+    when the result becomes the next ``c2w``. Differentiable in ξ."""
+    R, C = c2w[..., :3, :3], c2w[..., :3, 3:]
+    T = se3_exp(xi)
+    E, tau = T[..., :3, :3], T[..., :3, 3:]
+    top = torch.cat([R @ E, R @ (E @ (R.transpose(-1, -2) @ C) + tau)], -1)
+    return torch.cat([top, c2w[..., 3:, :]], -2)
+
+
 def camera_dirs(K: np.ndarray, pix: np.ndarray) -> torch.Tensor:
     """(B, 3) float64 unit directions in the camera frame through pixel positions ``pix`` (B, 2) (x, y)."""
     K = np.asarray(K, np.float64)
@@ -140,12 +152,9 @@ def refine_pose(renderer, K: np.ndarray, c2w_init: np.ndarray, image: np.ndarray
     rng = np.random.default_rng(seed)
     target_all = torch.from_numpy(np.asarray(image, np.float32).reshape(-1, 3))
     c2w0 = torch.from_numpy(np.asarray(c2w_init, np.float64))
-    A = torch.eye(4, dtype=torch.float64)
-    A[:3, :3] = c2w0[:3, :3]
-    A_inv = A.T.clone()  # a rotation: its inverse is its transpose
 
     def pose(x):
-        return A @ se3_exp(x) @ A_inv @ c2w0
+        return apply_twist(x, c2w0)
 
     xi = torch.zeros(6, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([xi], lr=lr)

@@ -91,6 +91,7 @@ class TrainConfig:
     depth_weight: float = 0.0  # λ of the L1 between rendered and given depth (scene depths/); 0 = off
     refine_poses: bool = False  # refine every training camera's pose jointly with the field (BARF-style; masks only)
     lr_pose: float = 1e-3  # learning rate of the pose twists (radians, unit-sphere units), on the main schedule
+    pose_start: float = 0.2  # poses are refined from this fraction of training on (the field forms first)
     max_bad_steps: int = 5  # consecutive non-finite steps (each rolled back, lr halved) before giving up
     seed: int = 0  # random seed (initialisation, pixel batches, samples)
     val_every: int = 500  # write a validation image every k steps (0: never)
@@ -164,7 +165,8 @@ LIMITS: dict[str, Limits] = {
     "render.occupancy_resolution": COUNT, "render.occupancy_every": COUNT, "render.occupancy_warmup": NONNEG,
     "render.coarse_step": POSITIVE, "render.max_coarse": COUNT, "render.n_fine": COUNT, "render.near": NONNEG,
     "train.iters": COUNT, "train.time_budget": NONNEG, "train.sample_budget": COUNT, "train.min_rays": COUNT,
-    "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_pose": POSITIVE, "train.lr_variance": NONNEG,
+    "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_pose": POSITIVE, "train.pose_start": FRACTION,
+    "train.lr_variance": NONNEG,
     "train.warmup": NONNEG, "train.lr_final": FRACTION, "train.init_variance": ANY, "train.anneal_end": FRACTION,
     "train.eikonal_weight": NONNEG, "train.eikonal_points": NONNEG, "train.curvature_weight": NONNEG,
     "train.mask_weight": NONNEG,

@@ -1,8 +1,8 @@
 """Camera poses refined jointly with the field during training (``--train.refine_poses``).
 
 Each camera ``v`` gets a twist ξ_v ∈ R⁶ (rotation vector, translation) with the parametrisation of
-:mod:`taichi_neus.render.pose`: ``c2w_v(ξ) = A_v·exp(ξ_v^)·A_v⁻¹·c2w_v`` with ``A_v = [R_v | 0]`` (about the
-object's centre, along the camera's own axes); each step's update is folded into the pose and the twist
+:mod:`taichi_neus.render.pose` (:func:`~taichi_neus.render.pose.apply_twist`: about the object's centre,
+along the camera's own axes); each step's update is folded into the pose and the twist
 starts again at zero, so the linearisation follows the pose (Adam's moments carry over). The twists follow Adam on the
 training loss itself, as in BARF (Lin et al., ICCV 2021) and NeRF−− (Wang et al. 2021); the coarse-to-fine
 hash levels of the default recipe play BARF's coarse-to-fine positional encoding.
@@ -12,7 +12,7 @@ The gradient reaches ξ through the rays: a sample ``x = o + t·d`` (t held fixe
 direction; the direction also takes the colour network's view-direction gradient and the compositing's
 ``cosθ = d·n`` gradient. Per camera these reduce to ``G_o = Σ_r ∂L/∂o_r`` (3) and
 ``M = Σ_r ∂L/∂d_r ⊗ d_r^cam`` (3×3), and ``L ≈ ⟨G_o, C_v(ξ)⟩ + ⟨M, R_v(ξ)⟩`` has the same gradient in ξ
-as the loss: torch differentiates that through :func:`~taichi_neus.render.pose.se3_exp`.
+as the loss: torch differentiates that through the twist.
 
 The whole set of poses and the field can move together (a similarity of the world) without changing
 any image, and nothing holds that freedom here: on the built-in scene with 2° / 0.03 of noise per camera
@@ -32,7 +32,7 @@ import pathlib
 import numpy as np
 import torch
 
-from taichi_neus.render.pose import pose_errors, se3_exp
+from taichi_neus.render.pose import apply_twist, pose_errors
 
 
 class PoseRefiner:
@@ -57,14 +57,7 @@ class PoseRefiner:
         self.refined[np.asarray(view_ids, np.int64)] = True
 
     def _poses(self, xi: torch.Tensor) -> torch.Tensor:
-        """``A·exp(ξ^)·A⁻¹·base`` with ``A = [R_b | 0]``, multiplied out: ``[R_b·E | R_b·(E·R_bᵀ·C + τ)]``
-        for ``exp(ξ^) = [E | τ]`` (no ``R_bᵀ·R_b`` product, whose rounding would compound step after step)."""
-        base = torch.from_numpy(self.base)
-        Rb, C = base[:, :3, :3], base[:, :3, 3:]
-        T = se3_exp(xi)
-        E, tau = T[:, :3, :3], T[:, :3, 3:]
-        top = torch.cat([Rb @ E, Rb @ (E @ (Rb.transpose(1, 2) @ C) + tau)], -1)
-        return torch.cat([top, base[:, 3:, :]], -2)
+        return apply_twist(xi, torch.from_numpy(self.base))
 
     def poses(self) -> np.ndarray:
         """(V, 4, 4) float64 current camera-to-world poses."""

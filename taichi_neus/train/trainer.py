@@ -430,7 +430,7 @@ class Trainer:
         if self.depths is not None:  # rendered depth Σ w·t against the given depth maps (data/depths.py)
             depth_loss, g_depth = losses.depth_l1(comp.depth, self._upload("depth_t", self._depth_target(vids, pix)),
                                                   weight=tc.depth_weight)
-        refine = self.refiner is not None
+        refine = self.refiner is not None and self.progress(step) >= tc.pose_start
         g = self.compositor.backward(g_colour, g_opacity, g_depth, ray_inputs=refine)
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
         eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
