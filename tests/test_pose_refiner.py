@@ -103,6 +103,9 @@ def test_step_keeps_poses_rigid_skips_unrefined_views_and_state_round_trips():
     assert np.allclose(twin.poses(), ref.poses(), atol=1e-14)
     with pytest.raises(ValueError, match="shape"):
         twin.load_state_dict({**ref.state_dict(), "c2w": np.zeros((2, 4, 4))})
+    with pytest.raises(ValueError, match="without m"):
+        twin.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "m"})
+    assert np.allclose(twin.poses(), ref.poses(), atol=1e-14)  # a refused state changes nothing
 
 
 def test_training_with_refine_poses_brings_perturbed_cameras_back(tmp_path):

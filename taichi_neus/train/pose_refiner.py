@@ -121,11 +121,18 @@ class PoseRefiner:
                 "v": st["exp_avg_sq"].numpy().copy() if st else z.copy(),
                 "step": np.float64(float(st["step"]) if st else 0.0)}
 
-    def load_state_dict(self, st: dict) -> None:
+    def check_state_dict(self, st: dict) -> None:
+        """Raise ValueError, changing nothing, when ``st`` is not a :meth:`state_dict` of these cameras."""
+        missing = [k for k in ("c2w", "m", "v", "step") if k not in st]
+        if missing:
+            raise ValueError(f"pose state without {', '.join(missing)}")
         c2w = np.asarray(st["c2w"], np.float64)
         if c2w.shape != self.base.shape or not np.isfinite(c2w).all():
             raise ValueError(f"refined poses of shape {c2w.shape} (expected {self.base.shape}) or not finite")
-        self.base = c2w.copy()
+
+    def load_state_dict(self, st: dict) -> None:
+        self.check_state_dict(st)
+        self.base = np.asarray(st["c2w"], np.float64).copy()
         if float(st["step"]) > 0:
             self.opt.state[self.xi] = {"step": torch.tensor(float(st["step"])),
                                        "exp_avg": torch.from_numpy(np.asarray(st["m"], np.float64).copy()),

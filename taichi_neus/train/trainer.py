@@ -705,6 +705,8 @@ class Trainer:
         if self.refiner is not None and not poses:
             notes.append("it holds no refined poses (trained without --train.refine_poses): refinement starts from "
                          "the given poses")
+        if self.refiner is not None and poses:
+            self.refiner.check_state_dict(poses)  # before the sampler's state changes
         if sampler:  # the samplers read every entry before changing anything, so a bad one raises here
             self.pixels.load_state_dict(sampler)
         if self.refiner is not None and poses:
