@@ -59,7 +59,7 @@ def mlp_flops_per_point(field) -> float:
     return 2.0 * 3.0 * fwd
 
 
-def bench_taichi(n, repeats):
+def bench_taichi(n, repeats, gpu=False):
     import taichi as ti
     from taichi.lang import kernel_impl
 
@@ -87,6 +87,8 @@ def bench_taichi(n, repeats):
     def timed(self, *a, **k):
         t0 = time.perf_counter()
         r = orig(self, *a, **k)
+        if gpu:  # launches are asynchronous on a GPU: wait for this kernel to finish
+            ti.sync()
         one[self.func.__name__] += time.perf_counter() - t0
         return r
 
@@ -106,17 +108,18 @@ def bench_taichi(n, repeats):
             "mlp_gflops": mlp_flops_per_point(field) * n / mlp_t / 1e9, "kernels": dict(acc)}
 
 
-def bench_torch(n, repeats, compiled=False):
+def bench_torch(n, repeats, compiled=False, device="cpu"):
     import torch
 
     from taichi_neus import buffers
     from taichi_neus.field.torch_reference import TorchField
     torch.set_num_threads(os.cpu_count() or 1)
     field, layout, params, grads, pts, d, ups = _field_setup(n)
-    theta = torch.tensor(buffers.to_numpy(params), requires_grad=True)
+    theta = torch.tensor(buffers.to_numpy(params), device=device, requires_grad=True)
     tf = TorchField(field)
-    x, dirs = torch.tensor(pts), torch.tensor(d)
-    us = [torch.tensor(u) for u in ups]
+    x, dirs = torch.tensor(pts, device=device), torch.tensor(d, device=device)
+    us = [torch.tensor(u, device=device) for u in ups]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     fwd = tf.forward
     if compiled:
@@ -126,6 +129,7 @@ def bench_torch(n, repeats, compiled=False):
         theta.grad = None
         s, nr, rgb = fwd(theta, x, dirs, field.cfg.fd_eps)
         ((s * us[0]).sum() + (nr * us[1]).sum() + (rgb * us[2]).sum()).backward()
+        sync()
 
     t0 = time.perf_counter()
     step()
@@ -136,7 +140,8 @@ def bench_torch(n, repeats, compiled=False):
         step()
         times.append(time.perf_counter() - t)
     best = min(times)
-    return {"seconds": best, "points_per_s": n / best, "threads": torch.get_num_threads(), "first_call_s": first}
+    return {"seconds": best, "points_per_s": n / best, "threads": torch.get_num_threads(), "first_call_s": first,
+            "device": device}
 
 
 def _load_rev_module(rev: str, path: str, name: str):
@@ -237,8 +242,9 @@ def bench_baseline(rev: str, n: int, repeats: int) -> dict:
     return out
 
 
-def fp32_peak():
-    """Achieved fp32 rate of a Taichi kernel of independent FMA chains, and of a large torch SGEMM."""
+def fp32_peak(gpu=False):
+    """Achieved fp32 rate of a Taichi kernel of independent FMA chains, and of a large torch SGEMM (on the
+    GPU when ``gpu``: enough threads to fill it, and torch on CUDA)."""
     import taichi as ti
     import torch
 
@@ -252,9 +258,8 @@ def fp32_peak():
             out[t] = a.sum()
 
     from taichi_neus import buffers
-    threads = 4096
+    threads, iters = (1 << 20, 2000) if gpu else (4096, 20000)
     out = buffers.f32(threads)
-    iters = 20000
     fma(out, 10)
     ti.sync()
     t = time.perf_counter()
@@ -263,11 +268,15 @@ def fp32_peak():
     dt = time.perf_counter() - t
     taichi_peak = threads * iters * 16 * 2 / dt / 1e9
     torch.set_num_threads(os.cpu_count() or 1)
-    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    dev = "cuda" if gpu else "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    a, b = torch.rand(2048, 2048, device=dev), torch.rand(2048, 2048, device=dev)
     a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(5):
         a @ b
+    sync()
     sgemm = 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
     return {"taichi_fma_gflops": taichi_peak, "torch_sgemm_gflops": sgemm}
 
@@ -306,6 +315,14 @@ def compile_times(arch):
     return {"cold_s": res[0], "warm_s": res[1]}
 
 
+def _torch_cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1 << 18)
@@ -320,19 +337,22 @@ def main():
     arch = runtime.init(args.arch, verbose=False)
     res = {"n": args.n, "arch": arch, "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count()}
-    res["taichi"] = bench_taichi(args.n, args.repeats)
+    gpu = arch in ("cuda", "vulkan", "metal")
+    # the torch baseline runs where the kernels run when torch can: CUDA tensors on the CUDA backend
+    tdev = "cuda" if arch == "cuda" and _torch_cuda() else "cpu"
+    res["taichi"] = bench_taichi(args.n, args.repeats, gpu=gpu)
     if not args.skip_torch:
-        res["torch"] = bench_torch(args.n, args.repeats)
+        res["torch"] = bench_torch(args.n, args.repeats, device=tdev)
         res["speedup_vs_torch"] = res["torch"]["seconds"] / res["taichi"]["seconds"]
         if not args.no_compile:
             try:
-                res["torch_compile"] = bench_torch(args.n, args.repeats, compiled=True)
+                res["torch_compile"] = bench_torch(args.n, args.repeats, compiled=True, device=tdev)
                 res["speedup_vs_torch_compile"] = res["torch_compile"]["seconds"] / res["taichi"]["seconds"]
             except Exception as e:  # inductor needs a C++ toolchain; report, don't fail the table
                 res["torch_compile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     if args.baseline:
         res["baseline"] = bench_baseline(args.baseline, args.n, args.repeats)
-    res["peak"] = fp32_peak()
+    res["peak"] = fp32_peak(gpu=gpu)
     res["mlp_fraction_of_peak"] = res["taichi"]["mlp_gflops"] / res["peak"]["taichi_fma_gflops"]
     res["compile"] = compile_times(args.arch)
     tt = res["taichi"]
@@ -343,7 +363,7 @@ def main():
     if "torch" in res:
         tr = res["torch"]
         rows += [("torch fwd+bwd", f"{tr['seconds']:.3f} s   {tr['points_per_s'] / 1e6:.3f} Mpts/s "
-                                   f"({tr['threads']} threads)"),
+                                   f"({tr['device']}, {tr['threads']} CPU threads)"),
                  ("speed-up vs torch", f"{res['speedup_vs_torch']:.2f}x   (target: >= 4x)")]
     if "torch_compile" in res:
         tc = res["torch_compile"]

@@ -255,3 +255,39 @@ def test_fixed_parameters_skip_their_gradient_and_keep_the_input_gradients():
         grads.append((x.grad, v.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=0)
+
+
+def test_cuda_tensors_give_the_cpu_tensors_results(ti_arch):
+    """On the CUDA backend, torch CUDA tensors go into the kernels without a copy: the field and whole rays
+    give the values and gradients of the same calls with CPU tensors (which Taichi copies), to float32
+    summation order. Runs only where Taichi runs on CUDA and torch sees the GPU (never in CI)."""
+    if ti_arch != "cuda" or not torch.cuda.is_available():
+        pytest.skip("needs Taichi on CUDA and a CUDA torch")
+    field, _, params = small_field(seed=61)
+    pts, d = random_batch(200, seed=62)
+    results = []
+    for dev in ("cpu", "cuda"):
+        theta = torch.from_numpy(buffers.to_numpy(params).copy()).to(dev).requires_grad_()
+        x = torch.from_numpy(pts).to(dev).requires_grad_()
+        v = torch.from_numpy(d).to(dev).requires_grad_()
+        s, n, c = field_forward(field, theta, x, v)
+        assert s.device.type == dev
+        (s.square().sum() + (n * 0.3).sum() + c.sum()).backward()
+        results.append([t.detach().cpu() for t in (s, n, c, theta.grad, x.grad, v.grad)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max())))
+
+    ren, _ = _renderer(seed=63)
+    ren_cuda, _ = _renderer(seed=63)
+    ren_cuda.params = ren_cuda.params.to("cuda")
+    o, dd = _rays(12, seed=64)
+    results = []
+    for r, dev in ((ren, "cpu"), (ren_cuda, "cuda")):
+        oo, d2 = o.to(dev).requires_grad_(), dd.to(dev).requires_grad_()
+        theta = r.params.clone().requires_grad_()
+        out = r.render_rays(oo, d2, theta)
+        (out["colour"].square().sum() + out["depth"].sum() + out["opacity"].sum()).backward()
+        results.append([t.detach().cpu() for t in (*out.values(), theta.grad, oo.grad, d2.grad)])
+    assert float(results[0][-1].abs().max()) > 0
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max())))

@@ -23,7 +23,7 @@ def hash_encode(x: torch.Tensor, table: torch.Tensor, res, loff, lsize, ldense, 
     feats = []
     for lv in range(len(res)):
         if n_active is not None and lv >= n_active:
-            feats.append(torch.zeros(x.shape[0], table.shape[1], dtype=table.dtype))
+            feats.append(torch.zeros(x.shape[0], table.shape[1], dtype=table.dtype, device=table.device))
             continue
         r = int(res[lv])
         u = u01 * r
@@ -98,8 +98,8 @@ class TorchField:
     def forward(self, theta, x, dirs, eps: float):
         """Returns sdf (M,), finite-difference normal (M,3), rgb (M,3)."""
         off, coef = stencil(self.f.cfg.normal_mode)
-        off = torch.as_tensor(off, dtype=x.dtype)
-        coef = torch.as_tensor(coef, dtype=x.dtype)
+        off = torch.as_tensor(off, dtype=x.dtype, device=x.device)
+        coef = torch.as_tensor(coef, dtype=x.dtype, device=x.device)
         K, M = off.shape[0], x.shape[0]
         xs = (x[None, :, :] + eps * off[:, None, :]).reshape(K * M, 3)
         out = self.sdf_net(theta, xs).view(K, M, -1)
