@@ -63,6 +63,8 @@ CHANGES = {
     "sparse_points": {"train.sparse_weight": 0.1},  # COLMAP scenes only (Geo-NeuS; issue 12)
     "sparse_points_strong": {"train.sparse_weight": 1.0},
     "refine_poses": {"train.refine_poses": True},
+    "view1": {"field.view_degree": 1},  # the colour's view dependence cut to SH band 1
+    "view0": {"field.view_degree": 0},  # no view dependence
 }
 
 

@@ -9,12 +9,12 @@ from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.sdf_field import FieldConfig, SDFField
 
 
-def small_field(normal_mode="tetrahedral", seed=0, perturb=True, include_xyz=True):
+def small_field(normal_mode="tetrahedral", seed=0, perturb=True, include_xyz=True, view_degree=3):
     """A field with 2 dense and 2 hashed levels and random (not sphere-initialised) encoding weights."""
     grid = HashGridConfig(n_levels=4, n_features=2, log2_table=10, base_resolution=4, per_level_scale=2.7,
                           init_scale=0.2)
     cfg = FieldConfig(grid=grid, normal_mode=normal_mode, sdf_hidden=16, feature_dim=7, color_hidden=16,
-                      include_xyz=include_xyz, fd_eps=1e-2)
+                      include_xyz=include_xyz, fd_eps=1e-2, view_degree=view_degree)
     layout = ParamLayout()
     field = SDFField(cfg, layout)
     params = layout.allocate()

@@ -287,9 +287,10 @@ def test_hash_encoding_point_gradient_matches_float64():
     assert _rel(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("mode,include_xyz", [("tetrahedral", True), ("central", True), ("tetrahedral", False)])
-def test_field_point_and_direction_gradients_match_torch(mode, include_xyz):
-    field, layout, params = small_field(mode, seed=15, include_xyz=include_xyz)
+@pytest.mark.parametrize("mode,include_xyz,view_degree", [("tetrahedral", True, 3), ("central", True, 3),
+                                                          ("tetrahedral", False, 3), ("tetrahedral", True, 1)])
+def test_field_point_and_direction_gradients_match_torch(mode, include_xyz, view_degree):
+    field, layout, params = small_field(mode, seed=15, include_xyz=include_xyz, view_degree=view_degree)
     n = 128
     pts, d = random_batch(n, seed=16)
     eps = 1e-2

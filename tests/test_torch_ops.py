@@ -30,8 +30,11 @@ def _np(t):
     return t.detach().double().numpy()
 
 
-def test_field_forward_values_and_gradients_match_float64():
-    field, layout, params = small_field(seed=21)
+@pytest.mark.parametrize("view_degree", [3, 1, 0])
+def test_field_forward_values_and_gradients_match_float64(view_degree):
+    """Also with the view direction cut to SH band 1 or 0 (``field.view_degree``): the higher bands are fed
+    as zeros, forward and backward, and at band 0 the colour does not depend on the view at all."""
+    field, layout, params = small_field(seed=21, view_degree=view_degree)
     n = 96
     pts, d = random_batch(n, seed=22)
     theta = torch.from_numpy(buffers.to_numpy(params).copy()).requires_grad_()
@@ -46,8 +49,16 @@ def test_field_forward_values_and_gradients_match_float64():
     ((s2 * t64(w[0])).sum() + (n2 * t64(w[1])).sum() + (r2 * t64(w[2])).sum()).backward()
     assert _rel(_np(sdf), _np(s2)) < 1e-5 and _rel(_np(normal), _np(n2)) < 1e-4 and _rel(_np(rgb), _np(r2)) < 1e-5
     for name, a, b in (("params", theta, th64), ("points", x, x64), ("dirs", v, v64)):
+        if name == "dirs" and view_degree == 0:
+            assert np.abs(_np(a.grad)).max() == 0 and np.abs(_np(b.grad)).max() == 0
+            continue
         assert np.abs(_np(b.grad)).max() > 1e-3, name
         assert _rel(_np(a.grad), _np(b.grad)) < 2e-4, name
+    if view_degree < 3:  # the colour MLP's weights on the unused SH inputs get no gradient
+        w0 = field.color_layers[0].W
+        g = _np(theta.grad)[w0.offset:w0.offset + w0.size].reshape(w0.shape)
+        n_sh = (view_degree + 1) ** 2
+        assert np.abs(g[6 + n_sh:6 + 16]).max() == 0  # weight_t: (inputs, outputs), SH inputs at 6..21
 
 
 def test_field_backward_twice_and_no_state_between_calls():

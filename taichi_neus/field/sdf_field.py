@@ -43,6 +43,10 @@ class FieldConfig:
     color_hidden: int = 64  # width of the colour MLP's hidden layers
     color_layers: int = 2  # hidden layers of the colour MLP
     normal_mode: str = "tetrahedral"  # finite-difference stencil: "tetrahedral" (4 points) or "central" (6)
+    # highest SH band of the view direction fed to the colour MLP: 3 (16 coefficients) down to 0 (a
+    # constant: colour independent of the view). Lower bands leave the colour less freedom to explain
+    # a wrong surface from each view (the shape-radiance ambiguity, Zhang et al. 2020, NeRF++ §3).
+    view_degree: int = 3
     fd_eps: float = 1.0 / 256  # finite-difference step, unit-sphere units (trainer anneals it)
 
 
@@ -95,7 +99,7 @@ def _gather_outputs(O: ROWS16, X0: ROWS16,
                     coef: ti.types.ndarray(dtype=ti.f32, ndim=2), inv_eps: ti.f32,
                     sdf: ti.types.ndarray(dtype=ti.f32, ndim=1),
                     normal: ti.types.ndarray(dtype=ti.f32, ndim=2),
-                    Xc: ROWS16, feat: ti.i32):
+                    Xc: ROWS16, feat: ti.i32, n_sh: ti.i32):
     K = coef.shape[0]
     for m in range(n):
         sdf[m] = get(O, m * K, 0)
@@ -110,8 +114,8 @@ def _gather_outputs(O: ROWS16, X0: ROWS16,
             normal[m, c] = g[c]
             put(Xc, m, c, get(X0, m * K, c))
             put(Xc, m, 3 + c, g[c])
-        for i in ti.static(range(SH_DIM)):
-            put(Xc, m, 6 + i, sh[i])
+        for i in ti.static(range(SH_DIM)):  # bands above view_degree are fed as zeros
+            put(Xc, m, 6 + i, ti.select(i < n_sh, sh[i], 0.0))
         for i in range(feat):
             put(Xc, m, 6 + SH_DIM + i, get(O, m * K, 1 + i))
 
@@ -165,7 +169,7 @@ def _scatter_laplacian(dlap: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32,
 @ti.kernel
 def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ROWS16,
                  dXc: ROWS16, dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
-                 n: ti.i32, K: ti.i32, xyz_in_sdf: ti.i32, use_color: ti.i32,
+                 n: ti.i32, K: ti.i32, xyz_in_sdf: ti.i32, use_color: ti.i32, n_sh: ti.i32,
                  dpoints: ti.types.ndarray(dtype=ti.f32, ndim=2), ddirs: ti.types.ndarray(dtype=ti.f32, ndim=2)):
     """dL/dx and dL/d(view dir) per point (overwritten). Every stencil row m·K + k evaluates the SDF
     network at x + ε·v_k, so dL/dx sums the rows' position gradients (hash encoding ``dP``, plus the
@@ -184,7 +188,7 @@ def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ROWS16,
                 g[c] += get(dXc, m, c)
             gs = ti.Vector([0.0] * SH_DIM)
             for i in ti.static(range(SH_DIM)):
-                gs[i] = get(dXc, m, 6 + i)
+                gs[i] = ti.select(i < n_sh, get(dXc, m, 6 + i), 0.0)
             gd = sh16_vjp(dirs[m, 0], dirs[m, 1], dirs[m, 2], gs)
         for c in ti.static(range(3)):
             dpoints[m, c] = g[c]
@@ -280,6 +284,9 @@ class SDFField:
                    act="softplus" if i < len(dims) - 2 else "none", beta=cfg.softplus_beta, group="sdf_mlp")
             for i in range(len(dims) - 1)
         ]
+        if not 0 <= int(cfg.view_degree) <= 3:
+            raise ValueError(f"view_degree must be 0, 1, 2 or 3, got {cfg.view_degree!r}")
+        self.n_sh = (int(cfg.view_degree) + 1) ** 2  # SH coefficients fed to the colour MLP (the rest: zeros)
         self.color_in = 6 + SH_DIM + cfg.feature_dim
         cdims = [self.color_in] + [cfg.color_hidden] * cfg.color_layers + [3]
         self.color_layers = [
@@ -374,7 +381,7 @@ class SDFField:
         sdf = self.ws.exact("sdf", out_rows)
         normal = self.ws.exact("normal", out_rows, 3)
         Xc = self.ws.get("Xc", n, self.color_in)
-        _gather_outputs(O, X0, dirs, n, coef, 1.0 / eps, sdf, normal, Xc, self.cfg.feature_dim)
+        _gather_outputs(O, X0, dirs, n, coef, 1.0 / eps, sdf, normal, Xc, self.cfg.feature_dim, self.n_sh)
         h = Xc
         couts = []
         for i, lin in enumerate(self.color_layers):
@@ -454,7 +461,7 @@ class SDFField:
             self.encoding.backward_points(X0, dX0, rows, self.enc_col, params, dP, self._levels)
             dpoints = dpoints if dpoints is not None else self.ws.exact("dpoints_unused", n, 3)
             ddirs = ddirs if ddirs is not None else self.ws.exact("ddirs_unused", n, 3)
-            _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color),
+            _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color), self.n_sh,
                          dpoints, ddirs)
 
     # ----------------------------------------------------------- sdf queries

@@ -106,6 +106,8 @@ class TorchField:
         sdf = out[0, :, 0]
         normal = torch.einsum("kc,km->mc", coef, out[:, :, 0]) / eps
         feat = out[0, :, 1:]
-        cin = torch.cat([x, normal, sh16(dirs), feat], dim=1)
+        sh = sh16(dirs)
+        sh = torch.cat([sh[:, :self.f.n_sh], torch.zeros_like(sh[:, self.f.n_sh:])], dim=1)  # view_degree
+        cin = torch.cat([x, normal, sh, feat], dim=1)
         rgb = self._mlp(theta, self.f.color_layers, cin)
         return sdf, normal, rgb

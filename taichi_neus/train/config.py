@@ -182,7 +182,7 @@ LIMITS: dict[str, Limits] = {
     "field.sdf_hidden": COUNT, "field.sdf_layers": COUNT, "field.feature_dim": COUNT,
     "field.softplus_beta": POSITIVE, "field.sphere_init_radius": Limits(lo=0, hi=1, lo_open=True),
     "field.color_hidden": COUNT, "field.color_layers": COUNT, "field.normal_mode": one_of("tetrahedral", "central"),
-    "field.fd_eps": POSITIVE,
+    "field.fd_eps": POSITIVE, "field.view_degree": Limits(lo=0, hi=3),
     "background.mode": one_of("auto", "on", "off"), "background.n_samples": Limits(lo=2),
     "background.hidden": COUNT, "background.feature_dim": COUNT,
     "background.far_disparity_ratio": Limits(lo=0, hi=1, lo_open=True),
