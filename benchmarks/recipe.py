@@ -65,6 +65,10 @@ CHANGES = {
     "refine_poses": {"train.refine_poses": True},
     "view1": {"field.view_degree": 1},  # the colour's view dependence cut to SH band 1
     "view0": {"field.view_degree": 0},  # no view dependence
+    "batch8k": {"train.sample_budget": 8192},  # half the samples per step: ~2x the steps
+    "batch4k": {"train.sample_budget": 4096},
+    "lr2": {"train.lr": 2e-2},
+    "lr3": {"train.lr": 3e-2},
 }
 
 

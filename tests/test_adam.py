@@ -118,3 +118,58 @@ def test_large_buffers_round_trip_in_chunks_float_and_int():
     buffers.from_numpy(b, i)
     assert np.array_equal(buffers.to_numpy(a), f) and buffers.to_numpy(a).dtype == np.float32
     assert np.array_equal(buffers.to_numpy(b), i) and buffers.to_numpy(b).dtype == np.int32
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_zero_grads_clears_the_gradients_and_updates_as_without(sparse):
+    """``zero_grads``: the kernels clear the gradient buffer as they read it (the trainer's next backward then
+    starts from zeros without a pass of its own); the parameters and moments are exactly those of a step
+    without it."""
+    layout = ParamLayout()
+    layout.add("t", (300,), "table")
+    layout.add("w", (40,), "mlp")
+    rng = np.random.default_rng(5)
+    p0 = rng.normal(size=layout.total).astype(np.float32)
+    results = []
+    for zero in (False, True):
+        params, grads = layout.allocate(), layout.allocate()
+        buffers.from_numpy(params, p0)
+        opt = Adam(layout, {"table": GroupSettings(1e-2, sparse=sparse), "mlp": GroupSettings(3e-3, 0.01)})
+        g_rng = np.random.default_rng(6)
+        for _ in range(3):
+            g = g_rng.normal(size=layout.total).astype(np.float32)
+            g[g_rng.random(layout.total) < 0.4] = 0.0  # untouched entries, as in a hash table
+            g[300:304] = 0.0  # the alignment padding between the groups: no parameter, never a gradient
+            buffers.from_numpy(grads, g)
+            opt.step(params, grads, zero_grads=zero)
+            left = buffers.to_numpy(grads)
+            assert np.array_equal(left, np.zeros_like(g) if zero else g)
+        results.append([buffers.to_numpy(a).copy() for a in (params, opt.m, opt.v)])
+    for a, b in zip(*results, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_limits_skip_entries_out_of_use_exactly(sparse):
+    """``limits``: the tail of a group whose gradients and moments are zero (hash-grid levels not yet on) is
+    skipped; Adam would have left it unchanged, so parameters and moments equal a full update's, bit for bit."""
+    layout = ParamLayout()
+    layout.add("t", (500,), "table")
+    layout.add("w", (24,), "mlp")
+    rng = np.random.default_rng(8)
+    p0 = rng.normal(size=layout.total).astype(np.float32)
+    results = []
+    for limits in (None, {"table": 320}):
+        params, grads = layout.allocate(), layout.allocate()
+        buffers.from_numpy(params, p0)
+        opt = Adam(layout, {"table": GroupSettings(1e-2, sparse=sparse), "mlp": GroupSettings(3e-3)})
+        g_rng = np.random.default_rng(9)
+        for _ in range(4):
+            g = g_rng.normal(size=layout.total).astype(np.float32)
+            g[320:500] = 0.0  # the levels that are off: never a gradient
+            buffers.from_numpy(grads, g)
+            opt.step(params, grads, limits=limits)
+        results.append([buffers.to_numpy(a).copy() for a in (params, opt.m, opt.v)])
+    for a, b in zip(*results, strict=True):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(results[0][0][:320], p0[:320]) and np.array_equal(results[0][0][320:500], p0[320:500])

@@ -122,7 +122,9 @@ def _trainer(scene, tmp_path, **train):
     cfg = small_config(iters=10)
     for k, v in train.items():
         setattr(cfg.train, k, v)
-    return Trainer(scene, cfg, tmp_path, **QUIET)
+    tr = Trainer(scene, cfg, tmp_path, **QUIET)
+    tr.keep_grads = True  # the tests read a step's gradients after it
+    return tr
 
 
 def test_sparse_point_step_gradient_matches_torch(tmp_path):

@@ -110,9 +110,10 @@ def test_step_keeps_poses_rigid_skips_unrefined_views_and_state_round_trips():
 
 def test_training_with_refine_poses_brings_perturbed_cameras_back(tmp_path):
     """The built-in scene with every training camera turned by 2° and moved by 0.03: 600 steps of joint
-    refinement (the defaults: from 0.2 of training on) bring the cameras' rotation error (after a similarity
-    fit, the frame being free) under 60% of it (the centres come back only later, so they are only held to
-    not getting much worse), write poses_refined.json, and a resumed run gets the refined poses back."""
+    refinement (from the start: at the default 0.2 the 600 steps leave too few refining ones for a margin,
+    2.0° → 1.12°) bring the cameras' rotation error (after a similarity fit, the frame being free) under 60%
+    of it (0.93° here; the centres come back only later, so they are only held to not getting much worse:
+    0.027 → 0.031), write poses_refined.json, and a resumed run gets the refined poses back."""
     from taichi_neus import runtime
     runtime.init("cpu", verbose=False)
     from taichi_neus.data import default_scene_path
@@ -130,6 +131,7 @@ def test_training_with_refine_poses_brings_perturbed_cameras_back(tmp_path):
     given = sc.c2w.copy()
     cfg = Config()
     cfg.train.iters, cfg.train.refine_poses, cfg.train.val_every, cfg.train.ckpt_every = 600, True, 0, 600
+    cfg.train.pose_start = 0.0
     tr = Trainer(sc, cfg, tmp_path / "run", log=lambda *a: None)
     tr.fit()
 

@@ -39,6 +39,7 @@ def _captured_step(scene, tmp_path, grad_scaling: str, level_start: int = 0, cur
     cfg.render.occupancy_warmup = 4
     cfg.render.occupancy_every = 2
     tr = Trainer(scene, cfg, tmp_path, log=lambda *a: None)
+    tr.keep_grads = True  # the step's gradients stay readable after its update
     assert tr.use_masks and tr.bg is None  # the masked path: colour L1 on the foreground + mask BCE
     for _ in range(WARM_STEPS):
         tr.train_step()

@@ -34,22 +34,28 @@ def _update(params: ti.template(), m: ti.template(), v: ti.template(), i, g, lr,
 def _adam_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
               m: ti.types.ndarray(dtype=ti.f32, ndim=1), v: ti.types.ndarray(dtype=ti.f32, ndim=1),
               start: ti.i32, size: ti.i32, lr: ti.f32, beta1: ti.f32, beta2: ti.f32, eps: ti.f32,
-              bc1: ti.f32, bc2: ti.f32, wd: ti.f32, grad_scale: ti.f32):
+              bc1: ti.f32, bc2: ti.f32, wd: ti.f32, grad_scale: ti.f32, zero: ti.i32):
     ti.loop_config(block_dim=1024)
     for k in range(size):
         i = start + k
-        _update(params, m, v, i, grads[i] * grad_scale, lr, beta1, beta2, eps, bc1, bc2, wd)
+        g = grads[i]
+        if zero != 0:  # the next step's gradients start from zero: no separate pass over the buffer
+            grads[i] = 0.0
+        _update(params, m, v, i, g * grad_scale, lr, beta1, beta2, eps, bc1, bc2, wd)
 
 
 @ti.kernel
 def _adam_sparse_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
                      m: ti.types.ndarray(dtype=ti.f32, ndim=1), v: ti.types.ndarray(dtype=ti.f32, ndim=1),
                      t: ti.types.ndarray(dtype=ti.i32, ndim=1), start: ti.i32, size: ti.i32, lr: ti.f32,
-                     beta1: ti.f32, beta2: ti.f32, eps: ti.f32, wd: ti.f32, grad_scale: ti.f32):
+                     beta1: ti.f32, beta2: ti.f32, eps: ti.f32, wd: ti.f32, grad_scale: ti.f32, zero: ti.i32):
     ti.loop_config(block_dim=1024)
     for k in range(size):
         i = start + k
-        g = grads[i] * grad_scale
+        raw = grads[i]
+        if zero != 0 and raw != 0.0:  # only touched entries are non-zero: only they need clearing
+            grads[i] = 0.0
+        g = raw * grad_scale
         if g != 0.0:
             ti_ = t[i] + 1
             t[i] = ti_
@@ -82,21 +88,34 @@ class Adam:
         self.t = buffers.i32(layout.total) if any(s.sparse for s in self.settings.values()) else None
         self.step_count = 0
 
-    def step(self, params, grads, lr_scale: float = 1.0, grad_scale: float = 1.0) -> None:
-        """One update; every group's learning rate is multiplied by ``lr_scale`` (the schedule)."""
+    def step(self, params, grads, lr_scale: float = 1.0, grad_scale: float = 1.0, zero_grads: bool = False,
+             limits: dict | None = None) -> None:
+        """One update; every group's learning rate is multiplied by ``lr_scale`` (the schedule). With
+        ``zero_grads`` the kernels clear ``grads`` as they read it, so the caller's next backward starts
+        from zeros without a pass of its own over the buffer.
+
+        ``limits`` maps a group to how many of its leading entries to update; the rest are skipped. The
+        caller vouches that they are out of use (e.g. hash-grid levels not yet switched on: zero gradients,
+        zero moments, so Adam would leave them unchanged anyway) — a pass over millions of floats saved.
+        """
         self.step_count += 1
         b1, b2 = self.betas
         bc1 = 1.0 - b1 ** self.step_count
         bc2 = 1.0 - b2 ** self.step_count
         for group, runs in self.runs.items():
             s = self.settings[group]
+            left = None if limits is None or group not in limits else int(limits[group])
             for start, size in runs:
+                if left is not None:
+                    size, left = min(size, left), max(left - size, 0)
+                    if size <= 0:
+                        continue
                 if s.sparse:
                     _adam_sparse_run(params, grads, self.m, self.v, self.t, start, size, s.lr * lr_scale, b1, b2,
-                                     self.eps, s.weight_decay, grad_scale)
+                                     self.eps, s.weight_decay, grad_scale, int(zero_grads))
                 else:
                     _adam_run(params, grads, self.m, self.v, start, size, s.lr * lr_scale, b1, b2, self.eps,
-                              bc1, bc2, s.weight_decay, grad_scale)
+                              bc1, bc2, s.weight_decay, grad_scale, int(zero_grads))
 
     def state_dict(self) -> dict:
         st = {"m": buffers.to_numpy(self.m), "v": buffers.to_numpy(self.v), "step": np.int64(self.step_count)}

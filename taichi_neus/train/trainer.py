@@ -62,30 +62,26 @@ def _add_slot(g: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray
     grads[off] += g[0]
 
 
-@ti.kernel
-def _all_finite(a: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32) -> ti.i32:
-    """Number of NaN/Inf entries in a[:n] (on the bits: fast math folds ``x == x`` to true)."""
-    bad = 0
-    ti.loop_config(block_dim=1024)
-    for i in range(n):
-        if ti.bit_cast(a[i], ti.u32) & ti.u32(0x7F800000) == ti.u32(0x7F800000):
-            bad += 1
-    return bad
+# A gradient entry larger than this counts as bad, like NaN and Inf: the step is rejected. With every
+# gradient finite and bounded, Adam's moments (g² < 1e36) and so the parameters stay finite. The hash
+# table's entries change only through such steps (or a checkpoint, checked when loaded), so the step
+# checks every parameter but the table's ~14M (a pass saved); a NaN elsewhere (the variance, an MLP
+# weight, a bad --train.init_variance) is caught at once.
+GRAD_BOUND = 1e18
 
 
 @ti.kernel
-def _count_nonfinite2(a: ti.types.ndarray(dtype=ti.f32, ndim=1), b: ti.types.ndarray(dtype=ti.f32, ndim=1),
-                      n: ti.i32) -> ti.i32:
-    """Number of NaN/Inf entries in a[:n] and b[:n] (gradients and parameters, one pass).
+def _count_bad(a: ti.types.ndarray(dtype=ti.f32, ndim=1), start: ti.i32, stop: ti.i32, bound: ti.f32) -> ti.i32:
+    """Number of entries of a[start:stop] that are NaN, ±Inf or larger than ``bound`` in magnitude.
 
-    Tested on the bits (exponent all ones), since the compilers' fast math folds ``x == x`` to true.
+    NaN and Inf are tested on the bits (exponent all ones), since the compilers' fast math folds
+    ``x == x`` to true and may fold comparisons with NaN.
     """
     bad = 0
     ti.loop_config(block_dim=1024)
-    for i in range(n):
-        ea = ti.bit_cast(a[i], ti.u32) & ti.u32(0x7F800000)
-        eb = ti.bit_cast(b[i], ti.u32) & ti.u32(0x7F800000)
-        if ea == ti.u32(0x7F800000) or eb == ti.u32(0x7F800000):
+    for k in range(stop - start):
+        x = a[start + k]
+        if ti.bit_cast(x, ti.u32) & ti.u32(0x7F800000) == ti.u32(0x7F800000) or ti.abs(x) > bound:
             bad += 1
     return bad
 
@@ -156,6 +152,10 @@ class Trainer:
         self._fg_background = rc.background if self.bg is None else (0.0, 0.0, 0.0)
         self.params = self.layout.allocate()
         self.grads = self.layout.allocate()
+        # ``grads`` is zero when a step starts: the optimiser clears it as it reads it. Set ``keep_grads`` to
+        # read a step's gradients after it (tests); the next step then clears them first.
+        self.keep_grads = False
+        self._grads_dirty = False
         self.field.init_params(self.params, tc.seed)
         if self.bg is not None:
             self.bg.init_params(self.params, tc.seed)
@@ -440,7 +440,8 @@ class Trainer:
             curv, g_lap = losses.curvature(out.laplacian, smp.positions, S, weight=tc.curvature_weight,
                                            grad_out=self.field.ws.exact("g_lap", S_cap))
 
-        buffers.zero_(self.grads)
+        if self._grads_dirty:  # after a rejected step, or when keep_grads left the last step's gradients
+            buffers.zero_(self.grads)
         if S > 0:
             dpts = self.field.ws.exact("dpoints", S, 3) if refine else None
             ddirs = self.field.ws.exact("ddirs", S, 3) if refine else None
@@ -454,10 +455,24 @@ class Trainer:
         sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
         eik_pts = self._eikonal_points_step(sch["eps"]) if tc.eikonal_points > 0 else 0.0
         loss = l1 + bce + eik + eik_pts + curv + s3im_loss + sparse_loss + depth_loss
-        if not math.isfinite(loss) or _count_nonfinite2(self.grads, self.params, self.layout.total) > 0:
+        # hash-grid levels not yet on (coarse to fine) or capped at the pixel footprint: their gradients and
+        # moments are zero, so neither the check nor the optimiser needs to read them
+        enc = self.field.encoding
+        unused = enc.slice.size - int(enc.loff_np[sch["levels"]]) * enc.cfg.n_features \
+            if sch["levels"] < len(enc.loff_np) else 0
+        cut = enc.slice.offset + enc.slice.size - unused
+        t0, t1, total = enc.slice.offset, enc.slice.offset + enc.slice.size, self.layout.total
+        if not math.isfinite(loss) or (_count_bad(self.grads, 0, cut, GRAD_BOUND)
+                                       + _count_bad(self.grads, cut + unused, total, GRAD_BOUND)
+                                       + _count_bad(self.params, 0, t0, GRAD_BOUND)
+                                       + _count_bad(self.params, t1, total, GRAD_BOUND)) > 0:
+            self._grads_dirty = True
             return self._reject_step(step, loss)
         self.bad_steps = 0
-        self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor)
+        # the optimiser clears the gradients as it reads them, unless a caller wants to read them after the step
+        self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor,
+                      zero_grads=not self.keep_grads, limits={"encoding": enc.slice.size - unused})
+        self._grads_dirty = self.keep_grads
         if refine and self.refiner.step(sch["lr_scale"] * self.lr_factor):
             self.scene.c2w[:] = self.refiner.poses()
 
