@@ -5,7 +5,9 @@ step broken down by stage.
     python benchmarks/step_throughput.py --steps 100 --baseline 14bf453    # also time another commit, same run
 
 Each scene is loaded, a trainer with the default configuration (the one ``taichi-neus train`` uses)
-runs ``--warmup`` steps (compilation, occupancy warm-up, the ray count settling), then ``--steps``
+runs ``--warmup`` steps (compilation, occupancy warm-up, the ray count settling; half-way through them
+the step count jumps to ``--progress`` of the run, 0.5 by default, so the timed steps see a mid-run's
+schedules: the hash levels on, ε, the learning rate), then ``--steps``
 timed steps. Stages are timed by wrapping the trainer's own calls (nothing in the package is
 changed for this): pixel sampling and ray set-up, occupancy-grid refresh, ray marching (coarse SDF
 samples and fine-sample placement), field forward, compositing (with the background model when
@@ -113,7 +115,12 @@ def bench_scene(name: str, scene, args) -> dict:
     cfg.train.val_every = cfg.train.ckpt_every = 0
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(scene, cfg, pathlib.Path(tmp) / "run", log=lambda *a: None)
-        for _ in range(args.warmup):
+        half = args.warmup // 2
+        for i in range(args.warmup):
+            if i == half and args.progress > 0:
+                # the schedules (hash levels on, ε, learning rate) of a run ``progress`` of the way through,
+                # so the step is timed as most of a run sees it, not as its first coarse-level steps
+                tr.step = max(tr.step, int(args.progress * cfg.train.iters))
             tr.train_step()
         ti.sync()
         clock = StageClock(ti.sync)
@@ -133,7 +140,9 @@ def bench_scene(name: str, scene, args) -> dict:
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     timed = sum(v for k, v in clock.seconds.items() if k != "host+other")
     clock.seconds["host+other"] = max(wall - timed, 0.0)
-    return {"scene": name, "steps": args.steps, "warmup": args.warmup, "wall_s": wall, "cpu_s": cpu,
+    return {"scene": name, "steps": args.steps, "warmup": args.warmup, "progress": args.progress,
+            "levels": tr.schedules(tr.step).get("levels") if hasattr(tr, "schedules") else None,
+            "wall_s": wall, "cpu_s": cpu,
             "rays_per_s": rays / wall, "samples_per_s": samples / wall, "rays_per_step": rays / args.steps,
             "samples_per_ray": samples / max(rays, 1),
             "stage_ms_per_step": {k: 1e3 * v / args.steps for k, v in clock.seconds.items()},
@@ -173,8 +182,8 @@ def run_baseline(rev: str, args) -> dict:
                                  capture_output=True, text=True).stdout.strip()
             out = pathlib.Path(tmp) / "baseline.json"
             cmd = [sys.executable, str(HERE / "step_throughput.py"), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--arch", args.arch, "--seed", str(args.seed), "--scan24", args.scan24,
-                   "--downscale", str(args.downscale), "--json", str(out)]
+                   str(args.warmup), "--progress", str(args.progress), "--arch", args.arch, "--seed", str(args.seed),
+                   "--scan24", args.scan24, "--downscale", str(args.downscale), "--json", str(out)]
             env = {**os.environ, "PYTHONPATH": str(wt)}
             subprocess.run(cmd, check=True, env=env)
             return {"rev": rev, "commit": sha, "results": json.loads(out.read_text())["results"]}
@@ -198,6 +207,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="timed steps per scene")
     ap.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, occupancy)")
+    ap.add_argument("--progress", type=float, default=0.5,
+                    help="time the steps at this share of a run (its schedules: hash levels, ε, lr); 0: at the start")
     ap.add_argument("--arch", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scan24", default=str(SCAN24), help="DTU scan24 folder ('' to skip)")
