@@ -102,3 +102,66 @@ def test_blend_and_its_gradient():
     blend_backward(buffers.upload(g), buffers.upload(op), buffers.upload(bgc), g_op, g_bg, accumulate=True)
     np.testing.assert_allclose(g_op.to_numpy(), 1 - (g * bgc).sum(1), rtol=1e-5)
     np.testing.assert_allclose(g_bg.to_numpy(), (1 - op[:, None]) * g, rtol=1e-6)
+
+
+def _jitter_np(n, seed):
+    """The kernel's per-ray bin offset u (its integer hash, in numpy uint32 arithmetic)."""
+    with np.errstate(over="ignore"):
+        r = np.arange(n, dtype=np.uint32)
+        h = r * np.uint32(747796405) + np.uint32(seed) * np.uint32(2891336453) + np.uint32(1)
+        h = ((h >> ((h >> np.uint32(28)) + np.uint32(4))) ^ h) * np.uint32(277803737)
+        h = (h >> np.uint32(22)) ^ h
+    return (h >> np.uint32(8)).astype(np.float64) / 16777216.0
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_background_ray_gradients_match_torch(perturb):
+    """dL/d(origin), dL/d(direction) and dL/d(t0) through the contracted sample positions, their spacings δ
+    and the SH of the direction, against float64 torch autograd of the same sampling and rendering; the
+    parameter gradients are those of the plain backward."""
+    bg, layout, params = _setup(seed=6)
+    n, ns, seed = 16, 8, 12345
+    o, d, far = _rays(n, 7)
+    bg.forward(buffers.upload(o), buffers.upload(d), buffers.upload(far), params, seed=seed, perturb=perturb)
+    out = buffers.to_numpy(bg._bufs["out"])
+    g = np.random.default_rng(8).normal(size=(n, 3)).astype(np.float32)
+    grads, grads2 = layout.allocate(), layout.allocate()
+    g_o, g_d, g_t = buffers.f32(n, 3), buffers.f32(n, 3), buffers.f32(n)
+    bg.backward(buffers.upload(g), params, grads, g_origins=g_o, g_dirs=g_d, g_t0=g_t)
+    bg.forward(buffers.upload(o), buffers.upload(d), buffers.upload(far), params, seed=seed, perturb=perturb)
+    bg.backward(buffers.upload(g), params, grads2)
+    a, b = buffers.to_numpy(grads), buffers.to_numpy(grads2)  # equal up to the table's atomic summation order
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+    theta = t64(buffers.to_numpy(params))
+    w = lambda s: theta[s.offset:s.offset + s.size].view(*s.shape)  # noqa: E731
+
+    def lin(x, L, act=None):
+        y = x @ w(L.W) + w(L.b)
+        return torch.relu(y) if act == "relu" else torch.sigmoid(y) if act == "sigmoid" else y
+
+    o64, d64, t64_ = t64(o).requires_grad_(), t64(d).requires_grad_(), t64(far).requires_grad_()
+    u = t64(_jitter_np(n, seed)) if perturb else torch.full((n,), 0.5, dtype=torch.float64)
+    f = (torch.arange(ns - 1, dtype=torch.float64)[None] + u[:, None]) / (ns - 1)
+    dist = t64_[:, None] / ((1 - f) + f * bg.cfg.far_disparity_ratio)  # (n, ns-1)
+    x = o64[:, None] + d64[:, None] * dist[..., None]
+    rx = x.norm(dim=2, keepdim=True)
+    c = torch.where(rx > 1, (2 - 1 / rx) * x / rx, x)
+    c = torch.cat([c, 2 * d64[:, None]], 1)  # (n, ns, 3)
+    delta = torch.cat([(c[:, 1:] - c[:, :-1]).norm(dim=2), torch.zeros(n, 1, dtype=torch.float64)], 1)
+    e = bg.encoding
+    enc = hash_encode(c.reshape(-1, 3), w(e.slice), e.res_np, e.loff_np, e.lsize_np, e.ldense_np, 2.0)
+    raw = lin(lin(enc, bg.density[0], "relu"), bg.density[1])
+    dirs = d64[:, None].expand(n, ns, 3).reshape(-1, 3)
+    rgb = lin(lin(torch.cat([sh16(dirs), raw[:, 1:]], 1), bg.color[0], "relu"), bg.color[1], "sigmoid")
+    sigma = torch.nn.functional.softplus(raw[:, 0]).view(n, ns)
+    alpha = 1 - torch.exp(-sigma * delta)
+    alpha = torch.cat([alpha[:, :-1], torch.ones(n, 1, dtype=alpha.dtype)], 1)
+    T = torch.cumprod(torch.cat([torch.ones(n, 1, dtype=alpha.dtype), 1 - alpha[:, :-1]], 1), 1)
+    ref = ((T * alpha)[..., None] * rgb.view(n, ns, 3)).sum(1)
+    assert np.abs(out - ref.detach().numpy()).max() < 1e-5
+    (ref * t64(g)).sum().backward()
+    for name, got, want in (("origins", g_o, o64), ("directions", g_d, d64), ("t0", g_t, t64_)):
+        a, b = got.to_numpy(), want.grad.numpy()
+        assert np.abs(b).max() > 1e-3, name
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max(), (name, np.abs(a - b).max(), np.abs(b).max())

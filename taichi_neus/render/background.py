@@ -25,7 +25,7 @@ from taichi_neus import buffers
 from taichi_neus.field.hash_grid import HashGrid, HashGridConfig
 from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight
 from taichi_neus.field.params import ParamLayout
-from taichi_neus.field.sh import SH_DIM, sh16
+from taichi_neus.field.sh import SH_DIM, sh16, sh16_vjp
 
 ROWS16 = buffers.ROWS16
 get, put = buffers.get, buffers.put
@@ -55,6 +55,36 @@ def _contract(p):
     return out
 
 
+@ti.func
+def _contract_vjp(p, g):
+    """Jᵀg of the contraction at p (J is symmetric): J = I inside the unit ball; outside, with
+    c = (2/r − 1/r²)·p, J = (2/r − 1/r²)·I + (2/r⁴ − 2/r³)·p pᵀ."""
+    r = p.norm()
+    out = g
+    if r > 1.0:
+        out = (2.0 / r - 1.0 / (r * r)) * g + (2.0 / (r * r * r * r) - 2.0 / (r * r * r)) * p.dot(g) * p
+    return out
+
+
+@ti.func
+def _jitter(r, jitter, seed):
+    """The offset u ∈ [0, 1) of ray r's samples within their disparity bins (0.5 without jitter)."""
+    u = 0.5
+    if jitter != 0:
+        h = (ti.u32(r) * ti.u32(747796405) + seed * ti.u32(2891336453) + ti.u32(1))
+        h = ((h >> ((h >> ti.u32(28)) + ti.u32(4))) ^ h) * ti.u32(277803737)
+        h = (h >> ti.u32(22)) ^ h
+        u = ti.cast(h >> ti.u32(8), ti.f32) * (1.0 / 16777216.0)
+    return u
+
+
+@ti.func
+def _distance_factor(k, u, ns, far_ratio):
+    """a_k with sample k < ns−1 at distance start·a_k: disparity from 1/start down to far_ratio/start."""
+    f = (k + u) / (ns - 1)
+    return 1.0 / ((1.0 - f) + f * far_ratio)
+
+
 @ti.kernel
 def _bg_sample(origins: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
                t0: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32, far_ratio: ti.f32, jitter: ti.i32,
@@ -64,21 +94,14 @@ def _bg_sample(origins: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.n
         o = ti.Vector([origins[r, 0], origins[r, 1], origins[r, 2]])
         d = ti.Vector([dirs[r, 0], dirs[r, 1], dirs[r, 2]])
         start = ti.max(t0[r], 1e-4)
-        u = 0.5
-        if jitter != 0:
-            h = (ti.u32(r) * ti.u32(747796405) + seed * ti.u32(2891336453) + ti.u32(1))
-            h = ((h >> ((h >> ti.u32(28)) + ti.u32(4))) ^ h) * ti.u32(277803737)
-            h = (h >> ti.u32(22)) ^ h
-            u = ti.cast(h >> ti.u32(8), ti.f32) * (1.0 / 16777216.0)
+        u = _jitter(r, jitter, seed)
         sh = sh16(d[0], d[1], d[2])
         prev = ti.Vector([0.0, 0.0, 0.0])
         for k in range(ns):
             # disparity from 1/start down to far_ratio/start over the first ns-1 samples; the last is at ∞
             c = ti.Vector([0.0, 0.0, 0.0])
             if k < ns - 1:
-                f = (k + u) / (ns - 1)
-                disp = (1.0 - f) / start + f * far_ratio / start
-                c = _contract(o + d / disp)
+                c = _contract(o + d * (start * _distance_factor(k, u, ns, far_ratio)))
             else:
                 c = 2.0 * d  # the contraction of the point at infinity along d
             row = r * ns + k
@@ -127,9 +150,11 @@ def _bg_composite_backward(raw: ROWS16, rgb: ROWS16,
                            trans: ti.types.ndarray(dtype=ti.f32, ndim=1),
                            alpha: ti.types.ndarray(dtype=ti.f32, ndim=1),
                            g_out: ti.types.ndarray(dtype=ti.f32, ndim=2),
-                           g_raw: ROWS16, feat: ti.i32, g_rgb: ROWS16):
+                           g_raw: ROWS16, feat: ti.i32, g_rgb: ROWS16,
+                           g_delta: ti.types.ndarray(dtype=ti.f32, ndim=1)):
     """Reverse scan. With w_k = T_k α_k, α_k = 1 − e^{−σ_k δ_k}:
-    ∂L/∂c_k = w_k g;  ∂L/∂σ_k = δ_k (T_{k+1} g·c_k − Σ_{j>k} w_j g·c_j);  σ = softplus(raw)."""
+    ∂L/∂c_k = w_k g;  ∂L/∂σ_k = δ_k (T_{k+1} g·c_k − Σ_{j>k} w_j g·c_j);  σ = softplus(raw);
+    ∂L/∂δ_k = σ_k (T_{k+1} g·c_k − Σ_{j>k} w_j g·c_j) into ``g_delta`` (what the ray gradients need)."""
     for r in range(g_out.shape[0]):
         g = ti.Vector([g_out[r, 0], g_out[r, 1], g_out[r, 2]])
         behind = 0.0  # Σ_{j>k} w_j g·c_j
@@ -144,13 +169,67 @@ def _bg_composite_backward(raw: ROWS16, rgb: ROWS16,
                 put(g_rgb, i, c, w * g[c])
                 gc += g[c] * get(rgb, i, c)
             gs = 0.0
+            gd = 0.0
             if k < ns - 1:
-                gs = delta[i] * (T * (1.0 - a) * gc - behind)
-                gs *= 1.0 / (1.0 + ti.exp(-get(raw, i, 0)))  # softplus'
+                inner = T * (1.0 - a) * gc - behind
+                gs = delta[i] * inner / (1.0 + ti.exp(-get(raw, i, 0)))  # softplus'
+                gd = _softplus(get(raw, i, 0)) * inner
             put(g_raw, i, 0, gs)
+            g_delta[i] = gd
             for f in range(feat):
                 put(g_raw, i, 1 + f, 0.0)
             behind += w * gc
+
+
+@ti.kernel
+def _bg_ray_backward(origins: ti.types.ndarray(dtype=ti.f32, ndim=2), dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                     t0: ti.types.ndarray(dtype=ti.f32, ndim=1), ns: ti.i32, far_ratio: ti.f32, jitter: ti.i32,
+                     seed: ti.u32, X: ROWS16, delta: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                     dP: ti.types.ndarray(dtype=ti.f32, ndim=2), g_delta: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                     g_Xc: ROWS16, g_o: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                     g_d: ti.types.ndarray(dtype=ti.f32, ndim=2), g_t0: ti.types.ndarray(dtype=ti.f32, ndim=1)):
+    """dL/d(origin), dL/d(direction) (R, 3) and dL/d(t0) (R,) of each ray (overwritten), from the samples'
+    contracted-position gradients ``dP`` (hash encoding), the spacings' ``g_delta`` (δ_k = |c_{k+1} − c_k|)
+    and the SH inputs' ``g_Xc[:, 0:16]``. Sample k < ns−1 sits at c_k = contract(o + d·t0·a_k) (t0 clamped
+    at 1e-4, where its gradient is zero); the last at 2d, the contraction of infinity along d."""
+    for r in range(t0.shape[0]):
+        o = ti.Vector([origins[r, 0], origins[r, 1], origins[r, 2]])
+        d = ti.Vector([dirs[r, 0], dirs[r, 1], dirs[r, 2]])
+        start = ti.max(t0[r], 1e-4)
+        u = _jitter(r, jitter, seed)
+        go = ti.Vector([0.0, 0.0, 0.0])
+        gd = ti.Vector([0.0, 0.0, 0.0])
+        gt = 0.0
+        for k in range(ns):
+            row = r * ns + k
+            c = ti.Vector([get(X, row, 0), get(X, row, 1), get(X, row, 2)])
+            gc = ti.Vector([dP[row, 0], dP[row, 1], dP[row, 2]])
+            if k < ns - 1:  # δ_k = |c_{k+1} − c_k|
+                if delta[row] > 0.0:
+                    nxt = ti.Vector([get(X, row + 1, 0), get(X, row + 1, 1), get(X, row + 1, 2)])
+                    # not `-=`: augmented subtraction of a vector trips Taichi's LLVM codegen with SIMD vectors on
+                    gc = gc - g_delta[row] * (nxt - c) / delta[row]
+            if k > 0:  # δ_{k−1} = |c_k − c_{k−1}|
+                if delta[row - 1] > 0.0:
+                    prv = ti.Vector([get(X, row - 1, 0), get(X, row - 1, 1), get(X, row - 1, 2)])
+                    gc += g_delta[row - 1] * (c - prv) / delta[row - 1]
+            # per sample, not summed over the ray first: a loop-carried 16-float vector trips Taichi's
+            # LLVM codegen with the CPU's SIMD vectors on
+            gsh = ti.Vector([get(g_Xc, row, i) for i in ti.static(range(SH_DIM))])
+            gd += sh16_vjp(d[0], d[1], d[2], gsh)
+            if k < ns - 1:
+                a = _distance_factor(k, u, ns, far_ratio)
+                gp = _contract_vjp(o + d * (start * a), gc)
+                go += gp
+                gd += (start * a) * gp
+                if t0[r] > 1e-4:
+                    gt += a * d.dot(gp)
+            else:
+                gd += 2.0 * gc
+        for a in ti.static(range(3)):
+            g_o[r, a] = go[a]
+            g_d[r, a] = gd[a]
+        g_t0[r] = gt
 
 
 @ti.kernel
@@ -244,27 +323,48 @@ class Background:
         out = self._buf("out", R, 3)
         _bg_composite(raw, rgb, delta, ns, trans, alpha, out)
         self._saved = (R, M)
+        self._rays = (origins, dirs, t0, int(perturb), seed & 0x7FFFFFFF)
         return out
 
-    def backward(self, g_out, params, grads) -> None:
-        """Add dL/dθ of the background into ``grads`` given dL/d(background colour) (R,3)."""
+    def backward(self, g_out, params, grads, g_origins=None, g_dirs=None, g_t0=None) -> None:
+        """Add dL/dθ of the background into ``grads`` (``None``: skip them) given dL/d(background colour)
+        (R,3) of the last :meth:`forward`.
+
+        With ``g_origins``, ``g_dirs`` (R,3) and ``g_t0`` (R,) (all three, overwritten), also the gradient
+        with respect to that forward's rays: through the sample positions (hash encoding, contraction,
+        distances t0·a_k), the contracted spacings δ and the SH of the direction. ``t0`` (the unit sphere's
+        exit) is an input of its own; a caller whose t0 depends on the ray chains ``g_t0`` through it.
+        """
         R, M = self._saved
         ns, feat = self.cfg.n_samples, self.cfg.feature_dim
+        rays = g_origins is not None
+        if rays and (g_dirs is None or g_t0 is None):
+            raise ValueError("the ray gradients need g_origins, g_dirs and g_t0 together")
         b = self._bufs
         g_raw = self._rows("g_raw", M, 1 + feat)
         g_rgb = self._rows("g_rgb", M, 3)
-        _bg_composite_backward(b["raw"], b["rgb"], b["delta"], ns, b["trans"], b["alpha"], g_out, g_raw, feat, g_rgb)
+        g_delta = self._buf("g_delta", M)
+        _bg_composite_backward(b["raw"], b["rgb"], b["delta"], ns, b["trans"], b["alpha"], g_out, g_raw, feat, g_rgb,
+                               g_delta)
         g_c0 = self._rows("g_c0", M, self.cfg.hidden)
         g_Xc = self._rows("g_Xc", M, self.c_cols)
         self.color[1].backward(b["c0"], 0, b["rgb"], g_rgb, M, params, grads, dX=g_c0, dx_act=self.color[0])
-        self.color[0].backward(b["Xc"], 0, b["c0"], g_c0, M, params, grads, dX=g_Xc, dx_range=(SH_DIM, self.c_cols),
-                               dy_preact=True)
+        # the SH inputs' gradient only when the direction needs it
+        self.color[0].backward(b["Xc"], 0, b["c0"], g_c0, M, params, grads, dX=g_Xc,
+                               dx_range=(0 if rays else SH_DIM, self.c_cols), dy_preact=True)
         _copy_cols(g_Xc, SH_DIM, feat, g_raw, 1, M)  # the feature's gradient joins the density head's
         g_h0 = self._rows("g_h0", M, self.cfg.hidden)
         g_X = self._rows("g_X", M, self.x_cols)
         self.density[1].backward(b["h0"], 0, b["raw"], g_raw, M, params, grads, dX=g_h0, dx_act=self.density[0])
         self.density[0].backward(b["X"], 3, b["h0"], g_h0, M, params, grads, dX=g_X, dxcol=3, dy_preact=True)
-        self.encoding.backward(b["X"], g_X, M, 3, grads)
+        if grads is not None:
+            self.encoding.backward(b["X"], g_X, M, 3, grads)
+        if rays:
+            dP = self._buf("dP", M, 3)
+            self.encoding.backward_points(b["X"], g_X, M, 3, params, dP)
+            origins, dirs, t0, jitter, seed = self._rays
+            _bg_ray_backward(origins, dirs, t0, ns, self.cfg.far_disparity_ratio, jitter, seed, b["X"], b["delta"],
+                             dP, g_delta, g_Xc, g_origins, g_dirs, g_t0)
 
 
 def blend(fg, opacity, bg, out) -> None:
