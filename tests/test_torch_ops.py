@@ -243,14 +243,72 @@ def test_render_gradients_equal_over_two_backward_calls():
         torch.testing.assert_close(a.grad, g1, rtol=1e-5, atol=1e-6 * float(g1.abs().max()))
 
 
-def test_renderer_refuses_a_background_model_run():
-    from taichi_neus.errors import UserInputError
+def test_sphere_exit_and_its_gradient():
+    """The differentiable sphere exit equals unit_sphere_near_far's far; its torch gradient equals
+    sphere_exit_vjp (the numpy chain the trainer uses); rays that miss get zero."""
+    from taichi_neus.data.rays import sphere_exit_vjp, unit_sphere_near_far
+    from taichi_neus.render.torch_ops import sphere_exit
+    o, d = _rays(12, seed=71)
+    d = d.clone()
+    d[0] = torch.tensor([1.0, 0.0, 0.0])  # from z = -2.2 sideways: misses the sphere
+    _, far, hit = unit_sphere_near_far(o.numpy(), d.numpy())
+    assert not hit[0] and hit[1:].all()
+    o64, d64 = o.double().requires_grad_(), d.double().requires_grad_()
+    t = sphere_exit(o64, d64)
+    np.testing.assert_allclose(t.detach().numpy(), far, rtol=1e-6, atol=1e-6)
+    g = torch.from_numpy(np.random.default_rng(72).normal(size=12))
+    (t * g).sum().backward()
+    go, gd = sphere_exit_vjp(o.numpy(), d.numpy(), far, g.numpy())
+    np.testing.assert_allclose(go, o64.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gd, d64.grad.numpy(), rtol=1e-4, atol=1e-6)
+    assert np.abs(go[0]).max() == 0 and np.abs(go[1:]).max() > 0.1
 
-    class FakeTrainer:
-        bg = object()
 
-    with pytest.raises(UserInputError, match="background model"):
-        Renderer.from_trainer(FakeTrainer())
+def _bg_renderer(seed=81):
+    from taichi_neus.render.background import Background, BackgroundConfig
+    ren, layout = _renderer(seed=seed, coarse=True)
+    cfg = BackgroundConfig(n_samples=8, grid=HashGridConfig(n_levels=2, n_features=2, log2_table=9, base_resolution=3,
+                                                             per_level_scale=2.0, bound=2.0, init_scale=0.3),
+                           hidden=16, feature_dim=3)
+    bg = Background(cfg, layout)
+    host = np.zeros(layout.total, np.float32)
+    host[:ren.params.shape[0]] = ren.params.numpy()
+    params = layout.allocate()
+    buffers.from_numpy(params, host)
+    bg.init_params(params, seed)
+    ren.params = torch.from_numpy(buffers.to_numpy(params).copy())
+    ren.bg, ren.background = bg, (0.0, 0.0, 0.0)
+    return ren
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_render_rays_with_a_background_model_gradcheck_float32():
+    """A run trained without masks: the background model's colour blends in behind the surface and the ray
+    origins', directions' and parameters' gradients include it (float32 central differences, eps 1e-3,
+    atol 3e-3 + rtol 3e-2, samples held fixed, coarse grids); two backward calls agree."""
+    ren = _bg_renderer()
+    o, d = _rays(4, seed=82)
+    smp = ren.sample(o, d)
+    out = ren.render_samples(o, d, smp)
+    assert float(out["opacity"].min()) < 0.99  # some of the background shows
+
+    def fn(o, d):
+        r = ren.render_samples(o, d, smp)
+        return r["colour"], r["opacity"]
+
+    o.requires_grad_()
+    d.requires_grad_()
+    assert torch.autograd.gradcheck(fn, (o, d), eps=1e-3, atol=3e-3, rtol=3e-2, nondet_tol=1e-6)
+    theta = ren.params.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda th: ren.render_samples(o.detach(), d.detach(), smp, th)["colour"],
+                                    (theta,), eps=1e-3, atol=3e-3, rtol=3e-2, fast_mode=True, nondet_tol=1e-5)
+    loss = ren.render_rays(o, d, theta)["colour"].square().sum()
+    g1 = torch.autograd.grad(loss, (o, d, theta), retain_graph=True)
+    g2 = torch.autograd.grad(loss, (o, d, theta))
+    bg_part = theta.shape[0] - ren.bg.encoding.slice.offset  # the background's parameters get a gradient too
+    assert bg_part > 0 and float(g1[2][ren.bg.encoding.slice.offset:].abs().max()) > 0
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
 
 
 def test_fixed_parameters_skip_their_gradient_and_keep_the_input_gradients():

@@ -87,6 +87,27 @@ def unit_sphere_near_far(origins: np.ndarray, dirs: np.ndarray, radius: float = 
     return near.astype(np.float32), far.astype(np.float32), hit
 
 
+def sphere_exit_vjp(origins: np.ndarray, dirs: np.ndarray, far: np.ndarray, g_far: np.ndarray,
+                    radius: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """∂L/∂origin and ∂L/∂direction, (B, 3) float64 each, of the sphere exit ``far`` (B,) that
+    :func:`unit_sphere_near_far` returns, given ∂L/∂far (B,).
+
+    The exit t solves F = |d|²t² + 2(o·d)t + |o|² − r² = 0, so ∂t/∂o = −(o + t·d)/(|d|²t + o·d) and
+    ∂t/∂d = t·∂t/∂o (implicit differentiation; the denominator is the discriminant's root, > 0 on a
+    hit). Rays that miss the sphere, or whose exit lies behind ``near``, get zero.
+    """
+    o = np.asarray(origins, np.float64).reshape(-1, 3)
+    d = np.asarray(dirs, np.float64).reshape(-1, 3)
+    t = np.asarray(far, np.float64).reshape(-1)
+    g = np.asarray(g_far, np.float64).reshape(-1)
+    x = o + t[:, None] * d  # the exit point
+    den = np.einsum("ij,ij->i", d, d) * t + np.einsum("ij,ij->i", o, d)
+    on = np.abs(np.einsum("ij,ij->i", x, x) - radius * radius) < 1e-3 * radius * radius  # a real exit
+    scale = np.where(on & (den > 1e-12), -g / np.where(den > 1e-12, den, 1.0), 0.0)
+    g_o = scale[:, None] * x
+    return g_o, t[:, None] * g_o
+
+
 def image_pixels(H: int, W: int, start: int = 0, stop: int | None = None) -> np.ndarray:
     """(N, 2) float64 pixel-centre coordinates (x, y) of the image in row-major order.
 

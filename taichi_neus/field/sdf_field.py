@@ -43,10 +43,9 @@ class FieldConfig:
     color_hidden: int = 64  # width of the colour MLP's hidden layers
     color_layers: int = 2  # hidden layers of the colour MLP
     normal_mode: str = "tetrahedral"  # finite-difference stencil: "tetrahedral" (4 points) or "central" (6)
-    # highest SH band of the view direction fed to the colour MLP: 3 (16 coefficients) down to 0 (a
-    # constant: colour independent of the view). Lower bands leave the colour less freedom to explain
-    # a wrong surface from each view (the shape-radiance ambiguity, Zhang et al. 2020, NeRF++ §3).
-    view_degree: int = 3
+    # Lower bands leave the colour less freedom to explain a wrong surface from each view (the
+    # shape-radiance ambiguity, Zhang et al. 2020, NeRF++ §3); on scan24 1 and 0 did not beat 3.
+    view_degree: int = 3  # highest SH band of the view direction fed to the colour MLP (3: 16 coefficients; 0: none)
     fd_eps: float = 1.0 / 256  # finite-difference step, unit-sphere units (trainer anneals it)
 
 

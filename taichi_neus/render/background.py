@@ -324,6 +324,7 @@ class Background:
         _bg_composite(raw, rgb, delta, ns, trans, alpha, out)
         self._saved = (R, M)
         self._rays = (origins, dirs, t0, int(perturb), seed & 0x7FFFFFFF)
+        self.forward_count = getattr(self, "forward_count", 0) + 1  # whose activations the buffers hold
         return out
 
     def backward(self, g_out, params, grads, g_origins=None, g_dirs=None, g_t0=None) -> None:

@@ -9,7 +9,9 @@ Samples along the rays are placed without gradient (occupancy march + inverse-CD
 :class:`~taichi_neus.render.sampling.RaySampler`); their distances ``t`` and lengths ``δ`` are then
 held constant, as nerfacc does: positions ``x = o + t·d`` carry the gradient to ``o`` and ``d``,
 ``t`` itself does not move with the ray. The view direction of every sample is its ray's ``d``, and
-``d`` also enters NeuS's α through ``cosθ = d·n``; all three paths are differentiated.
+``d`` also enters NeuS's α through ``cosθ = d·n``; all three paths are differentiated. Runs trained
+without masks add their background model's colour behind the surface, differentiated through its
+samples from the sphere exit outwards (:func:`background_colour`).
 
 Backends: CPU and CUDA (torch tensors go into the kernels without a copy). On Vulkan/Metal Taichi
 copies torch tensors on every launch: it works, slowly; the Taichi-autodiff adapters
@@ -59,6 +61,56 @@ class CompositeFunction(torch.autograd.Function):
                to_torch(g.t, S, dev), to_torch(g.dirs, R, dev, 3), to_torch(g.variance, 1, dev)]
         out = [None if o is None else o.to(dt) for o, dt in zip(out, ctx.dtypes, strict=True)]
         return (*out, None, None, None, None)
+
+
+class BackgroundFunction(torch.autograd.Function):
+    """autograd.Function over :meth:`Background.forward` / :meth:`Background.backward`; use
+    :func:`background_colour`."""
+
+    @staticmethod
+    def forward(ctx, params, origins, dirs, t0, bg):
+        th, o, d, t = f32(params), f32(origins), f32(dirs), f32(t0)
+        R, dev = o.shape[0], origins.device
+        out = to_torch(bg.forward(o, d, t, th), R, dev, 3)
+        ctx.save_for_backward(th, o, d, t)
+        ctx.bg, ctx.token = bg, bg.forward_count
+        ctx.dtypes = (params.dtype, origins.dtype, dirs.dtype, t0.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        th, o, d, t = ctx.saved_tensors
+        bg, R, dev = ctx.bg, o.shape[0], o.device
+        if bg.forward_count != ctx.token:  # another forward overwrote the background's activations
+            bg.forward(o, d, t, th)
+        g_params = torch.zeros_like(th) if ctx.needs_input_grad[0] else None
+        g_o = torch.zeros((R, 3), dtype=torch.float32, device=dev)
+        g_d = torch.zeros((R, 3), dtype=torch.float32, device=dev)
+        g_t = torch.zeros((R,), dtype=torch.float32, device=dev)
+        bg.backward(grad_or_zeros(g_out, (R, 3), dev), th, g_params, g_origins=g_o, g_dirs=g_d, g_t0=g_t)
+        ctx.token = bg.forward_count
+        tp, to_, td, tt = ctx.dtypes
+        return None if g_params is None else g_params.to(tp), g_o.to(to_), g_d.to(td), g_t.to(tt), None
+
+
+def sphere_exit(origins: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """(R,) distance along each ray to where it leaves the unit sphere, differentiable (0 for rays that miss
+    it): the larger root of |d|²t² + 2(o·d)t + |o|² − 1 = 0, as :func:`unit_sphere_near_far`'s ``far``."""
+    a = (directions * directions).sum(-1)
+    b = (origins * directions).sum(-1)
+    c = (origins * origins).sum(-1) - 1.0
+    disc = b * b - a * c
+    hit = disc > 0
+    root = torch.sqrt(torch.where(hit, disc, torch.ones_like(disc)))
+    return torch.where(hit, (root - b) / a, torch.zeros_like(disc))
+
+
+def background_colour(bg, params: torch.Tensor, origins: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """(R, 3) colour of the background model ``bg`` (:class:`~taichi_neus.render.background.Background`) seen
+    by rays leaving the unit sphere (NeRF++ / mip-NeRF 360 contraction, bin centres, no jitter).
+    Differentiable in ``params`` (P,), ``origins`` and ``directions`` (R, 3): through the contracted sample
+    positions, their spacings, the SH of the direction and the sphere exit where the samples start."""
+    return BackgroundFunction.apply(params, origins, directions, sphere_exit(origins, directions), bg)
 
 
 def composite(sdf, normal, rgb, delta, t, dirs, variance, ray_offsets, ray_counts, cos_anneal_ratio: float = 1.0,
@@ -116,12 +168,16 @@ class Renderer:
         eps: finite-difference step of the normals (the run's final ε).
         cos_anneal_ratio: 1 after training. background: RGB behind the surface. near: rays start at
         least this far from their origin.
+        background_model: the run's :class:`~taichi_neus.render.background.Background` (trained without
+            masks), or None; its colour is blended behind the surface, C = C_fg + (1 − O)·C_bg, and
+            differentiated like the rest (:func:`background_colour`).
     """
 
     def __init__(self, field: SDFField, params, occupancy: OccupancyGrid, variance_offset: int, *,
                  coarse_step: float, max_coarse: int, n_fine: int, eps: float, cos_anneal_ratio: float = 1.0,
-                 background=(0.0, 0.0, 0.0), near: float = 0.0, device="cpu"):
+                 background=(0.0, 0.0, 0.0), near: float = 0.0, device="cpu", background_model=None):
         self.field = field
+        self.bg = background_model
         if not isinstance(params, torch.Tensor):
             params = torch.from_numpy(np.asarray(params if isinstance(params, np.ndarray) else params.to_numpy(),
                                                  np.float32))
@@ -136,16 +192,13 @@ class Renderer:
     def from_trainer(cls, trainer, device="cpu") -> Renderer:
         """The renderer of a :class:`~taichi_neus.train.trainer.Trainer` (e.g. from ``app.results.load_run``):
         its parameters (copied), occupancy grid and render settings at its current step."""
-        if getattr(trainer, "bg", None) is not None:
-            raise UserInputError("the differentiable renderer covers runs without a background model (trained with "
-                                 "masks); this run models the background beyond the unit sphere.")
         rc, sch = trainer.cfg.render, trainer.schedules(trainer.step)
         if "levels" in sch:  # coarse-to-fine hash grid: the levels on at this step (the field is shared)
             trainer.field.active_levels = sch["levels"]
         return cls(trainer.field, trainer.params, trainer.occupancy, trainer.var_slice.offset,
                    coarse_step=rc.coarse_step, max_coarse=rc.max_coarse, n_fine=rc.n_fine, eps=sch["eps"],
                    cos_anneal_ratio=sch["cos_anneal"], background=trainer._fg_background, near=rc.near,
-                   device=device)
+                   device=device, background_model=getattr(trainer, "bg", None))
 
     def sample(self, origins: torch.Tensor, directions: torch.Tensor, params: torch.Tensor | None = None) -> RaySamples:
         """Place samples on rays ``origins``, ``directions`` (R, 3), unit-sphere coordinates, unit directions.
@@ -183,6 +236,8 @@ class Renderer:
         colour, opacity, depth = composite(sdf, normal, rgb, samples.delta, samples.t, directions, var,
                                            samples.ray_offsets, samples.ray_counts, self.cos_anneal_ratio,
                                            self.background)
+        if self.bg is not None:  # C = C_fg + (1 − O)·C_bg: the background model beyond the unit sphere
+            colour = colour + (1.0 - opacity)[:, None] * background_colour(self.bg, params, origins, directions)
         return {"colour": colour, "opacity": opacity, "depth": depth}
 
     def render_rays(self, origins: torch.Tensor, directions: torch.Tensor, params: torch.Tensor | None = None) -> dict:

@@ -89,7 +89,7 @@ class TrainConfig:
     sparse_weight: float = 0.0  # λ of |SDF| at COLMAP's sparse points (Geo-NeuS; Scene.points); 0 = off
     sparse_batch: int = 1024  # sparse points drawn per step
     depth_weight: float = 0.0  # λ of the L1 between rendered and given depth (scene depths/); 0 = off
-    refine_poses: bool = False  # refine every training camera's pose jointly with the field (BARF-style; masks only)
+    refine_poses: bool = False  # refine every training camera's pose jointly with the field (BARF-style)
     lr_pose: float = 1e-3  # learning rate of the pose twists (radians, unit-sphere units), on the main schedule
     pose_start: float = 0.2  # poses are refined from this fraction of training on (the field forms first)
     max_bad_steps: int = 5  # consecutive non-finite steps (each rolled back, lr halved) before giving up
@@ -322,9 +322,6 @@ class Config:
             if importlib.util.find_spec("torch") is None:
                 raise UserInputError("--train.refine_poses needs torch, which is not installed; install it (pip "
                                      "install torch, or the package's [torch] extra) or leave it off.")
-            if self.background.mode == "on" or not self.data.use_masks:
-                raise UserInputError("--train.refine_poses needs the scene's masks (it covers runs without a "
-                                     "background model): train with masks, or without --train.refine_poses.")
         return self
 
     def to_dict(self) -> dict:

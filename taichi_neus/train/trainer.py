@@ -17,7 +17,7 @@ import numpy as np
 import taichi as ti
 
 from taichi_neus import buffers
-from taichi_neus.data.rays import iter_image_rays, pixel_rays, unit_sphere_near_far
+from taichi_neus.data.rays import iter_image_rays, pixel_rays, sphere_exit_vjp, unit_sphere_near_far
 from taichi_neus.errors import UserInputError
 from taichi_neus.field.hash_grid import cell_widths, levels_for_footprint
 from taichi_neus.field.params import ParamLayout
@@ -218,9 +218,6 @@ class Trainer:
                 f"(finest cell {cell_widths(grid)[self.level_cap - 1]:.3g})")
         self.refiner = None
         if tc.refine_poses:
-            if self.bg is not None:
-                raise UserInputError("--train.refine_poses needs the scene's masks (it covers runs without a "
-                                     "background model): this scene has none; train without --train.refine_poses.")
             from taichi_neus.train.pose_refiner import PoseRefiner  # torch: an optional dependency
 
             # the scene's poses are replaced by the refined ones as training goes (rays, renders, mesh culling)
@@ -364,11 +361,20 @@ class Trainer:
         self.field.backward(self._dev["ek_sdf0"], g_n, None, self.params, self.grads)
         return loss
 
-    def _pose_gradients(self, vids, d, smp, S: int, dpoints, ddirs, g_dirs) -> None:
-        """The batch's per-ray gradients (:func:`ray_gradients`) into the pose refiner."""
+    def _pose_gradients(self, vids, o, d, far, smp, S: int, dpoints, ddirs, g_dirs, bg_rays=None) -> None:
+        """The batch's per-ray gradients (:func:`ray_gradients`) into the pose refiner; with the background
+        model, ``bg_rays`` = its ∂L/∂o, ∂L/∂d (R, 3) and ∂L/∂t0 (R,) buffers, t0 being the sphere exit
+        (chained through :func:`sphere_exit_vjp`)."""
         R = len(vids)
-        g_o, g_d = ray_gradients(smp.ray_ids.to_numpy()[:S], smp.t.to_numpy()[:S], dpoints.to_numpy()[:S],
-                                 ddirs.to_numpy()[:S], g_dirs.to_numpy()[:R])
+        if S > 0:
+            g_o, g_d = ray_gradients(smp.ray_ids.to_numpy()[:S], smp.t.to_numpy()[:S], dpoints.to_numpy()[:S],
+                                     ddirs.to_numpy()[:S], g_dirs.to_numpy()[:R])
+        else:
+            g_o, g_d = np.zeros((R, 3)), np.zeros((R, 3))
+        if bg_rays is not None:
+            gbo, gbd, gbt = (b.to_numpy()[:R].astype(np.float64) for b in bg_rays)
+            eo, ed = sphere_exit_vjp(o, d, far, gbt)
+            g_o, g_d = g_o + gbo + eo, g_d + gbd + ed
         self.refiner.accumulate(vids, d, g_o, g_d)
 
     # ------------------------------------------------------------- one step
@@ -447,10 +453,16 @@ class Trainer:
             ddirs = self.field.ws.exact("ddirs", S, 3) if refine else None
             self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads, dlaplacian=g_lap,
                                 dpoints=dpts, ddirs=ddirs)
-            if refine:
-                self._pose_gradients(vids, d, smp, S, dpts, ddirs, g.dirs)
+        bg_rays = None
         if self.bg is not None:
-            self.bg.backward(g_bg, self.params, self.grads)
+            if refine:
+                R = len(vids)
+                bg_rays = (self.field.ws.exact("bg_g_o", R, 3), self.field.ws.exact("bg_g_d", R, 3),
+                           self.field.ws.exact("bg_g_t0", R))
+            self.bg.backward(g_bg, self.params, self.grads, *(bg_rays or ()))
+        if refine:
+            self._pose_gradients(vids, o, d, far, smp, S, dpts if S > 0 else None, ddirs if S > 0 else None,
+                                 g.dirs, bg_rays)
         _add_slot(g.variance, self.grads, self.var_slice.offset)
         sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
         eik_pts = self._eikonal_points_step(sch["eps"]) if tc.eikonal_points > 0 else 0.0
