@@ -120,21 +120,30 @@ def test_large_buffers_round_trip_in_chunks_float_and_int():
     assert np.array_equal(buffers.to_numpy(b), i) and buffers.to_numpy(b).dtype == np.int32
 
 
+def _table_and_mlp(table: int, mlp: int, sparse: bool, seed: int):
+    """A layout of a hash-table-like group and an MLP-like one, its initial parameters and an Adam factory."""
+    layout = ParamLayout()
+    layout.add("t", (table,), "table")
+    layout.add("w", (mlp,), "mlp")
+    p0 = np.random.default_rng(seed).normal(size=layout.total).astype(np.float32)
+
+    def fresh():
+        params, grads = layout.allocate(), layout.allocate()
+        buffers.from_numpy(params, p0)
+        return params, grads, Adam(layout, {"table": GroupSettings(1e-2, sparse=sparse),
+                                            "mlp": GroupSettings(3e-3, 0.01)})
+    return layout, p0, fresh
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_zero_grads_clears_the_gradients_and_updates_as_without(sparse):
     """``zero_grads``: the kernels clear the gradient buffer as they read it (the trainer's next backward then
     starts from zeros without a pass of its own); the parameters and moments are exactly those of a step
     without it."""
-    layout = ParamLayout()
-    layout.add("t", (300,), "table")
-    layout.add("w", (40,), "mlp")
-    rng = np.random.default_rng(5)
-    p0 = rng.normal(size=layout.total).astype(np.float32)
+    layout, p0, fresh = _table_and_mlp(300, 40, sparse, seed=5)
     results = []
     for zero in (False, True):
-        params, grads = layout.allocate(), layout.allocate()
-        buffers.from_numpy(params, p0)
-        opt = Adam(layout, {"table": GroupSettings(1e-2, sparse=sparse), "mlp": GroupSettings(3e-3, 0.01)})
+        params, grads, opt = fresh()
         g_rng = np.random.default_rng(6)
         for _ in range(3):
             g = g_rng.normal(size=layout.total).astype(np.float32)
@@ -153,16 +162,10 @@ def test_zero_grads_clears_the_gradients_and_updates_as_without(sparse):
 def test_limits_skip_entries_out_of_use_exactly(sparse):
     """``limits``: the tail of a group whose gradients and moments are zero (hash-grid levels not yet on) is
     skipped; Adam would have left it unchanged, so parameters and moments equal a full update's, bit for bit."""
-    layout = ParamLayout()
-    layout.add("t", (500,), "table")
-    layout.add("w", (24,), "mlp")
-    rng = np.random.default_rng(8)
-    p0 = rng.normal(size=layout.total).astype(np.float32)
+    layout, p0, fresh = _table_and_mlp(500, 24, sparse, seed=8)
     results = []
     for limits in (None, {"table": 320}):
-        params, grads = layout.allocate(), layout.allocate()
-        buffers.from_numpy(params, p0)
-        opt = Adam(layout, {"table": GroupSettings(1e-2, sparse=sparse), "mlp": GroupSettings(3e-3)})
+        params, grads, opt = fresh()
         g_rng = np.random.default_rng(9)
         for _ in range(4):
             g = g_rng.normal(size=layout.total).astype(np.float32)
