@@ -69,6 +69,8 @@ CHANGES = {
     "batch4k": {"train.sample_budget": 4096},
     "lr2": {"train.lr": 2e-2},
     "lr3": {"train.lr": 3e-2},
+    "sfloor1k": {"train.s_floor": 1000.0},  # NeuS's s held at least at 1000 from 0.75 of training on
+    "sfloor3k": {"train.s_floor": 3000.0},
 }
 
 

@@ -102,3 +102,21 @@ def test_quadtree_and_gradient_scaling_train(scene, tmp_path):
     assert sa["loss"] == pytest.approx(sb["loss"], rel=1e-6)  # same forward pass
     pa, pb = a.state()["params"], b.state()["params"]
     assert not np.allclose(pa, pb)
+
+
+def test_s_floor_holds_neus_sharpness_up_on_its_log_linear_ramp(scene, tmp_path):
+    """``train.s_floor``: after each step, s = exp(10·v) is at least the floor, which rises log-linearly from
+    s at the start to ``s_floor`` at ``s_floor_anneal`` of training; off (0), s is learned freely."""
+    cfg = _cfg(iters=12)
+    cfg.train.s_floor, cfg.train.s_floor_anneal = 800.0, 0.5
+    tr = Trainer(scene, cfg, tmp_path / "a", log=lambda *a: None)
+    s0 = math.exp(10 * cfg.train.init_variance)
+    for step in range(12):
+        st = tr.train_step()
+        floor = math.exp(math.log(s0) + (math.log(800.0) - math.log(s0)) * min(step / 12 / 0.5, 1.0))
+        assert tr.inv_s() >= floor * (1 - 1e-4) and st["s"] < 1e6
+    assert tr.inv_s() == pytest.approx(800.0, rel=1e-3)  # the learned s stays far below: the floor holds it
+    free = Trainer(scene, _cfg(iters=12), tmp_path / "b", log=lambda *a: None)
+    for _ in range(12):
+        free.train_step()
+    assert free.inv_s() < 100.0

@@ -63,6 +63,8 @@ class TrainConfig:
     lr_final: float = 0.1  # final learning rate as a fraction (cosine decay)
     sparse_adam: bool = False  # hash-table entries no sample touched keep their Adam moments (tiny-cuda-nn)
     init_variance: float = 0.3  # NeuS's sharpness s = exp(10·v) starts at e^3 ≈ 20
+    s_floor: float = 0.0  # NeuS's s is held at least at this from --train.s_floor_anneal on (0: learned freely)
+    s_floor_anneal: float = 0.75  # share of training over which the floor on s rises log-linearly from its start
     anneal_end: float = 0.2  # cos-anneal ratio reaches 1 at this fraction of training
     eikonal_weight: float = 0.1  # weight of the eikonal loss (|∇f| = 1)
     curvature_weight: float = 0.0  # weight of the curvature loss, mean |ΔSDF| on the samples (Neuralangelo); 0 = off
@@ -167,7 +169,8 @@ LIMITS: dict[str, Limits] = {
     "train.iters": COUNT, "train.time_budget": NONNEG, "train.sample_budget": COUNT, "train.min_rays": COUNT,
     "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_pose": POSITIVE, "train.pose_start": FRACTION,
     "train.lr_variance": NONNEG,
-    "train.warmup": NONNEG, "train.lr_final": FRACTION, "train.init_variance": ANY, "train.anneal_end": FRACTION,
+    "train.warmup": NONNEG, "train.lr_final": FRACTION, "train.init_variance": ANY, "train.s_floor": NONNEG,
+    "train.s_floor_anneal": FRACTION, "train.anneal_end": FRACTION,
     "train.eikonal_weight": NONNEG, "train.eikonal_points": NONNEG, "train.curvature_weight": NONNEG,
     "train.mask_weight": NONNEG,
     "train.eps_start": POSITIVE, "train.eps_end": POSITIVE, "train.eps_anneal": FRACTION,

@@ -51,6 +51,11 @@ def _gather_dirs(dirs: ti.types.ndarray(dtype=ti.f32, ndim=2), ray_ids: ti.types
 
 
 @ti.kernel
+def _raise_slot(params: ti.types.ndarray(dtype=ti.f32, ndim=1), off: ti.i32, lo: ti.f32):
+    params[off] = ti.max(params[off], lo)
+
+
+@ti.kernel
 def _read_slot(params: ti.types.ndarray(dtype=ti.f32, ndim=1), off: ti.i32,
                out: ti.types.ndarray(dtype=ti.f32, ndim=1)):
     out[0] = params[off]
@@ -485,6 +490,11 @@ class Trainer:
         self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor,
                       zero_grads=not self.keep_grads, limits={"encoding": enc.slice.size - unused})
         self._grads_dirty = self.keep_grads
+        if tc.s_floor > 0:  # a floor under NeuS's sharpness, rising log-linearly: the variance is projected up
+            s0 = math.exp(10.0 * tc.init_variance)
+            frac = self.progress(step) / tc.s_floor_anneal if tc.s_floor_anneal > 0 else 1.0
+            floor = _log_lerp(s0, max(tc.s_floor, s0), frac)
+            _raise_slot(self.params, self.var_slice.offset, math.log(floor) / 10.0)
         if refine and self.refiner.step(sch["lr_scale"] * self.lr_factor):
             self.scene.c2w[:] = self.refiner.poses()
 
