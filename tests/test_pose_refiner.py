@@ -153,3 +153,32 @@ def test_training_with_refine_poses_brings_perturbed_cameras_back(tmp_path):
     tr2 = Trainer(sc2, cfg, tmp_path / "run", log=lambda *a: None)
     assert tr2.resume_latest() == 600
     assert np.allclose(sc2.c2w, sc.c2w, atol=1e-6)
+
+
+def test_without_masks_the_background_moves_cameras_only_when_asked(tmp_path):
+    """Without masks the foreground's ray gradients refine the poses (they see the background through the
+    blend's opacity term); ``train.pose_background`` adds the background model's own ray gradients (off by
+    default: measured worse). Both paths run; the background's changes the poses."""
+    from training_helpers import small_config
+
+    from taichi_neus.data import default_scene_path
+    from taichi_neus.data.loader import load_scene
+    from taichi_neus.train.trainer import Trainer
+
+    poses, asked = [], []
+    for with_bg in (False, True):
+        sc = load_scene(str(default_scene_path()))
+        cfg = small_config(iters=6)
+        cfg.data.use_masks = False
+        cfg.train.refine_poses, cfg.train.pose_start, cfg.train.pose_background = True, 0.0, with_bg
+        tr = Trainer(sc, cfg, tmp_path / f"bg{with_bg}", log=lambda *a: None)
+        real = tr.bg.backward
+        calls = []
+        tr.bg.backward = lambda *a, real=real, calls=calls, **k: (calls.append(len(a) > 3), real(*a, **k))[1]
+        for _ in range(6):
+            assert not tr.train_step().get("rejected")
+        asked.append(calls)
+        poses.append(sc.c2w.copy())
+    assert asked[0] and not any(asked[0]) and asked[1] and all(asked[1])
+    given = load_scene(str(default_scene_path())).c2w
+    assert np.abs(poses[0] - given).max() > 0 and np.abs(poses[1] - poses[0]).max() > 1e-7

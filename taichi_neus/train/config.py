@@ -94,6 +94,7 @@ class TrainConfig:
     refine_poses: bool = False  # refine every training camera's pose jointly with the field (BARF-style)
     lr_pose: float = 1e-3  # learning rate of the pose twists (radians, unit-sphere units), on the main schedule
     pose_start: float = 0.2  # poses are refined from this fraction of training on (the field forms first)
+    pose_background: bool = False  # without masks, the background model's ray gradients move the cameras too
     max_bad_steps: int = 5  # consecutive non-finite steps (each rolled back, lr halved) before giving up
     seed: int = 0  # random seed (initialisation, pixel batches, samples)
     val_every: int = 500  # write a validation image every k steps (0: never)

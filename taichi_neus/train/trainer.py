@@ -460,7 +460,10 @@ class Trainer:
                                 dpoints=dpts, ddirs=ddirs)
         bg_rays = None
         if self.bg is not None:
-            if refine:
+            # off by default: the background's ray gradients made refinement worse in both scenes measured
+            # (README, "Refining every camera while training"); the foreground's still see the background
+            # through the blend's opacity gradient
+            if refine and tc.pose_background:
                 R = len(vids)
                 bg_rays = (self.field.ws.exact("bg_g_o", R, 3), self.field.ws.exact("bg_g_d", R, 3),
                            self.field.ws.exact("bg_g_t0", R))
