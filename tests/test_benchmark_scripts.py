@@ -49,3 +49,17 @@ def test_step_throughput_benchmark_smoke(tmp_path):
         assert ms[stage] > 0, stage
     assert r["samples_per_s"] > 0 and r["samples_per_ray"] > 1
     assert "| built-in |" in res.stdout
+
+
+@pytest.mark.slow
+def test_refine_poses_unmasked_benchmark_smoke(tmp_path):
+    """Both runs (the background's ray gradients off, then on) train, and the JSON holds the errors."""
+    out = tmp_path / "unmasked.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "refine_poses_unmasked.py"), "--iters", "3", "--pose-start", "0",
+           "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pose_background"] for r in rows] == [False, True] and all(r["steps"] == 3 for r in rows)
+    assert all(1.9 < r["rotation_deg_given"] < 2.1 and r["rotation_deg"] > 0 for r in rows)
+    assert "| off (default) | 3 |" in res.stdout
