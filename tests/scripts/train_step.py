@@ -19,6 +19,7 @@ scene = load_dtu(default_scene_path())
 cfg = small_config(iters=10)
 cfg.train.sample_budget = 2048
 tr = Trainer(scene, cfg, sys.argv[2] + ".run", log=lambda *a: None)
+tr.keep_grads = True  # the second step's gradients stay readable after its update
 params0 = buffers.to_numpy(tr.params).copy()
 tr.train_step()
 st = tr.train_step()
