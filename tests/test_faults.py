@@ -106,6 +106,17 @@ def test_bad_gradient_count_sees_nan_inf_and_huge_values():
     assert _count_bad(da, 5000, 5000, GRAD_BOUND) == 0
 
 
+@pytest.mark.portable
+def test_raise_slot_lifts_one_entry_only_when_below():
+    """The s floor's projection: params[off] = max(params[off], lo), nothing else touched."""
+    from taichi_neus.train.trainer import _raise_slot
+    a = np.array([0.1, 0.2, 0.3, 0.4], np.float32)
+    d = buffers.upload(a)
+    _raise_slot(d, 1, 0.5)
+    _raise_slot(d, 2, 0.25)
+    np.testing.assert_array_equal(buffers.to_numpy(d), np.array([0.1, 0.5, 0.3, 0.4], np.float32))
+
+
 @pytest.fixture(scope="module")
 def scene():
     return load_dtu(default_scene_path())

@@ -114,7 +114,7 @@ def test_s_floor_holds_neus_sharpness_up_on_its_log_linear_ramp(scene, tmp_path)
     for step in range(12):
         st = tr.train_step()
         floor = math.exp(math.log(s0) + (math.log(800.0) - math.log(s0)) * min(step / 12 / 0.5, 1.0))
-        assert tr.inv_s() >= floor * (1 - 1e-4) and st["s"] < 1e6
+        assert tr.inv_s() >= floor * (1 - 1e-4), (step, st["s"], floor)
     assert tr.inv_s() == pytest.approx(800.0, rel=1e-3)  # the learned s stays far below: the floor holds it
     free = Trainer(scene, _cfg(iters=12), tmp_path / "b", log=lambda *a: None)
     for _ in range(12):

@@ -275,6 +275,7 @@ class Background:
         self.color = [Linear(layout, "bg.color.0", self.c_cols, cfg.hidden, act="relu", group="background"),
                       Linear(layout, "bg.color.1", cfg.hidden, 3, act="sigmoid", group="background")]
         self._bufs: dict = {}
+        self.forward_count = 0  # which forward's activations the buffers hold (the torch adapter checks it)
 
     def init_params(self, params, seed: int = 0) -> None:
         self.encoding.init_params(params, seed + 101)
@@ -324,7 +325,7 @@ class Background:
         _bg_composite(raw, rgb, delta, ns, trans, alpha, out)
         self._saved = (R, M)
         self._rays = (origins, dirs, t0, int(perturb), seed & 0x7FFFFFFF)
-        self.forward_count = getattr(self, "forward_count", 0) + 1  # whose activations the buffers hold
+        self.forward_count += 1
         return out
 
     def backward(self, g_out, params, grads, g_origins=None, g_dirs=None, g_t0=None) -> None:

@@ -451,8 +451,9 @@ class Trainer:
             curv, g_lap = losses.curvature(out.laplacian, smp.positions, S, weight=tc.curvature_weight,
                                            grad_out=self.field.ws.exact("g_lap", S_cap))
 
-        if self._grads_dirty:  # after a rejected step, or when keep_grads left the last step's gradients
+        if self._grads_dirty:  # a rejected or interrupted step, or keep_grads, left gradients behind
             buffers.zero_(self.grads)
+        self._grads_dirty = True  # until an optimiser step clears them
         if S > 0:
             dpts = self.field.ws.exact("dpoints", S, 3) if refine else None
             ddirs = self.field.ws.exact("ddirs", S, 3) if refine else None
@@ -477,21 +478,18 @@ class Trainer:
         loss = l1 + bce + eik + eik_pts + curv + s3im_loss + sparse_loss + depth_loss
         # hash-grid levels not yet on (coarse to fine) or capped at the pixel footprint: their gradients and
         # moments are zero, so neither the check nor the optimiser needs to read them
-        enc = self.field.encoding
-        unused = enc.slice.size - int(enc.loff_np[sch["levels"]]) * enc.cfg.n_features \
-            if sch["levels"] < len(enc.loff_np) else 0
-        cut = enc.slice.offset + enc.slice.size - unused
-        t0, t1, total = enc.slice.offset, enc.slice.offset + enc.slice.size, self.layout.total
-        if not math.isfinite(loss) or (_count_bad(self.grads, 0, cut, GRAD_BOUND)
-                                       + _count_bad(self.grads, cut + unused, total, GRAD_BOUND)
-                                       + _count_bad(self.params, 0, t0, GRAD_BOUND)
-                                       + _count_bad(self.params, t1, total, GRAD_BOUND)) > 0:
-            self._grads_dirty = True
+        enc, levels = self.field.encoding, sch["levels"]
+        used = int(enc.loff_np[levels]) * enc.cfg.n_features if levels < len(enc.loff_np) else enc.slice.size
+        lo, hi, total = enc.slice.offset, enc.slice.offset + enc.slice.size, self.layout.total
+        if not math.isfinite(loss) or (_count_bad(self.grads, 0, lo + used, GRAD_BOUND)
+                                       + _count_bad(self.grads, hi, total, GRAD_BOUND)
+                                       + _count_bad(self.params, 0, lo, GRAD_BOUND)
+                                       + _count_bad(self.params, hi, total, GRAD_BOUND)) > 0:
             return self._reject_step(step, loss)
         self.bad_steps = 0
         # the optimiser clears the gradients as it reads them, unless a caller wants to read them after the step
         self.opt.step(self.params, self.grads, lr_scale=sch["lr_scale"] * self.lr_factor,
-                      zero_grads=not self.keep_grads, limits={"encoding": enc.slice.size - unused})
+                      zero_grads=not self.keep_grads, limits={"encoding": used})
         self._grads_dirty = self.keep_grads
         if tc.s_floor > 0:  # a floor under NeuS's sharpness, rising log-linearly: the variance is projected up
             s0 = math.exp(10.0 * tc.init_variance)
