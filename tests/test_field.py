@@ -36,13 +36,28 @@ def test_hash_encoding_values_and_table_gradient():
     grid.init_params(params, seed=3)
     n = 200
     pts, _ = random_batch(n, seed=1, lo=-1.1, hi=1.1)  # includes points outside the domain (clamped)
-    X = buffers.rows16_upload(np.concatenate([pts, np.zeros((n, cfg.out_dim), np.float32)], 1))
-    grid.forward(X, n, 3, params)
     theta = t64(buffers.to_numpy(params)).requires_grad_()
     table = theta[grid.slice.offset:grid.slice.offset + grid.slice.size].view(*grid.slice.shape)
     ref = hash_encode(t64(pts), table, grid.res_np, grid.loff_np, grid.lsize_np, grid.ldense_np, cfg.bound)
-    got = buffers.rows16_to_numpy(X, 3 + cfg.out_dim)[:, 3:]
-    assert _rel(got, ref.detach().numpy()) < 1e-5
+    # the backend's own choice, then both forward kernels explicitly (levels as vector lanes, one level
+    # at a time), with all levels and with the finest three off (their columns start non-zero)
+    for kernel in [None, hash_grid.hash_encode_forward_levels, hash_grid.hash_encode_forward]:
+        for n_active in (cfg.n_levels, 2):
+            X = buffers.rows16_upload(np.concatenate([pts, np.full((n, cfg.out_dim), 3.0, np.float32)], 1))
+            if kernel is None:
+                grid.forward(X, n, 3, params, n_active)
+            elif kernel is hash_grid.hash_encode_forward_levels:
+                kernel(X, n, 3, params, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
+                       cfg.n_levels, hash_grid.lane_width(cfg.n_levels), n_active)
+            else:
+                kernel(X, n, 3, params, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
+                       n_active)
+            got = buffers.rows16_to_numpy(X, 3 + cfg.out_dim)[:, 3:]
+            on = n_active * cfg.n_features
+            assert _rel(got[:, :on], ref.detach().numpy()[:, :on]) < 1e-5, (kernel, n_active)
+            assert (got[:, on:] == 0.0).all(), (kernel, n_active)
+    X = buffers.rows16_upload(np.concatenate([pts, np.zeros((n, cfg.out_dim), np.float32)], 1))
+    grid.forward(X, n, 3, params)
     upstream = np.random.default_rng(2).normal(size=(n, cfg.out_dim)).astype(np.float32)
     upstream[::7, 2:4] = 0.0  # levels without gradient at some points are skipped
     dX = buffers.rows16_upload(np.concatenate([np.zeros((n, 3), np.float32), upstream], 1))

@@ -70,11 +70,27 @@ class TorchField:
     def __init__(self, field: SDFField):
         self.f = field
         enc = field.encoding
-        self.res, self.loff, self.lsize, self.ldense = enc.res_np, enc.loff_np, enc.lsize_np, enc.ldense_np
+        # Plain Python ints and lists, read once: under torch.compile a numpy call inside the traced
+        # forward (np.prod for a slice's size, numpy level arrays) breaks the graph at every layer.
+        self.res, self.loff, self.lsize, self.ldense = ([int(v) for v in a] for a in
+                                                        (enc.res_np, enc.loff_np, enc.lsize_np, enc.ldense_np))
         self.table_slice = enc.slice
+        self._geom = {s.name: (int(s.offset), int(s.size), tuple(int(d) for d in s.shape))
+                      for s in [enc.slice] + [t for lin in (*field.sdf_layers, *field.color_layers)
+                                               for t in (lin.W, lin.b)]}
+        self._stencils = {}
+        self._stencil(field.cfg.normal_mode)  # filled here, not on a traced call
 
     def _w(self, theta, s):
-        return theta[s.offset:s.offset + s.size].view(*s.shape)
+        off, size, shape = self._geom[s.name]
+        return theta[off:off + size].view(*shape)
+
+    def _stencil(self, mode: str):
+        """(offsets (K, 3), normal coefficients) as nested Python lists, per stencil mode."""
+        if mode not in self._stencils:
+            off, coef = stencil(mode)
+            self._stencils[mode] = (off.tolist(), coef.tolist())
+        return self._stencils[mode]
 
     def _mlp(self, theta, layers, x):
         for lin in layers:
@@ -97,9 +113,9 @@ class TorchField:
 
     def forward(self, theta, x, dirs, eps: float):
         """Returns sdf (M,), finite-difference normal (M,3), rgb (M,3)."""
-        off, coef = stencil(self.f.cfg.normal_mode)
-        off = torch.as_tensor(off, dtype=x.dtype, device=x.device)
-        coef = torch.as_tensor(coef, dtype=x.dtype, device=x.device)
+        off, coef = self._stencil(self.f.cfg.normal_mode)
+        off = torch.tensor(off, dtype=x.dtype, device=x.device)
+        coef = torch.tensor(coef, dtype=x.dtype, device=x.device)
         K, M = off.shape[0], x.shape[0]
         xs = (x[None, :, :] + eps * off[:, None, :]).reshape(K * M, 3)
         out = self.sdf_net(theta, xs).view(K, M, -1)
