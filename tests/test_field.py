@@ -69,6 +69,9 @@ def test_hash_encoding_values_and_table_gradient():
         buffers.from_numpy(grads, np.full(layout.total, 0.5, np.float32))  # the scatter adds to what is there
         if kernel is None:
             grid.backward(X, dX, n, 3, grads)
+        elif kernel is hash_grid.hash_encode_backward_by_level:
+            kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
+                   cfg.n_levels, cfg.n_levels)
         else:
             kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
                    cfg.n_levels)

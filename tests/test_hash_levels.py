@@ -84,6 +84,8 @@ def test_table_gradient_of_inactive_levels_is_zero_and_active_levels_match_float
         buffers.from_numpy(grads, np.full(layout.total, 0.5, np.float32))
         if kernel is None:
             grid.backward(X, dX, N, 3, grads, n_active=k)
+        elif kernel is hash_grid.hash_encode_backward_by_level:
+            kernel(X, dX, N, 3, grads, off, *grid._level_arrays(), CFG.bound, CFG.n_features, CFG.n_levels, k)
         else:
             kernel(X, dX, N, 3, grads, off, *grid._level_arrays(), CFG.bound, CFG.n_features, k)
         got = buffers.to_numpy(grads) - 0.5
