@@ -63,3 +63,18 @@ def test_refine_poses_unmasked_benchmark_smoke(tmp_path):
     assert [r["pose_background"] for r in rows] == [False, True] and all(r["steps"] == 3 for r in rows)
     assert all(1.9 < r["rotation_deg_given"] < 2.1 and r["rotation_deg"] > 0 for r in rows)
     assert "| off (default) | 3 |" in res.stdout
+
+
+@pytest.mark.slow
+def test_hash_grid_throughput_benchmark_smoke(tmp_path):
+    """Both point layouts, both level counts, every kernel timed (the baseline path included), JSON written."""
+    out = tmp_path / "hash.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "hash_grid_throughput.py"), "--n", "256", "--repeats", "1",
+           "--baseline", "HEAD", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert sorted(d["cases"]) == sorted(f"{p}, {k} levels" for p in ("rays", "uniform") for k in (16, 10, 6))
+    for case in d["cases"].values():
+        assert len(case) == 4 and all(v["ms"] > 0 for v in case.values())
+    assert "faster with the levels as lanes" in res.stdout
