@@ -104,6 +104,17 @@ def test_bad_gradient_count_sees_nan_inf_and_huge_values():
     assert _count_bad(db, 0, 5000, GRAD_BOUND) == 5 and _count_bad(da, 0, 10, GRAD_BOUND) == 0
     assert _count_bad(da, 0, 15, GRAD_BOUND) == 1 and _count_bad(db, 35, 65, GRAD_BOUND) == 3
     assert _count_bad(da, 5000, 5000, GRAD_BOUND) == 0
+    # the CPU counts in chunks of 4096: bad entries on both sides of chunk edges, ranges that start and
+    # stop inside chunks, a value exactly at the bound (not bad)
+    c = rng.normal(size=20000).astype(np.float32)
+    c[[4095, 4096, 8191, 12289, 19999]] = [np.nan, -np.inf, 2 * GRAD_BOUND, np.nan, np.inf]
+    c[100] = np.float32(GRAD_BOUND)
+    dc = buffers.upload(c)
+    assert _count_bad(dc, 0, 20000, float(np.float32(GRAD_BOUND))) == 5
+    assert _count_bad(dc, 4096, 12289, GRAD_BOUND) == 2 and _count_bad(dc, 4095, 12290, GRAD_BOUND) == 4
+    assert _count_bad(dc, 7, 4095, GRAD_BOUND) == 0
+    with pytest.raises(ValueError, match="finite"):
+        _count_bad(dc, 0, 10, float("inf"))
 
 
 @pytest.mark.portable

@@ -76,19 +76,35 @@ GRAD_BOUND = 1e18
 
 
 @ti.kernel
-def _count_bad(a: ti.types.ndarray(dtype=ti.f32, ndim=1), start: ti.i32, stop: ti.i32, bound: ti.f32) -> ti.i32:
-    """Number of entries of a[start:stop] that are NaN, ±Inf or larger than ``bound`` in magnitude.
-
-    NaN and Inf are tested on the bits (exponent all ones), since the compilers' fast math folds
-    ``x == x`` to true and may fold comparisons with NaN.
-    """
+def _count_bad_kernel(a: ti.types.ndarray(dtype=ti.f32, ndim=1), start: ti.i32, stop: ti.i32, bound: ti.f32,
+                      chunk: ti.template()) -> ti.i32:
     bad = 0
+    limit = ti.bit_cast(bound, ti.u32)
     ti.loop_config(block_dim=1024)
-    for k in range(stop - start):
-        x = a[start + k]
-        if ti.bit_cast(x, ti.u32) & ti.u32(0x7F800000) == ti.u32(0x7F800000) or ti.abs(x) > bound:
-            bad += 1
+    for c in range((stop - start + chunk - 1) // chunk):
+        lo = start + c * chunk
+        hi = ti.min(lo + chunk, stop)
+        n = 0
+        for i in range(lo, hi):  # straight-line and branch-free: the CPU backend vectorises it
+            n += ti.cast((ti.bit_cast(a[i], ti.u32) & ti.u32(0x7FFFFFFF)) > limit, ti.i32)
+        bad += n
     return bad
+
+
+def _count_bad(a, start: int, stop: int, bound: float) -> int:
+    """Number of entries of a[start:stop] (a flat float32 ndarray) that are NaN, ±Inf or larger than
+    ``bound`` (finite, ≥ 0) in magnitude.
+
+    Tested on the bits, since the compilers' fast math folds ``x == x`` to true and may fold comparisons
+    with NaN: with the sign bit cleared, a float's bits order as its magnitude does, and every NaN and
+    ±Inf lies above every finite bound. On the CPU each parallel task counts a chunk of 4096 entries in
+    a plain inner loop: a parallel loop there calls its body once per index (DESIGN §3c), which made
+    the per-entry loop 4% of a training step."""
+    from taichi_neus import runtime
+    if not (math.isfinite(bound) and bound >= 0.0):
+        raise ValueError(f"bound must be finite and >= 0, got {bound}")
+    chunk = 4096 if runtime.current_arch() == "cpu" else 1
+    return int(_count_bad_kernel(a, int(start), int(stop), float(bound), chunk))
 
 
 def _log_lerp(a: float, b: float, t: float) -> float:
