@@ -138,15 +138,49 @@ def bench_scene(name: str, scene, args) -> dict:
             for n, f in saved.items():  # the losses module is shared by every trainer in this process
                 setattr(losses, n, f)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    timed = sum(v for k, v in clock.seconds.items() if k != "host+other")
-    clock.seconds["host+other"] = max(wall - timed, 0.0)
-    return {"scene": name, "steps": args.steps, "warmup": args.warmup, "progress": args.progress,
+        stage_s = dict(clock.seconds)  # before the kernel pass, whose steps the clock would add
+        kernels = kernel_times(tr, args.kernels) if args.kernels > 0 else None
+    timed = sum(v for k, v in stage_s.items() if k != "host+other")
+    stage_s["host+other"] = max(wall - timed, 0.0)
+    return {"kernels_ms_per_step": kernels,
+            "scene": name, "steps": args.steps, "warmup": args.warmup, "progress": args.progress,
             "levels": tr.schedules(tr.step).get("levels") if hasattr(tr, "schedules") else None,
             "wall_s": wall, "cpu_s": cpu,
             "rays_per_s": rays / wall, "samples_per_s": samples / wall, "rays_per_step": rays / args.steps,
             "samples_per_ray": samples / max(rays, 1),
-            "stage_ms_per_step": {k: 1e3 * v / args.steps for k, v in clock.seconds.items()},
+            "stage_ms_per_step": {k: 1e3 * v / args.steps for k, v in stage_s.items()},
             "missing_stages": clock.missing}
+
+
+def kernel_times(tr, steps: int, top: int = 25) -> dict:
+    """Per Taichi kernel: ms per step and launches per step over ``steps`` more training steps, each
+    launch followed by a sync (so launches no longer overlap host work: these add up to more than a
+    step's time above, and they are not part of it). The ``top`` kernels by time."""
+    import collections
+
+    import taichi as ti
+    from taichi.lang import kernel_impl
+
+    orig = kernel_impl.Kernel.launch_kernel
+    secs, calls = collections.defaultdict(float), collections.Counter()
+
+    def timed(self, *a, **k):
+        t0 = time.perf_counter()
+        r = orig(self, *a, **k)
+        ti.sync()
+        secs[self.func.__name__] += time.perf_counter() - t0
+        calls[self.func.__name__] += 1
+        return r
+
+    kernel_impl.Kernel.launch_kernel = timed
+    try:
+        for _ in range(steps):
+            tr.train_step()
+    finally:
+        kernel_impl.Kernel.launch_kernel = orig
+    ranked = sorted(secs, key=secs.get, reverse=True)[:top]
+    return {k: {"ms_per_step": round(1e3 * secs[k] / steps, 3), "launches_per_step": calls[k] / steps}
+            for k in ranked}
 
 
 def load_scenes(args) -> list:
@@ -213,6 +247,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scan24", default=str(SCAN24), help="DTU scan24 folder ('' to skip)")
     ap.add_argument("--downscale", type=int, default=4)
+    ap.add_argument("--kernels", type=int, default=0,
+                    help="after the timed steps, this many more with every Taichi kernel timed (synced; not in the "
+                         "step figures), the top 25 per scene in the table and JSON")
     ap.add_argument("--baseline", default="", help="git revision to time side by side (before this commit's run)")
     ap.add_argument("--json", default=str(HERE / "results" / "step_throughput.json"))
     args = ap.parse_args(argv)
@@ -221,6 +258,12 @@ def main(argv=None) -> int:
         res["baseline"] = run_baseline(args.baseline, args)
     res["results"] = run_here(args)
     print(table(res["results"], f"this tree, arch={args.arch}, {res['cpus']} CPUs, {args.steps} steps"))
+    for r in res["results"]:
+        if r.get("kernels_ms_per_step"):
+            print(f"\n{r['scene']}: Taichi kernels over {args.kernels} more steps, each launch synced (ms per step, "
+                  "launches per step)")
+            for k, v in r["kernels_ms_per_step"].items():
+                print(f"  {v['ms_per_step']:8.2f}  {v['launches_per_step']:5.1f}  {k}")
     if args.baseline:
         b = res["baseline"]
         print(table(b["results"], f"baseline {b['rev']} ({b['commit']})"))

@@ -38,11 +38,13 @@ def test_step_throughput_benchmark_smoke(tmp_path):
     """Every stage hook still finds the trainer call it wraps, and the stages add up to the step time."""
     out = tmp_path / "steps.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--steps", "2", "--warmup", "1",
-           "--scan24", "", "--json", str(out)]
+           "--scan24", "", "--kernels", "1", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     (r,) = json.loads(out.read_text())["results"]
     assert r["scene"] == "built-in" and r["missing_stages"] == []
+    kernels = r["kernels_ms_per_step"]  # the per-kernel pass: the field's kernels are among those timed
+    assert "hash_encode_forward_levels" in kernels and all(v["launches_per_step"] > 0 for v in kernels.values())
     ms = r["stage_ms_per_step"]
     assert sum(ms.values()) == pytest.approx(1e3 * r["wall_s"] / r["steps"], rel=1e-6)
     for stage in ("ray marching", "field fwd", "backward", "optimiser"):
