@@ -75,6 +75,8 @@ CHANGES = {
     # scan 24 is blur of the brick and tile texture, and a 20-minute run sees each training pixel < once)
     "fine16": {"render.n_fine": 16},
     "fine8": {"render.n_fine": 8},
+    "fine64": {"render.n_fine": 64},
+    "fine64_32k": {"render.n_fine": 64, "train.sample_budget": 32768},  # the rays per step kept
 }
 
 
