@@ -206,3 +206,31 @@ def test_eval_clean_and_refusals(run, tmp_path, capsys, ti_arch):
     _refused(capsys, "nodtu")
     assert cli.main(["eval", "--out", str(tmp_path / "norun"), "--arch", ti_arch]) == 2
     _refused(capsys, "norun")
+
+
+def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
+    """benchmarks/heldout_error.py on the small run: its masked PSNR is the run's own held-out figure, the
+    regions split every mask pixel and all the error, a blurrier photo scores lower; a folder that is no
+    run is refused in one sentence."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_error.py")
+    out, pic = tmp_path / "err.json", tmp_path / "err.png"
+    res = subprocess.run([sys.executable, script, str(run["run"]), "--n-fine", "16", "--json", str(out),
+                          "--image", str(pic)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(out.read_text())
+    mean = d["mean"]
+    assert mean["psnr_masked"] == pytest.approx(run["metrics"]["heldout_psnr_masked"], abs=0.05)
+    for kind in ("pixel", "error"):
+        assert sum(mean[f"{r}_{kind}_share"] for r in ("miss", "edge", "interior")) == pytest.approx(1.0)
+    blur = [mean[f"photo_blur_{s}_psnr"] for s in (0.5, 1.0, 1.5, 2.0)]
+    assert blur == sorted(blur, reverse=True) and 0 < mean["sharpness_ratio"] < 10
+    w, h = Image.open(pic).size  # photo | render | error, side by side
+    assert set(d["other_n_fine"]) == {"16"} and w % 3 == 0 and h > 0
+    bad = subprocess.run([sys.executable, script, str(tmp_path), "--json", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not a run folder" in bad.stderr
+    assert not (tmp_path / "x.json").exists()
