@@ -161,6 +161,41 @@ def _lanes_to_f32(v: ti.template(), L: ti.template()):
     return ti.Vector([ti.cast(v[l], ti.f32) for l in ti.static(range(L))])
 
 
+@ti.func
+def _level_lanes(lv: ti.template(), W: ti.template(), res: ti.template(), loff: ti.template(), lsize: ti.template(),
+                 ldense: ti.template(), table_off, F: ti.template()):
+    """Per-lane level constants for the levels in the i32 vector ``lv`` (W lanes, each a valid level):
+    resolution (i32 and f32), hash mask (u32), dense flag, and the level's first float in the flat buffer.
+    Build them inside the parallel loop: a vector computed before a parallel loop is handed to its tasks
+    through a global temporary that is not 64-byte aligned, and the vector load from it segfaults
+    (Taichi 1.7.4, CPU, SIMD on)."""
+    ri = ti.Vector([res[lv[j]] for j in ti.static(range(W))])
+    hmask = ti.Vector([ti.cast(lsize[lv[j]] - 1, ti.u32) for j in ti.static(range(W))])
+    dense = ti.Vector([ldense[lv[j]] for j in ti.static(range(W))])
+    base0 = ti.Vector([table_off + loff[lv[j]] * F for j in ti.static(range(W))])
+    return ri, _lanes_to_f32(ri, W), hmask, dense, base0
+
+
+@ti.func
+def _cell_lanes(x: ti.f32, bound: ti.f32, ri: ti.template(), rf: ti.template(), W: ti.template()):
+    """:func:`_cell` in every lane: (cell index, fractional position), each a W-lane vector."""
+    u = ti.min(ti.max((x + bound) / (2.0 * bound), 0.0), 1.0) * rf
+    i0 = ti.min(_lanes_to_i32(ti.floor(u), W), ri - 1)
+    return i0, u - _lanes_to_f32(i0, W)
+
+
+@ti.func
+def _corner_lanes(c: ti.template(), ix: ti.template(), iy: ti.template(), iz: ti.template(), fx: ti.template(),
+                  fy: ti.template(), fz: ti.template(), ri: ti.template(), hmask: ti.template(), dense: ti.template()):
+    """:func:`_corner` in every lane: trilinear weight and level-local entry of corner ``c`` (static)."""
+    dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+    w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
+    cx, cy, cz = ix + dx, iy + dy, iz + dz
+    e_dense = cx + (ri + 1) * (cy + (ri + 1) * cz)
+    h = ti.cast(cx, ti.u32) ^ (ti.cast(cy, ti.u32) * ti.u32(PRIME_Y)) ^ (ti.cast(cz, ti.u32) * ti.u32(PRIME_Z))
+    return w, ti.select(dense != 0, e_dense, ti.cast(h & hmask, ti.i32))
+
+
 @ti.kernel
 def hash_encode_forward_levels(
     X: ROWS16,  # (M, D) rows16: xyz in cols 0..2, encoding written at col0
@@ -189,34 +224,18 @@ def hash_encode_forward_levels(
     lanes read entry 0 of the table (a cached line) and write 0. Vulkan/Metal scalarise the same
     source and compute the same values (the tests run it there); they use the per-level kernel."""
     for m in range(n):
-        # The level constants are built inside the loop: a vector computed before a parallel loop
-        # is handed to its tasks through a global temporary that is not 64-byte aligned, and the
-        # vector load from it segfaults (Taichi 1.7.4, CPU, SIMD on).
-        # (vectors of a width that is not a power of two, e.g. 5 lanes, came out wrong: padded)
-        ri = ti.Vector([res[l] if l < L else 1 for l in ti.static(range(LV))])
-        rf = _lanes_to_f32(ri, LV)
-        hmask = ti.Vector([ti.cast(lsize[l] - 1, ti.u32) if l < L else ti.u32(0) for l in ti.static(range(LV))])
-        dense = ti.Vector([ldense[l] if l < L else 1 for l in ti.static(range(LV))])
-        on = ti.Vector([l for l in ti.static(range(LV))]) < ti.min(n_active, L)
-        base0 = ti.Vector([table_off + loff[l] * F if l < L else table_off for l in ti.static(range(LV))])
+        # Lanes past the last level (the width is padded to a power of two: 5 lanes came out wrong)
+        # repeat it and are always off.
+        lanes = ti.Vector([l for l in ti.static(range(LV))])
+        ri, rf, hmask, dense, base0 = _level_lanes(ti.min(lanes, L - 1), LV, res, loff, lsize, ldense, table_off, F)
+        on = lanes < ti.min(n_active, L)
         x0 = X[m, 0]
-        cell = [ti.Vector([0] * LV) for _ in ti.static(range(3))]
-        frac = [ti.Vector([0.0] * LV) for _ in ti.static(range(3))]
-        for a in ti.static(range(3)):  # _cell, for every level at once
-            u = ti.min(ti.max((x0[a] + bound) / (2.0 * bound), 0.0), 1.0) * rf
-            i0 = ti.min(_lanes_to_i32(ti.floor(u), LV), ri - 1)
-            cell[a] = i0
-            frac[a] = u - _lanes_to_f32(i0, LV)
+        ix, fx = _cell_lanes(x0[0], bound, ri, rf, LV)
+        iy, fy = _cell_lanes(x0[1], bound, ri, rf, LV)
+        iz, fz = _cell_lanes(x0[2], bound, ri, rf, LV)
         acc = [ti.Vector([0.0] * LV) for _ in ti.static(range(F))]
-        for c in ti.static(range(8)):  # _corner, for every level at once
-            dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
-            w = ((frac[0] if dx else 1.0 - frac[0]) * (frac[1] if dy else 1.0 - frac[1])
-                 * (frac[2] if dz else 1.0 - frac[2]))
-            cx, cy, cz = cell[0] + dx, cell[1] + dy, cell[2] + dz
-            e_dense = cx + (ri + 1) * (cy + (ri + 1) * cz)
-            h = (ti.cast(cx, ti.u32) ^ (ti.cast(cy, ti.u32) * ti.u32(PRIME_Y))
-                 ^ (ti.cast(cz, ti.u32) * ti.u32(PRIME_Z)))
-            e = ti.select(dense != 0, e_dense, ti.cast(h & hmask, ti.i32))
+        for c in ti.static(range(8)):
+            w, e = _corner_lanes(c, ix, iy, iz, fx, fy, fz, ri, hmask, dense)
             base = base0 + ti.select(on, e, 0) * F
             for f in ti.static(range(F)):
                 acc[f] = acc[f] + w * ti.Vector([params[base[l] + f] for l in ti.static(range(LV))])
@@ -376,37 +395,22 @@ def hash_encode_backward_by_level(
         if it % _TASK_STRIDE == 0 and t < La:
             for m in range(n):
                 # lane j is level t + j·T (clamped into the table for the lanes past the last level;
-                # those lanes, and the levels that are off, store nothing). Built per point: see
-                # hash_encode_forward_levels on vectors made before a loop.
+                # those lanes, and the levels that are off, store nothing); built per point (_level_lanes)
                 lv = ti.Vector([t + j * T for j in ti.static(range(J))])
                 lc = ti.min(lv, L - 1)
-                ri = ti.Vector([res[lc[j]] for j in ti.static(range(J))])
-                rf = _lanes_to_f32(ri, J)
-                hmask = ti.Vector([ti.cast(lsize[lc[j]] - 1, ti.u32) for j in ti.static(range(J))])
-                dense = ti.Vector([ldense[lc[j]] for j in ti.static(range(J))])
-                base0 = ti.Vector([table_off + loff[lc[j]] * F for j in ti.static(range(J))])
+                ri, rf, hmask, dense, base0 = _level_lanes(lc, J, res, loff, lsize, ldense, table_off, F)
                 x0 = X[m, 0]
                 # No test for a zero gradient (a data-dependent branch here made it 1.5x slower; adding
                 # zero leaves the sum unchanged). The upstream gradient is read before the stores,
                 # which might alias it.
                 g = [ti.Vector([get(dX, m, col0 + lc[j] * F + f) for j in ti.static(range(J))])
                      for f in ti.static(range(F))]
-                cell = [ti.Vector([0] * J) for _ in ti.static(range(3))]
-                frac = [ti.Vector([0.0] * J) for _ in ti.static(range(3))]
-                for a in ti.static(range(3)):  # _cell, per lane
-                    u = ti.min(ti.max((x0[a] + bound) / (2.0 * bound), 0.0), 1.0) * rf
-                    i0 = ti.min(_lanes_to_i32(ti.floor(u), J), ri - 1)
-                    cell[a] = i0
-                    frac[a] = u - _lanes_to_f32(i0, J)
-                for c in ti.static(range(8)):  # _corner, per lane
-                    dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
-                    w = ((frac[0] if dx else 1.0 - frac[0]) * (frac[1] if dy else 1.0 - frac[1])
-                         * (frac[2] if dz else 1.0 - frac[2]))
-                    cx, cy, cz = cell[0] + dx, cell[1] + dy, cell[2] + dz
-                    e_dense = cx + (ri + 1) * (cy + (ri + 1) * cz)
-                    h = (ti.cast(cx, ti.u32) ^ (ti.cast(cy, ti.u32) * ti.u32(PRIME_Y))
-                         ^ (ti.cast(cz, ti.u32) * ti.u32(PRIME_Z)))
-                    base = base0 + ti.select(dense != 0, e_dense, ti.cast(h & hmask, ti.i32)) * F
+                ix, fx = _cell_lanes(x0[0], bound, ri, rf, J)
+                iy, fy = _cell_lanes(x0[1], bound, ri, rf, J)
+                iz, fz = _cell_lanes(x0[2], bound, ri, rf, J)
+                for c in ti.static(range(8)):
+                    w, e = _corner_lanes(c, ix, iy, iz, fx, fy, fz, ri, hmask, dense)
+                    base = base0 + e * F
                     wg = [w * g[f] for f in ti.static(range(F))]
                     for j in ti.static(range(J)):
                         if lv[j] < La:  # the same for every point: a predictable branch
