@@ -73,11 +73,11 @@ def kernels(grid, old, baseline: str, params, grads, X, dX, m: int, n_active: in
     def lanes():
         hash_grid.hash_encode_forward_levels(X, m, 3, params, grid.slice.offset, *lv_arrays, cfg.bound,
                                              cfg.n_features, cfg.n_levels, hash_grid.lane_width(cfg.n_levels),
-                                             n_active)
+                                             n_active, 0)
 
     def per_level():
         hash_grid.hash_encode_forward(X, m, 3, params, grid.slice.offset, *lv_arrays, cfg.bound, cfg.n_features,
-                                      n_active)
+                                      n_active, 0)
 
     fns = {"forward, levels as lanes": lanes, "forward, one level at a time": per_level,
            "backward (table scatter)": lambda: grid.backward(X, dX, m, 3, grads, n_active)}

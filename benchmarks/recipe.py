@@ -77,6 +77,9 @@ CHANGES = {
     "fine8": {"render.n_fine": 8},
     "fine64": {"render.n_fine": 64},
     "fine64_32k": {"render.n_fine": 64, "train.sample_budget": 32768},  # the rays per step kept
+    # the exact SDF gradient by forward-mode tangents (NeuS2) instead of the tetrahedral stencil: one hash
+    # lookup per sample instead of five, so more steps in the same time (issue 10)
+    "analytic": {"field.normal_mode": "analytic"},
 }
 
 

@@ -3,6 +3,7 @@ step broken down by stage.
 
     python benchmarks/step_throughput.py                                   # built-in scene (+ scan24 ¼ if present)
     python benchmarks/step_throughput.py --steps 100 --baseline 14bf453    # also time another commit, same run
+    python benchmarks/step_throughput.py --variant field.normal_mode=analytic   # defaults, then a variant, same run
 
 Each scene is loaded, a trainer with the default configuration (the one ``taichi-neus train`` uses)
 runs ``--warmup`` steps (compilation, occupancy warm-up, the ray count settling; half-way through them
@@ -18,6 +19,9 @@ uploads, bookkeeping). Calls nested inside a timed call count once, to the outer
 ``--baseline REV`` checks REV out into a temporary git worktree and runs this same script there in
 a subprocess, one after the other on the same machine, so the ratio is measured side by side.
 Stages that REV's trainer lacks are reported as missing.
+
+``--variant KEY=VALUE[,KEY=VALUE...]`` (repeatable): after the defaults, each scene is timed again with
+those options changed (a fresh trainer), in the same process, one after the other.
 
 Prints a table and writes JSON (default ``benchmarks/results/step_throughput.json``). Speed is
 measured here, never asserted in a test. Run it with nothing else running.
@@ -105,11 +109,27 @@ def instrument(tr, losses, clock: StageClock):
     clock.wrap(tr.opt, "step", "optimiser")
 
 
-def bench_scene(name: str, scene, args) -> dict:
+def parse_variant(text: str, Config) -> dict:
+    """``'field.normal_mode=analytic,render.n_fine=16'`` → {key: value typed as the option's default}."""
+    from taichi_neus.train.config import get_value
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        tp = type(get_value(Config(), key))
+        out[key] = (raw.lower() in ("1", "true", "yes")) if tp is bool else tp(raw)
+    return out
+
+
+def bench_scene(name: str, scene, args, variant: dict | None = None) -> dict:
     import taichi as ti
 
     Trainer, Config, losses = _import_trainer()
     cfg = Config()
+    if variant:
+        from taichi_neus.train.config import set_value
+        for k, v in variant.items():
+            set_value(cfg, k, v)
+        name = f"{name} [{','.join(f'{k}={v}' for k, v in variant.items())}]"
     cfg.train.seed = args.seed
     cfg.train.iters = max(cfg.train.iters, args.warmup + args.steps)
     cfg.train.val_every = cfg.train.ckpt_every = 0
@@ -201,7 +221,9 @@ def run_here(args) -> list[dict]:
     from taichi_neus import runtime
 
     runtime.init(args.arch, verbose=False)
-    return [bench_scene(name, scene, args) for name, scene in load_scenes(args)]
+    Config = _import_trainer()[1]
+    variants = [None] + [parse_variant(v, Config) for v in getattr(args, "variant", None) or []]
+    return [bench_scene(name, scene, args, var) for name, scene in load_scenes(args) for var in variants]
 
 
 def run_baseline(rev: str, args) -> dict:
@@ -251,6 +273,8 @@ def main(argv=None) -> int:
                     help="after the timed steps, this many more with every Taichi kernel timed (synced; not in the "
                          "step figures), the top 25 per scene in the table and JSON")
     ap.add_argument("--baseline", default="", help="git revision to time side by side (before this commit's run)")
+    ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="also time the scenes with these options changed (repeatable)")
     ap.add_argument("--json", default=str(HERE / "results" / "step_throughput.json"))
     args = ap.parse_args(argv)
     res = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "args": vars(args)}

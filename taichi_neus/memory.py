@@ -76,7 +76,9 @@ def step_bytes(cfg) -> dict:
     """
     fc, rc = cfg.field, cfg.render
     g = fc.grid
-    k = 7 if fc.normal_mode == "central" else 5  # stencil evaluations per sample (incl. the point)
+    # rows of the SDF network per sample: the stencil's evaluations incl. the point, or the point and its
+    # three tangents (analytic; plus one pre-activation buffer per hidden layer, counted as a fifth row)
+    k = {"central": 7, "analytic": 5}.get(fc.normal_mode, 5)
     x0 = g.n_levels * g.n_features + (3 if fc.include_xyz else 0)
     sdf_out = 1 + fc.feature_dim
     c_in = 3 + 3 + 16 + fc.feature_dim  # xyz, normal, SH degree 4 of the view direction, feature

@@ -297,7 +297,7 @@ def test_step_memory_estimate_covers_the_buffers(scene, tmp_path):
     """memory.step_bytes is an upper bound of the sampler and field buffers a step allocates at the
     largest batch, and not a loose one (within 2.5x: it assumes every ray marches max_coarse bins;
     measured 2.0x for the small model with the occupancy grid all occupied)."""
-    for normal_mode in ("tetrahedral", "central"):
+    for normal_mode in ("tetrahedral", "central", "analytic"):
         cfg = small_config(iters=5)
         cfg.train.sample_budget = 10**9  # the ray count starts (and stays) at max_rays
         cfg.train.max_rays = 512

@@ -48,10 +48,10 @@ def test_hash_encoding_values_and_table_gradient():
                 grid.forward(X, n, 3, params, n_active)
             elif kernel is hash_grid.hash_encode_forward_levels:
                 kernel(X, n, 3, params, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
-                       cfg.n_levels, hash_grid.lane_width(cfg.n_levels), n_active)
+                       cfg.n_levels, hash_grid.lane_width(cfg.n_levels), n_active, 0)
             else:
                 kernel(X, n, 3, params, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
-                       n_active)
+                       n_active, 0)
             got = buffers.rows16_to_numpy(X, 3 + cfg.out_dim)[:, 3:]
             on = n_active * cfg.n_features
             assert _rel(got[:, :on], ref.detach().numpy()[:, :on]) < 1e-5, (kernel, n_active)
@@ -71,10 +71,10 @@ def test_hash_encoding_values_and_table_gradient():
             grid.backward(X, dX, n, 3, grads)
         elif kernel is hash_grid.hash_encode_backward_by_level:
             kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
-                   cfg.n_levels, cfg.n_levels)
+                   cfg.n_levels, cfg.n_levels, 0)
         else:
             kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
-                   cfg.n_levels)
+                   cfg.n_levels, 0)
         assert _rel(buffers.to_numpy(grads) - 0.5, theta.grad.numpy()) < 1e-5, kernel
 
 
@@ -172,7 +172,7 @@ def test_sh_basis_is_orthonormal():
     assert np.abs(Y - sh16(t64(d)).numpy()).max() < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["tetrahedral", "central"])
+@pytest.mark.parametrize("mode", ["tetrahedral", "central", "analytic"])
 def test_field_forward_backward_matches_torch(mode):
     field, layout, params = small_field(mode, seed=4)
     n = 256

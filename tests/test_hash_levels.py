@@ -85,9 +85,9 @@ def test_table_gradient_of_inactive_levels_is_zero_and_active_levels_match_float
         if kernel is None:
             grid.backward(X, dX, N, 3, grads, n_active=k)
         elif kernel is hash_grid.hash_encode_backward_by_level:
-            kernel(X, dX, N, 3, grads, off, *grid._level_arrays(), CFG.bound, CFG.n_features, CFG.n_levels, k)
+            kernel(X, dX, N, 3, grads, off, *grid._level_arrays(), CFG.bound, CFG.n_features, CFG.n_levels, k, 0)
         else:
-            kernel(X, dX, N, 3, grads, off, *grid._level_arrays(), CFG.bound, CFG.n_features, k)
+            kernel(X, dX, N, 3, grads, off, *grid._level_arrays(), CFG.bound, CFG.n_features, k, 0)
         got = buffers.to_numpy(grads) - 0.5
         assert (got[first_off:] == 0.0).all(), kernel  # inactive levels' slices untouched, bit for bit
         assert _rel(got[:first_off], want[:first_off]) < 1e-5, kernel

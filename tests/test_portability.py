@@ -16,7 +16,7 @@ def _vulkan_available() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
-def _run_both(script: str, tmp_path) -> dict:
+def _run_both(script: str, tmp_path, *extra: str) -> dict:
     if shutil.which("vulkaninfo") is None and not Path("/usr/share/vulkan/icd.d").exists():
         pytest.skip("no Vulkan ICD installed (CI installs mesa-vulkan-drivers)")
     if not _vulkan_available():
@@ -24,7 +24,8 @@ def _run_both(script: str, tmp_path) -> dict:
     outs = {}
     for arch in ("cpu", "vulkan"):
         f = tmp_path / f"{arch}.npz"
-        p = subprocess.run([sys.executable, str(SCRIPTS / script), arch, str(f)], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, str(SCRIPTS / script), arch, str(f), *extra], capture_output=True,
+                           text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         outs[arch] = np.load(f)
     return outs
@@ -34,8 +35,9 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
 
 
-def test_field_vulkan_matches_cpu(tmp_path):
-    outs = _run_both("field_step.py", tmp_path)
+@pytest.mark.parametrize("mode", ["tetrahedral", "analytic"])
+def test_field_vulkan_matches_cpu(tmp_path, mode):
+    outs = _run_both("field_step.py", tmp_path, mode)
     for key in ("sdf", "normal", "rgb", "grads"):
         assert _rel(outs["cpu"][key], outs["vulkan"][key]) < 1e-4, key
 

@@ -27,8 +27,10 @@ def scene():
     return load_dtu(default_scene_path())
 
 
-def _captured_step(scene, tmp_path, grad_scaling: str, level_start: int = 0, curvature: float = 0.0):
-    cfg = small_config(iters=100)  # step 6 of 100: cos-anneal ratio 0.3, both relu terms of the cosine live
+def _captured_step(scene, tmp_path, grad_scaling: str, level_start: int = 0, curvature: float = 0.0,
+                   normal_mode: str = "tetrahedral"):
+    cfg = small_config(iters=100)
+    cfg.field.normal_mode = normal_mode  # step 6 of 100: cos-anneal ratio 0.3, both relu terms of the cosine live
     cfg.train.grad_scaling = grad_scaling
     # coarse-to-fine hash grid with ε from the finest level on when level_start > 0, else every level and the ε
     # schedule; no footprint cap; no uniform eikonal points (their term is checked in test_geometry_supervision)
@@ -136,11 +138,12 @@ def _reference_loss(tr, c: dict, theta: torch.Tensor) -> torch.Tensor:
     return l1 + bce + eik + curv
 
 
-@pytest.mark.parametrize("grad_scaling,level_start,curvature", [("none", 0, 0.0), ("paper", 0, 0.0), ("none", 2, 0.0),
-                                                                 ("none", 0, 1e-3)])
+@pytest.mark.parametrize("grad_scaling,level_start,curvature,normal_mode", [
+    ("none", 0, 0.0, "tetrahedral"), ("paper", 0, 0.0, "tetrahedral"), ("none", 2, 0.0, "tetrahedral"),
+    ("none", 0, 1e-3, "tetrahedral"), ("none", 2, 0.0, "analytic")])
 def test_one_training_step_matches_float64_autograd_of_the_total_loss(scene, tmp_path, grad_scaling, level_start,
-                                                                      curvature):
-    tr, c = _captured_step(scene, tmp_path, grad_scaling, level_start, curvature)
+                                                                      curvature, normal_mode):
+    tr, c = _captured_step(scene, tmp_path, grad_scaling, level_start, curvature, normal_mode)
     assert c["S"] > 1000 and 0.1 < c["r"] < 0.9
     # the reference field (TorchField) reads the same active level count from tr.field
     assert tr.field.active_levels == c["levels"] == (level_start or tr.cfg.field.grid.n_levels)

@@ -106,6 +106,30 @@ def _corner(c, ix, iy, iz, fx, fy, fz, r, size, dense):
     return w, _corner_index(ix + dx, iy + dy, iz + dz, r, size, dense)
 
 
+@ti.func
+def _corner_dw(c: ti.template(), fx: ti.template(), fy: ti.template(), fz: ti.template()):
+    """∂w/∂(fx, fy, fz) of corner ``c``'s trilinear weight (static ``c``; scalars or W-lane vectors):
+    the derivative of one factor times the other two."""
+    dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
+    wx, wy, wz = (fx if dx else 1.0 - fx), (fy if dy else 1.0 - fy), (fz if dz else 1.0 - fz)
+    # signs as factors: a unary minus on a vector aborts Taichi 1.7.4's LLVM codegen with SIMD on
+    return (wy * wz) * (1.0 if dx else -1.0), (wx * wz) * (1.0 if dy else -1.0), (wx * wy) * (1.0 if dz else -1.0)
+
+
+@ti.func
+def _cell_slope(x: ti.f32, bound: ti.f32, r) -> ti.f32:
+    """d(fractional position)/dx of :func:`_cell`: r/2b inside the domain, 0 where the clamp holds it
+    (as torch.clamp: the gradient passes at the bounds themselves). ``r`` a scalar or lane vector."""
+    u = (x + bound) / (2.0 * bound)
+    inside = ti.select((u >= 0.0) & (u <= 1.0), 1.0, 0.0)
+    return r * (inside / (2.0 * bound))
+
+
+# Rows per point of a forward with the encoding's Jacobian (``JAC``): row m·4 holds the point and
+# its encoding, rows m·4 + 1 + t the encoding's derivative along axis t (forward-mode tangents).
+JAC_ROWS = 4
+
+
 @ti.kernel
 def hash_encode_forward(
     X: ROWS16,  # (M, D) rows16: xyz in cols 0..2, encoding written at col0
@@ -120,28 +144,43 @@ def hash_encode_forward(
     bound: ti.f32,
     F: ti.template(),
     n_active: ti.i32,  # levels lv >= n_active are off: their features are written as 0, nothing is read
+    JAC: ti.template(),  # 1: also the encoding's Jacobian, in rows m·4 + 1 + t (JAC_ROWS); n counts points
 ):
     """One thread per point, its position read once, the levels in turn."""
     L = res.shape[0]
     La = ti.max(ti.min(n_active, L), 0)
+    R = ti.static(JAC_ROWS if JAC else 1)
     for m in range(n):
-        x0 = X[m, 0]
+        row = m * R
+        x0 = X[row, 0]
         for lv in range(La):
             r = res[lv]
             ix, fx = _cell(x0[0], bound, r)
             iy, fy = _cell(x0[1], bound, r)
             iz, fz = _cell(x0[2], bound, r)
             acc = ti.Vector([0.0] * F)
+            jac = [ti.Vector([0.0] * F) for _ in ti.static(range(3))]
             for c in ti.static(range(8)):
                 w, e = _corner(c, ix, iy, iz, fx, fy, fz, r, lsize[lv], ldense[lv])
                 base = table_off + (loff[lv] + e) * F
                 for f in ti.static(range(F)):
                     acc[f] += w * params[base + f]
+                if ti.static(JAC):
+                    dw = _corner_dw(c, fx, fy, fz)
+                    for t in ti.static(range(3)):
+                        for f in ti.static(range(F)):
+                            jac[t][f] += dw[t] * params[base + f]
             for f in ti.static(range(F)):
-                put(X, m, col0 + lv * F + f, acc[f])
+                put(X, row, col0 + lv * F + f, acc[f])
+            if ti.static(JAC):
+                for t in ti.static(range(3)):
+                    s = _cell_slope(x0[t], bound, r)
+                    for f in ti.static(range(F)):
+                        put(X, row + 1 + t, col0 + lv * F + f, jac[t][f] * s)
         for lv in range(La, L):
-            for f in ti.static(range(F)):
-                put(X, m, col0 + lv * F + f, 0.0)
+            for q in ti.static(range(R)):
+                for f in ti.static(range(F)):
+                    put(X, row + q, col0 + lv * F + f, 0.0)
 
 
 def lane_width(n_levels: int) -> int:
@@ -212,6 +251,7 @@ def hash_encode_forward_levels(
     L: ti.template(),  # number of levels
     LV: ti.template(),  # vector width: the power of two >= L (lanes >= L are padding, always off)
     n_active: ti.i32,  # levels lv >= n_active are off: their features are written as 0
+    JAC: ti.template(),  # 1: also the encoding's Jacobian, in rows m·4 + 1 + t (JAC_ROWS); n counts points
 ):
     """:func:`hash_encode_forward` with the levels as the lanes of one L-wide vector (the CPU's kernel).
 
@@ -223,28 +263,43 @@ def hash_encode_forward_levels(
     faster at 10–16 levels on (``benchmarks/hash_grid_throughput.py``, 2-core CPU). An off level's
     lanes read entry 0 of the table (a cached line) and write 0. Vulkan/Metal scalarise the same
     source and compute the same values (the tests run it there); they use the per-level kernel."""
+    R = ti.static(JAC_ROWS if JAC else 1)
     for m in range(n):
+        row = m * R
         # Lanes past the last level (the width is padded to a power of two: 5 lanes came out wrong)
         # repeat it and are always off.
         lanes = ti.Vector([l for l in ti.static(range(LV))])
         ri, rf, hmask, dense, base0 = _level_lanes(ti.min(lanes, L - 1), LV, res, loff, lsize, ldense, table_off, F)
         on = lanes < ti.min(n_active, L)
-        x0 = X[m, 0]
+        x0 = X[row, 0]
         ix, fx = _cell_lanes(x0[0], bound, ri, rf, LV)
         iy, fy = _cell_lanes(x0[1], bound, ri, rf, LV)
         iz, fz = _cell_lanes(x0[2], bound, ri, rf, LV)
         acc = [ti.Vector([0.0] * LV) for _ in ti.static(range(F))]
+        jac = [[ti.Vector([0.0] * LV) for _ in ti.static(range(F))] for _ in ti.static(range(3 if JAC else 0))]
         for c in ti.static(range(8)):
             w, e = _corner_lanes(c, ix, iy, iz, fx, fy, fz, ri, hmask, dense)
             base = base0 + ti.select(on, e, 0) * F
             for f in ti.static(range(F)):
-                acc[f] = acc[f] + w * ti.Vector([params[base[l] + f] for l in ti.static(range(LV))])
+                v = ti.Vector([params[base[l] + f] for l in ti.static(range(LV))])
+                acc[f] = acc[f] + w * v
+                if ti.static(JAC):
+                    dw = _corner_dw(c, fx, fy, fz)
+                    for t in ti.static(range(3)):
+                        jac[t][f] = jac[t][f] + dw[t] * v
         for f in ti.static(range(F)):
             # (whole-vector select: reading one lane of the boolean vector ``on`` miscompiled, SIMD on)
             acc[f] = ti.select(on, acc[f], 0.0)
         for lv in ti.static(range(L)):
             for f in ti.static(range(F)):
-                put(X, m, col0 + lv * F + f, acc[f][lv])
+                put(X, row, col0 + lv * F + f, acc[f][lv])
+        if ti.static(JAC):
+            for t in ti.static(range(3)):
+                s = _cell_slope(x0[t], bound, rf)
+                for f in ti.static(range(F)):
+                    jt = ti.select(on, jac[t][f] * s, 0.0)
+                    for lv in ti.static(range(L)):
+                        put(X, row + 1 + t, col0 + lv * F + f, jt[lv])
 
 
 @ti.kernel
@@ -262,34 +317,39 @@ def hash_encode_backward_atomic(
     bound: ti.f32,
     F: ti.template(),
     n_active: ti.i32,  # only levels lv < n_active receive gradient
+    JAC: ti.template(),  # 1: rows m·4 + 1 + t hold dL/d(Jacobian) too (JAC_ROWS); n counts points
 ):
-    """Table gradient, one thread per (point, level), atomic adds (for the massively parallel backends)."""
+    """Table gradient, one thread per (point, level), atomic adds (for the massively parallel backends).
+    With ``JAC``, each corner's entry receives w·g + Σ_t (∂w/∂x_t)·g_t: the value's and the Jacobian's
+    gradients at once, one scatter per point and level."""
     La = ti.max(ti.min(n_active, res.shape[0]), 0)
+    R = ti.static(JAC_ROWS if JAC else 1)
     for m, lv in ti.ndrange(n, La):
+        row = m * R
         r = res[lv]
-        ix, fx = _cell(get(X, m, 0), bound, r)
-        iy, fy = _cell(get(X, m, 1), bound, r)
-        iz, fz = _cell(get(X, m, 2), bound, r)
-        g = ti.Vector([0.0] * F)
-        for f in ti.static(range(F)):
-            g[f] = get(dX, m, col0 + lv * F + f)
-        if g.norm_sqr() > 0.0:
-            for c in range(8):
+        x0 = ti.Vector([get(X, row, 0), get(X, row, 1), get(X, row, 2)])
+        ix, fx = _cell(x0[0], bound, r)
+        iy, fy = _cell(x0[1], bound, r)
+        iz, fz = _cell(x0[2], bound, r)
+        g = [ti.Vector([0.0] * F) for _ in ti.static(range(R))]
+        nz = 0.0
+        for q in ti.static(range(R)):
+            for f in ti.static(range(F)):
+                g[q][f] = get(dX, row + q, col0 + lv * F + f)
+            if ti.static(q > 0):
+                g[q] *= _cell_slope(x0[q - 1], bound, r)
+            nz += g[q].norm_sqr()
+        if nz > 0.0:
+            for c in ti.static(range(8)):
                 w, e = _corner(c, ix, iy, iz, fx, fy, fz, r, lsize[lv], ldense[lv])
                 base = table_off + (loff[lv] + e) * F
+                gc = w * g[0]
+                if ti.static(JAC):
+                    dw = _corner_dw(c, fx, fy, fz)
+                    for t in ti.static(range(3)):
+                        gc += dw[t] * g[1 + t]
                 for f in ti.static(range(F)):
-                    ti.atomic_add(grads[base + f], w * g[f])
-
-
-@ti.func
-def _cell_slope(x: ti.f32, bound: ti.f32, r: ti.i32) -> ti.f32:
-    """d(fractional position)/dx of :func:`_cell`: r/2b inside the domain, 0 where the clamp holds it
-    (as torch.clamp: the gradient passes at the bounds themselves)."""
-    u = (x + bound) / (2.0 * bound)
-    s = 0.0
-    if u >= 0.0 and u <= 1.0:
-        s = r / (2.0 * bound)
-    return s
+                    ti.atomic_add(grads[base + f], gc[f])
 
 
 @ti.kernel
@@ -373,6 +433,7 @@ def hash_encode_backward_by_level(
     F: ti.template(),
     L: ti.template(),  # number of levels
     n_active: ti.i32,  # only levels lv < n_active receive gradient (a task owning none of them does nothing)
+    JAC: ti.template(),  # 1: rows m·4 + 1 + t hold dL/d(Jacobian) too (JAC_ROWS); n counts points
 ):
     """Table gradient for the CPU: each task owns whole levels (see LEVELS_PER_TASK), so its points
     are scattered one after the other with plain loads and stores, in point order, no atomics.
@@ -384,34 +445,46 @@ def hash_encode_backward_by_level(
     (0.26 s). A task's four levels are the lanes of one vector for the cell, weight and hash
     arithmetic (as :func:`hash_encode_forward_levels`; ~10-20% faster, the scattered adds dominate).
     The result differs from the atomic scatter only by float32 summation order, and is
-    deterministic."""
+    deterministic. With ``JAC`` a corner's entry receives w·g + Σ_t (∂w/∂x_t)·g_t in one store."""
     La = ti.max(ti.min(n_active, L), 0)
     # T from all L levels, not the active ones: with few levels active each still gets a task of its own
     # (task t's first level is t), so both cores keep working early in a coarse-to-fine run.
     T = ti.static((L + LEVELS_PER_TASK - 1) // LEVELS_PER_TASK)
     J = ti.static(LEVELS_PER_TASK)
+    R = ti.static(JAC_ROWS if JAC else 1)
     for it in range(T * _TASK_STRIDE):
         t = it // _TASK_STRIDE
         if it % _TASK_STRIDE == 0 and t < La:
             for m in range(n):
+                row = m * R
                 # lane j is level t + j·T (clamped into the table for the lanes past the last level;
                 # those lanes, and the levels that are off, store nothing); built per point (_level_lanes)
                 lv = ti.Vector([t + j * T for j in ti.static(range(J))])
                 lc = ti.min(lv, L - 1)
                 ri, rf, hmask, dense, base0 = _level_lanes(lc, J, res, loff, lsize, ldense, table_off, F)
-                x0 = X[m, 0]
+                x0 = X[row, 0]
                 # No test for a zero gradient (a data-dependent branch here made it 1.5x slower; adding
                 # zero leaves the sum unchanged). The upstream gradient is read before the stores,
                 # which might alias it.
-                g = [ti.Vector([get(dX, m, col0 + lc[j] * F + f) for j in ti.static(range(J))])
-                     for f in ti.static(range(F))]
+                g = [[ti.Vector([get(dX, row + q, col0 + lc[j] * F + f) for j in ti.static(range(J))])
+                      for f in ti.static(range(F))] for q in ti.static(range(R))]
+                if ti.static(JAC):
+                    for q in ti.static(range(1, R)):
+                        s = _cell_slope(x0[q - 1], bound, rf)
+                        for f in ti.static(range(F)):
+                            g[q][f] = g[q][f] * s
                 ix, fx = _cell_lanes(x0[0], bound, ri, rf, J)
                 iy, fy = _cell_lanes(x0[1], bound, ri, rf, J)
                 iz, fz = _cell_lanes(x0[2], bound, ri, rf, J)
                 for c in ti.static(range(8)):
                     w, e = _corner_lanes(c, ix, iy, iz, fx, fy, fz, ri, hmask, dense)
                     base = base0 + e * F
-                    wg = [w * g[f] for f in ti.static(range(F))]
+                    wg = [w * g[0][f] for f in ti.static(range(F))]
+                    if ti.static(JAC):
+                        dw = _corner_dw(c, fx, fy, fz)
+                        for q in ti.static(range(3)):
+                            for f in ti.static(range(F)):
+                                wg[f] = wg[f] + dw[q] * g[1 + q][f]
                     for j in ti.static(range(J)):
                         if lv[j] < La:  # the same for every point: a predictable branch
                             for f in ti.static(range(F)):
@@ -458,35 +531,42 @@ class HashGrid:
         L = self.cfg.n_levels
         return L if n_active is None else min(max(int(n_active), 0), L)
 
-    def forward(self, X, n: int, col0: int, params, n_active: int | None = None) -> None:
+    def forward(self, X, n: int, col0: int, params, n_active: int | None = None, jacobian: bool = False) -> None:
         """Encode the points in ``X[:n, 0:3]`` (unit-sphere coords) into ``X[:n, col0:col0+L*F]``
         (``X`` a :func:`taichi_neus.buffers.rows16` buffer). With ``n_active`` only the coarsest
         ``n_active`` levels are looked up; the finer levels' features are written as exactly 0
         (coarse-to-fine training, Neuralangelo / NeuS2). CPU: the levels as vector lanes
-        (:func:`hash_encode_forward_levels`); other backends: one level at a time."""
+        (:func:`hash_encode_forward_levels`); other backends: one level at a time.
+
+        ``jacobian``: ``n`` counts points, point m is row m·4 of ``X`` and rows m·4 + 1 + t receive
+        ∂encoding/∂x_t in the same columns (:data:`JAC_ROWS`; forward-mode tangents for an analytic normal,
+        as NeuS2 computes it). The Jacobian is the trilinear weights' derivative, piecewise constant across
+        cell faces, zero outside ``[-bound, bound]``."""
         from taichi_neus import runtime
         res, loff, lsize, ldense = self._level_arrays()
         if runtime.current_arch() == "cpu":
             hash_encode_forward_levels(X, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
                                        self.cfg.bound, self.cfg.n_features, self.cfg.n_levels,
-                                       lane_width(self.cfg.n_levels), self._active(n_active))
+                                       lane_width(self.cfg.n_levels), self._active(n_active), int(jacobian))
         else:
             hash_encode_forward(X, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
-                                self.cfg.bound, self.cfg.n_features, self._active(n_active))
+                                self.cfg.bound, self.cfg.n_features, self._active(n_active), int(jacobian))
 
-    def backward(self, X, dX, n: int, col0: int, grads, n_active: int | None = None) -> None:
+    def backward(self, X, dX, n: int, col0: int, grads, n_active: int | None = None, jacobian: bool = False) -> None:
         """Add ``dX[:n, col0:col0+L*F]`` (dL/d encoding) scattered onto the table into ``grads``
         (CPU: one task per level, no atomics; other backends: one thread per point and level, atomics).
-        Only the levels ``< n_active`` (all for None) receive gradient; the others' slices are untouched."""
+        Only the levels ``< n_active`` (all for None) receive gradient; the others' slices are untouched.
+        ``jacobian``: the rows are laid out as by ``forward(..., jacobian=True)`` (``n`` points) and rows
+        m·4 + 1 + t of ``dX`` hold dL/d(∂encoding/∂x_t); both reach the table in one scatter."""
         from taichi_neus import runtime
         res, loff, lsize, ldense = self._level_arrays()
         if runtime.current_arch() == "cpu":
             hash_encode_backward_by_level(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
                                           self.cfg.bound, self.cfg.n_features, self.cfg.n_levels,
-                                          self._active(n_active))
+                                          self._active(n_active), int(jacobian))
         else:
             hash_encode_backward_atomic(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
-                                        self.cfg.bound, self.cfg.n_features, self._active(n_active))
+                                        self.cfg.bound, self.cfg.n_features, self._active(n_active), int(jacobian))
 
     def backward_points(self, X, dX, n: int, col0: int, params, dP, n_active: int | None = None) -> None:
         """dL/d(position) (n, 3) into ``dP`` (overwritten) from ``dX[:n, col0:col0+L*F]`` (dL/d encoding),

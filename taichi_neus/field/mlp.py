@@ -86,6 +86,19 @@ def _dact(y, act: ti.template(), beta: ti.f32):
     return d
 
 
+@ti.func
+def _ddact(y, d, act: ti.template(), beta: ti.f32):
+    """Second derivative of the activation of a 16-float vector, from its output ``y`` and first
+    derivative ``d`` (:func:`_dact`): softplus_β'' = β·s(1 − s) with s = softplus' = sigmoid(βz);
+    sigmoid'' = d(1 − 2y); ReLU and none: 0."""
+    dd = y * 0.0
+    if ti.static(act == ACT_SOFTPLUS):
+        dd = beta * d * (1.0 - d)
+    elif ti.static(act == ACT_SIGMOID):
+        dd = d * (1.0 - 2.0 * y)
+    return dd
+
+
 ROWS = 4  # points per register tile (tile: ROWS points × 16 outputs, ROWS vector accumulators)
 V16 = buffers.V16
 ROWS16 = buffers.ROWS16
@@ -131,15 +144,18 @@ def pack_weights(
 @ti.kernel
 def linear_forward(
     X: ROWS16, xb: ti.i32, NIB: ti.i32, Y: ROWS16, NOB: ti.i32, n: ti.i32,
-    Wp: VEC1, bp: VEC1, act: ti.template(), beta: ti.f32, JB: ti.template(),
+    Wp: VEC1, bp: VEC1, act: ti.template(), beta: ti.f32, JB: ti.template(), KB: ti.template(),
 ):
     """Y[m, ob] = act(b[ob] + Σ_r X[m, xb + r // 16][r % 16] · Wp[r, ob]) for m < n (16-output blocks).
+    The bias is added to the rows m ≡ 0 (mod KB) only (KB divides ROWS): with KB = 4 the other rows are
+    forward-mode tangents (:func:`tangent_act_forward`), which a linear map carries without its bias.
 
     Register tiles of ROWS points × JB output blocks (JB·16 outputs; JB divides NOB): each input
     element, broadcast once, feeds JB vector multiply-adds and each weight vector ROWS, and the
     ROWS·JB accumulators stay in registers for the whole input loop (DESIGN §3c)."""
     for mb, og in ti.ndrange((n + ROWS - 1) // ROWS, NOB // JB):
-        acc = [[bp[og * JB + j] for j in ti.static(range(JB))] for _ in ti.static(range(ROWS))]
+        acc = [[bp[og * JB + j] if ti.static(t % KB == 0) else ti.Vector([0.0] * VW) for j in ti.static(range(JB))]
+               for t in ti.static(range(ROWS))]
         for ib in range(NIB):
             xs = [X[ti.min(mb * ROWS + t, n - 1), xb + ib] for t in ti.static(range(ROWS))]
             for k in ti.static(range(VW)):
@@ -203,6 +219,35 @@ def linear_backward_input(
                     dX[m, dxb + b] = dX[m, dxb + b] * _dact(X[m, xb + b], in_act, in_beta)
 
 
+@ti.kernel
+def tangent_act_forward(Z: ROWS16, Y: ROWS16, n: ti.i32, R: ti.template(), act: ti.template(), beta: ti.f32):
+    """Forward-mode tangents through an activation, for ``n`` points of R rows each: row m·R holds the
+    pre-activation z, rows m·R + t (t ≥ 1) its tangents ż_t; writes y = act(z) and ẏ_t = act'(z)·ż_t."""
+    for m, ob in ti.ndrange(n, Z.shape[1]):
+        y = _act(Z[m * R, ob], act, beta)
+        d = _dact(y, act, beta)
+        Y[m * R, ob] = y
+        for t in ti.static(range(1, R)):
+            Y[m * R + t, ob] = d * Z[m * R + t, ob]
+
+
+@ti.kernel
+def tangent_act_backward(Z: ROWS16, Y: ROWS16, dY: ROWS16, n: ti.i32, R: ti.template(), act: ti.template(),
+                         beta: ti.f32):
+    """The transpose of :func:`tangent_act_forward`, in place: dY's rows (dL/dy, dL/dẏ_t) become
+    (dL/dz, dL/dż_t), with dL/dz = act'(z)·dL/dy + Σ_t act''(z)·ż_t·dL/dẏ_t and dL/dż_t = act'(z)·dL/dẏ_t."""
+    for m, ob in ti.ndrange(n, dY.shape[1]):
+        y = Y[m * R, ob]
+        d = _dact(y, act, beta)
+        dd = _ddact(y, d, act, beta)
+        dz = d * dY[m * R, ob]
+        for t in ti.static(range(1, R)):
+            g = dY[m * R + t, ob]
+            dz += dd * Z[m * R + t, ob] * g
+            dY[m * R + t, ob] = d * g
+        dY[m * R, ob] = dz
+
+
 def block_group(n_blocks: int) -> int:
     """Vector blocks per register tile: the largest of 4, 3, 2, 1 that divides ``n_blocks``
     (4 points × 4 blocks = 16 accumulators, half the AVX-512 register file)."""
@@ -212,10 +257,11 @@ def block_group(n_blocks: int) -> int:
 @ti.kernel
 def linear_backward_weight_partial(
     X: ROWS16, xb: ti.i32, NIB: ti.i32, dZ: ROWS16, NOB: ti.i32, n: ti.i32, partial: VEC2, n_chunks: ti.i32,
-    IK: ti.template(), JB: ti.template(),
+    IK: ti.template(), JB: ti.template(), KB: ti.template(),
 ):
     """partial[c, r·NOB + ob] = Σ_{m in chunk c} X[m, xb + r // 16][r % 16] · dZ[m, ob] (vectors over
-    outputs); storage row r = 16·NIB is the bias (x = 1).
+    outputs); storage row r = 16·NIB is the bias (x = 1), summed over the rows m ≡ 0 (mod KB) only (the
+    rows that received it in :func:`linear_forward`).
 
     One task per (chunk, IK inputs, JB output blocks): its IK·JB vector sums stay in registers while
     the chunk's rows stream by (no atomics, no read-modify-write); per row, IK broadcasts and JB
@@ -240,9 +286,9 @@ def linear_backward_weight_partial(
                     partial[c, (ib * VW + k0 + k) * NOB + og * JB + j] = acc[k][j]
         else:
             acc = [ti.Vector([0.0] * VW) for _ in ti.static(range(JB))]
-            for m in range(lo, hi):
+            for mk in range((lo + KB - 1) // KB, (hi + KB - 1) // KB):
                 for j in ti.static(range(JB)):
-                    acc[j] += dZ[m, og * JB + j]
+                    acc[j] += dZ[mk * KB, og * JB + j]
             for j in ti.static(range(JB)):
                 partial[c, NIB * VW * NOB + og * JB + j] = acc[j]
 
@@ -312,7 +358,7 @@ class Linear:
         for what, a in named:
             buffers.check_aligned(a, what)
 
-    def _weight_grads(self, X, xb: int, xoff: int, NIB: int, dY, n: int, grads, n_chunks) -> None:
+    def _weight_grads(self, X, xb: int, xoff: int, NIB: int, dY, n: int, grads, n_chunks, bias_every: int = 1) -> None:
         """Add dL/dW and dL/db into ``grads``: per-chunk partial sums of Xᵀ·dY, then their reduction."""
         n_chunks = n_weight_chunks(n) if n_chunks is None else int(n_chunks)
         from taichi_neus import runtime
@@ -323,20 +369,26 @@ class Linear:
             self._scratch[key] = buffers.check_aligned(partial, "the weight-gradient scratch")
         jb = block_group(self.NOB)
         ik = {1: 16, 2: 8, 3: 4, 4: 4}[jb]  # inputs per tile: IK·JB ≤ 16 accumulators
-        linear_backward_weight_partial(X, xb, NIB, dY, self.NOB, n, partial, n_chunks, ik, jb)
+        linear_backward_weight_partial(X, xb, NIB, dY, self.NOB, n, partial, n_chunks, ik, jb, int(bias_every))
         linear_backward_weight_reduce(partial, n_chunks, xoff, NIB, self.NOB, self.n_in, self.n_out, grads,
                                       self.W.offset, self.b.offset)
 
-    def forward(self, X, xcol: int, Y, n: int, params) -> None:
+    def forward(self, X, xcol: int, Y, n: int, params, bias_every: int = 1, activate: bool = True) -> None:
         """``Y[:n, 0:out] = act(X[:n, xcol:xcol + in] · Wt + b)``; X, Y rows16 buffers (Y's padding
-        columns receive act(0))."""
+        columns receive act(0)). ``bias_every`` (1 or 4): the bias goes to the rows m ≡ 0 (mod it) only;
+        ``activate=False`` writes the pre-activation (both for forward-mode tangents, see
+        :func:`tangent_act_forward`)."""
+        if ROWS % int(bias_every):
+            raise ValueError(f"bias_every must divide {ROWS}, got {bias_every}")
         self._check(("the layer input", X), ("the layer output", Y))
         xb, xoff, NIB = self._geometry(xcol)
         Wp, _, bp = self._pack(params, xoff, NIB)
-        linear_forward(X, xb, NIB, Y, self.NOB, n, Wp, bp, self.act, self.beta, block_group(self.NOB))
+        linear_forward(X, xb, NIB, Y, self.NOB, n, Wp, bp, self.act if activate else ACT_NONE, self.beta,
+                       block_group(self.NOB), int(bias_every))
 
     def backward(self, X, xcol: int, Y, dY, n: int, params, grads, n_chunks: int | None = None, dX=None,
-                 dxcol: int = 0, dx_range=None, dy_preact: bool = False, dx_act: "Linear | None" = None) -> None:
+                 dxcol: int = 0, dx_range=None, dy_preact: bool = False, dx_act: "Linear | None" = None,
+                 bias_every: int = 1) -> None:
         """Backward through act and the affine map.
 
         ``dY`` (n, out) holds dL/dY on entry and dL/dZ (pre-activation) on exit (``dy_preact``: it
@@ -347,7 +399,8 @@ class Linear:
         default all inputs); ``dxcol ≡ xcol (mod 16)``, and the other columns of the 16-column blocks
         written receive their gradient too. ``dx_act``: the layer whose output ``X`` is; dX is then
         multiplied by its activation's derivative on the way out (its dL/dZ, for its backward with
-        ``dy_preact=True``), which saves a pass over the hidden activations.
+        ``dy_preact=True``), which saves a pass over the hidden activations. ``bias_every``: as in
+        :meth:`forward` (the bias gradient sums those rows only).
         """
         self._check(("the layer input", X), ("the layer output", Y), ("the output gradient", dY))
         xb, xoff, NIB = self._geometry(xcol)
@@ -355,7 +408,7 @@ class Linear:
         if self.act != ACT_NONE and not dy_preact:
             act_backward(Y, dY, n, self.act, self.beta)
         if grads is not None:
-            self._weight_grads(X, xb, xoff, NIB, dY, n, grads, n_chunks)
+            self._weight_grads(X, xb, xoff, NIB, dY, n, grads, n_chunks, bias_every)
         if dX is not None:
             if dxcol % VW != xoff:
                 raise ValueError(f"dxcol {dxcol} and xcol {xcol} must be equal modulo {VW} (same block layout)")

@@ -11,6 +11,17 @@ Two stencils:
 - ``tetrahedral``: n = Σ_k v_k f(x + ε v_k) / 4ε with v_k the tetrahedron corners
   (±1, ±1, ±1) of even parity (4 extra evaluations; Σ v_k v_kᵀ = 4I so this is ∇f + O(ε²)).
 
+And ``analytic``, the exact gradient as NeuS2 computes it (Wang et al., ICCV 2023, §3.2): forward-mode
+tangents. Row m·4 is the point, rows m·4 + 1 + t carry ∂/∂x_t: the hash grid writes its Jacobian there
+(the trilinear weights' derivative), each linear layer maps them without its bias, each activation
+multiplies them by its derivative (:func:`mlp.tangent_act_forward`), so the output layer's rows
+m·4 + 1 + t hold ∂f/∂x_t. The backward is the transpose of the same operations (the activation's second
+derivative couples value and tangents); the hash grid's table then receives the value's and the
+Jacobian's gradients in one scatter per point. One hash lookup per point instead of five, and the
+tangent rows skip the output layer's activation; but the normal only sees the point's own cell (the
+finite-difference stencils smooth across cells, which Neuralangelo credits for its coarse-to-fine
+optimisation).
+
 Rows of the SDF network's buffers are laid out point-major: row ``m·K + k`` is point ``m``
 displaced by stencil offset ``k`` (k = 0 is the point itself), so a point's K evaluations are
 neighbours in memory and share the hash table's cache lines.
@@ -23,8 +34,8 @@ import numpy as np
 import taichi as ti
 
 from taichi_neus import buffers
-from taichi_neus.field.hash_grid import HashGrid, HashGridConfig
-from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight
+from taichi_neus.field.hash_grid import JAC_ROWS, HashGrid, HashGridConfig
+from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight, tangent_act_backward, tangent_act_forward
 from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.sh import SH_DIM, sh16, sh16_vjp
 
@@ -42,7 +53,7 @@ class FieldConfig:
     sphere_init_radius: float = 0.5  # the SDF starts as a sphere of this radius (unit-sphere units)
     color_hidden: int = 64  # width of the colour MLP's hidden layers
     color_layers: int = 2  # hidden layers of the colour MLP
-    normal_mode: str = "tetrahedral"  # finite-difference stencil: "tetrahedral" (4 points) or "central" (6)
+    normal_mode: str = "tetrahedral"  # "tetrahedral" (4 extra points), "central" (6), or "analytic" (tangents)
     # Lower bands leave the colour less freedom to explain a wrong surface from each view (the
     # shape-radiance ambiguity, Zhang et al. 2020, NeRF++ §3); on scan24 1 and 0 did not beat 3.
     view_degree: int = 3  # highest SH band of the view direction fed to the colour MLP (3: 16 coefficients; 0: none)
@@ -50,8 +61,14 @@ class FieldConfig:
 
 
 def stencil(mode: str):
-    """(offsets (K,3), coef (K,3)): normal_c = Σ_k coef[k,c]·f(x + ε·offsets[k]) / ε."""
-    if mode == "central":
+    """(offsets (K,3), coef (K,3)): normal_c = Σ_k coef[k,c]·f(x + ε·offsets[k]) / ε.
+
+    ``analytic``: K = 4 rows (the point and its three tangents, all at offset 0), coef picks row 1 + c
+    for normal_c (and ε is taken as 1)."""
+    if mode == "analytic":
+        off = np.zeros((JAC_ROWS, 3), np.float32)
+        coef = np.concatenate([np.zeros((1, 3), np.float32), np.eye(3, dtype=np.float32)])
+    elif mode == "central":
         off = np.zeros((7, 3), np.float32)
         coef = np.zeros((7, 3), np.float32)
         for c in range(3):
@@ -61,7 +78,7 @@ def stencil(mode: str):
         off = np.concatenate([np.zeros((1, 3), np.float32), _TETRA])
         coef = np.concatenate([np.zeros((1, 3), np.float32), _TETRA / 4.0])
     else:
-        raise ValueError(f"unknown normal_mode '{mode}': use 'tetrahedral' or 'central'")
+        raise ValueError(f"unknown normal_mode '{mode}': use 'tetrahedral', 'central' or 'analytic'")
     return off, coef
 
 
@@ -76,7 +93,10 @@ def laplacian_coef(mode: str) -> np.ndarray:
         return np.array([-6.0] + [1.0] * 6, np.float32)
     if mode == "tetrahedral":
         return np.array([-2.0] + [0.5] * 4, np.float32)
-    raise ValueError(f"unknown normal_mode '{mode}': use 'tetrahedral' or 'central'")
+    if mode == "analytic":
+        raise ValueError("the Laplacian (curvature loss) comes from a finite-difference stencil: "
+                         "use normal_mode 'tetrahedral' or 'central' with it")
+    raise ValueError(f"unknown normal_mode '{mode}': use 'tetrahedral', 'central' or 'analytic'")
 
 
 ROWS16 = buffers.ROWS16
@@ -90,6 +110,16 @@ def _expand_points(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32, X0: R
     for m, k in ti.ndrange(n, K):
         for c in ti.static(range(3)):
             put(X0, m * K + k, c, pts[m, c] + eps * off[k, c])
+
+
+@ti.kernel
+def _expand_tangent_rows(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32, X0: ROWS16):
+    """Row m·4: the point; rows m·4 + 1 + t: the tangent e_t of the xyz input (analytic normals)."""
+    for m in range(n):
+        for c in ti.static(range(3)):
+            put(X0, m * 4, c, pts[m, c])
+            for t in ti.static(range(3)):
+                put(X0, m * 4 + 1 + t, c, 1.0 if t == c else 0.0)
 
 
 @ti.kernel
@@ -307,11 +337,14 @@ class SDFField:
     def set_normal_mode(self, mode: str) -> None:
         off, coef = stencil(mode)
         self.K = off.shape[0]
+        self.analytic = mode == "analytic"
         self._off_np, self._coef_np = off, coef
         self._off_dev = self._coef_dev = None
-        self._lap_np, self._lap_dev = laplacian_coef(mode), None
+        self._lap_np, self._lap_dev = (None if self.analytic else laplacian_coef(mode)), None
 
     def _laplacian_dev(self):
+        if self._lap_np is None:
+            laplacian_coef("analytic")  # raises: says which modes give one
         if self._lap_dev is None:
             self._lap_dev = buffers.upload(self._lap_np)
         return self._lap_dev
@@ -361,6 +394,28 @@ class SDFField:
             h, col = Y, 0
         return outs
 
+    def _sdf_net_forward_tangents(self, X0, n: int, params):
+        """The SDF network on ``n`` points with their three tangents (rows m·4 + t, see the module
+        docstring): the hash grid with its Jacobian, then per layer the linear map (bias on the points'
+        rows only) and the activation's forward-mode rule. Returns (outputs, pre-activations) per layer."""
+        rows = JAC_ROWS * n
+        self.encoding.forward(X0, n, self.enc_col, params, self.active_levels, jacobian=True)
+        h, col = X0, self.sdf_in_col
+        outs, zs = [], []
+        for i, lin in enumerate(self.sdf_layers):
+            Y = self.ws.get(f"sdf_h{i}", rows, lin.n_out)
+            if i < len(self.sdf_layers) - 1:
+                Z = self.ws.get(f"sdf_z{i}", rows, lin.n_out)
+                lin.forward(h, col, Z, rows, params, bias_every=JAC_ROWS, activate=False)
+                tangent_act_forward(Z, Y, n, JAC_ROWS, lin.act, lin.beta)
+            else:  # the output layer has no activation
+                Z = Y
+                lin.forward(h, col, Y, rows, params, bias_every=JAC_ROWS)
+            outs.append(Y)
+            zs.append(Z)
+            h, col = Y, 0
+        return outs, zs
+
     def forward(self, points, dirs, n: int, params, eps: float | None = None,
                 out_rows: int | None = None, laplacian: bool = False) -> FieldOutputs:
         """Evaluate the field at ``points`` (n,3) with unit view ``dirs`` (n,3); keeps activations
@@ -371,11 +426,20 @@ class SDFField:
         :func:`laplacian_coef`)."""
         out_rows = max(n, 1) if out_rows is None else int(out_rows)
         eps = self.cfg.fd_eps if eps is None else float(eps)
+        if self.analytic:
+            if laplacian:
+                laplacian_coef("analytic")  # raises: the curvature loss needs a stencil
+            eps = 1.0  # the normal is read off the tangent rows: nothing to divide by
         off, coef = self._stencil_dev()
         rows = self.K * n
         X0 = self.ws.get("X0", rows, self.x0_cols)
-        _expand_points(points, n, X0, off, eps)
-        outs = self._sdf_net_forward(X0, rows, params, "")
+        self._sdf_zs = None
+        if self.analytic:
+            _expand_tangent_rows(points, n, X0)
+            outs, self._sdf_zs = self._sdf_net_forward_tangents(X0, n, params)
+        else:
+            _expand_points(points, n, X0, off, eps)
+            outs = self._sdf_net_forward(X0, rows, params, "")
         O = outs[-1]
         sdf = self.ws.exact("sdf", out_rows)
         normal = self.ws.exact("normal", out_rows, 3)
@@ -412,6 +476,9 @@ class SDFField:
         pose refined through a fixed field). The training step passes neither and runs exactly as before.
         ``dlaplacian`` (n,): dL/dΔf of the Laplacian the forward returned with ``laplacian=True``."""
         want_inputs = dpoints is not None or ddirs is not None
+        if want_inputs and self.analytic:
+            raise ValueError("gradients with respect to the points and view directions (pose refinement, the "
+                             "differentiable renderer) need normal_mode 'tetrahedral' or 'central', not 'analytic'")
         n, eps = self._n, self._eps
         rows = self.K * n
         X0 = self.ws.get("X0", rows, self.x0_cols)
@@ -442,6 +509,24 @@ class SDFField:
         dY = dO
         dX0 = self.ws.get("dX0", rows, self.x0_cols)
         last = len(self.sdf_layers) - 1
+        if self.analytic:
+            # the transpose of _sdf_net_forward_tangents: every row carries gradient (tangent rows: dL/dż),
+            # the activation's rule runs as its own pass, the bias sums the points' rows only
+            for i in reversed(range(len(self.sdf_layers))):
+                lin = self.sdf_layers[i]
+                Xin, xcol = (X0, self.sdf_in_col) if i == 0 else (self._sdf_outs[i - 1], 0)
+                dX, dxcol, dxr = ((dX0, self.sdf_in_col, (3 if self.cfg.include_xyz else 0, lin.n_in)) if i == 0
+                                  else (self.ws.get(f"dsdf_h{i - 1}", rows, lin.n_in), 0, None))
+                lin.backward(Xin, xcol, self._sdf_outs[i], dY, rows, params, grads, dX=dX, dxcol=dxcol,
+                             dx_range=dxr, dy_preact=True, bias_every=JAC_ROWS)
+                if i > 0:
+                    prev = self.sdf_layers[i - 1]
+                    tangent_act_backward(self._sdf_zs[i - 1], self._sdf_outs[i - 1], dX, n, JAC_ROWS, prev.act,
+                                         prev.beta)
+                    dY = dX
+            if grads is not None:
+                self.encoding.backward(X0, dX0, n, self.enc_col, grads, self._levels, jacobian=True)
+            return
         for i in reversed(range(len(self.sdf_layers))):
             lin = self.sdf_layers[i]
             if i == 0:

@@ -112,16 +112,23 @@ class TorchField:
         return self._mlp(theta, self.f.sdf_layers, inp)
 
     def forward(self, theta, x, dirs, eps: float):
-        """Returns sdf (M,), finite-difference normal (M,3), rgb (M,3)."""
+        """Returns sdf (M,), normal (M,3) (finite differences, or for ``analytic`` the autograd gradient,
+        kept differentiable: create_graph), rgb (M,3)."""
+        if self.f.cfg.normal_mode == "analytic":
+            xg = x if x.requires_grad else x.detach().requires_grad_(True)
+            out = self.sdf_net(theta, xg)
+            (normal,) = torch.autograd.grad(out[:, 0].sum(), xg, create_graph=True)
+            return self._colour(theta, x, dirs, out[:, 0], normal, out[:, 1:])
         off, coef = self._stencil(self.f.cfg.normal_mode)
         off = torch.tensor(off, dtype=x.dtype, device=x.device)
         coef = torch.tensor(coef, dtype=x.dtype, device=x.device)
         K, M = off.shape[0], x.shape[0]
         xs = (x[None, :, :] + eps * off[:, None, :]).reshape(K * M, 3)
         out = self.sdf_net(theta, xs).view(K, M, -1)
-        sdf = out[0, :, 0]
         normal = torch.einsum("kc,km->mc", coef, out[:, :, 0]) / eps
-        feat = out[0, :, 1:]
+        return self._colour(theta, x, dirs, out[0, :, 0], normal, out[0, :, 1:])
+
+    def _colour(self, theta, x, dirs, sdf, normal, feat):
         sh = sh16(dirs)
         sh = torch.cat([sh[:, :self.f.n_sh], torch.zeros_like(sh[:, self.f.n_sh:])], dim=1)  # view_degree
         cin = torch.cat([x, normal, sh, feat], dim=1)

@@ -185,7 +185,8 @@ LIMITS: dict[str, Limits] = {
     "mesh.resolution": Limits(lo=2), "mesh.min_component": FRACTION, "mesh.min_views": COUNT,
     "field.sdf_hidden": COUNT, "field.sdf_layers": COUNT, "field.feature_dim": COUNT,
     "field.softplus_beta": POSITIVE, "field.sphere_init_radius": Limits(lo=0, hi=1, lo_open=True),
-    "field.color_hidden": COUNT, "field.color_layers": COUNT, "field.normal_mode": one_of("tetrahedral", "central"),
+    "field.color_hidden": COUNT, "field.color_layers": COUNT,
+    "field.normal_mode": one_of("tetrahedral", "central", "analytic"),
     "field.fd_eps": POSITIVE, "field.view_degree": Limits(lo=0, hi=3),
     "background.mode": one_of("auto", "on", "off"), "background.n_samples": Limits(lo=2),
     "background.hidden": COUNT, "background.feature_dim": COUNT,
@@ -326,6 +327,12 @@ class Config:
             if importlib.util.find_spec("torch") is None:
                 raise UserInputError("--train.refine_poses needs torch, which is not installed; install it (pip "
                                      "install torch, or the package's [torch] extra) or leave it off.")
+            if self.field.normal_mode == "analytic":
+                raise UserInputError("--train.refine_poses needs the field's gradient with respect to the points, "
+                                     "which --field.normal_mode analytic does not give; use tetrahedral or central.")
+        if tc.curvature_weight > 0 and self.field.normal_mode == "analytic":
+            raise UserInputError("the curvature loss (--train.curvature_weight > 0) is the Laplacian of a "
+                                 "finite-difference stencil; use --field.normal_mode tetrahedral or central with it.")
         return self
 
     def to_dict(self) -> dict:

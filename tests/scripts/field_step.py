@@ -1,4 +1,5 @@
-"""One field forward+backward on the arch given in argv[1]; writes outputs and gradients to argv[2] (.npz).
+"""One field forward+backward on the arch given in argv[1]; writes outputs and gradients to argv[2] (.npz);
+argv[3], optional, is the normal mode (default tetrahedral).
 Used by tests/test_portability.py to compare backends in separate processes."""
 
 import sys
@@ -12,7 +13,7 @@ runtime.init(sys.argv[1], verbose=False)
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from field_helpers import random_batch, small_field  # noqa: E402
 
-field, layout, params = small_field("tetrahedral", seed=21)
+field, layout, params = small_field(sys.argv[3] if len(sys.argv) > 3 else "tetrahedral", seed=21)
 n = 512
 pts, d = random_batch(n, seed=22)
 out = field.forward(buffers.upload(pts), buffers.upload(d), n, params)
