@@ -3,7 +3,11 @@ the same field written in plain torch, the MLP part's achieved GFLOP/s beside th
 and the kernels' compile time cold and with the offline cache warm.
 
     python benchmarks/field_throughput.py [--n 262144] [--arch cpu] [--baseline cfe4880] [--no-compile]
-        [--json benchmarks/results/field_throughput.json]
+        [--normal-mode tetrahedral|central|analytic] [--json benchmarks/results/field_throughput.json]
+
+``--normal-mode analytic`` times the field with the exact normal (forward-mode tangents) on both sides:
+the torch field then takes the normal by autograd with ``create_graph`` and its backward is a double
+backward. The default is the field's default (the tetrahedral stencil).
 
 ``--baseline REV`` loads the hash-grid and MLP kernels of commit REV (``git show``, no checkout) into this
 same process and times them against today's, alternating old and new (A B A B ...) on the same data,
@@ -28,6 +32,7 @@ import time
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
+NORMAL_MODE = os.environ.get("TAICHI_NEUS_BENCH_NORMAL_MODE", "tetrahedral")  # set by --normal-mode
 
 
 def _field_setup(n, seed=0):
@@ -35,7 +40,7 @@ def _field_setup(n, seed=0):
     from taichi_neus.field.params import ParamLayout
     from taichi_neus.field.sdf_field import FieldConfig, SDFField
     layout = ParamLayout()
-    field = SDFField(FieldConfig(), layout)
+    field = SDFField(FieldConfig(normal_mode=NORMAL_MODE), layout)
     params, grads = layout.allocate(), layout.allocate()
     field.init_params(params, seed)
     # geometric init zeroes the encoding's weights; perturb so every gradient path does real work
@@ -331,12 +336,15 @@ def main():
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
     ap.add_argument("--baseline", default="", help="git revision whose hash-grid and MLP kernels to time side by side")
+    ap.add_argument("--normal-mode", default="tetrahedral", choices=("tetrahedral", "central", "analytic"))
     ap.add_argument("--json", default=str(HERE / "results" / "field_throughput.json"))
     args = ap.parse_args()
+    global NORMAL_MODE
+    NORMAL_MODE = os.environ["TAICHI_NEUS_BENCH_NORMAL_MODE"] = args.normal_mode  # the compile probe's too
     from taichi_neus import runtime
     arch = runtime.init(args.arch, verbose=False)
     res = {"n": args.n, "arch": arch, "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count()}
+           "cpus": os.cpu_count(), "normal_mode": args.normal_mode}
     gpu = arch in ("cuda", "vulkan", "metal")
     # the torch baseline runs where the kernels run when torch can: CUDA tensors on the CUDA backend
     tdev = "cuda" if arch == "cuda" and _torch_cuda() else "cpu"
@@ -385,7 +393,7 @@ def main():
              ("torch SGEMM 2048^3", f"{res['peak']['torch_sgemm_gflops']:.1f} GFLOP/s"),
              ("compile, cold cache", f"{res['compile']['cold_s']:.1f} s"),
              ("compile, warm cache", f"{res['compile']['warm_s']:.1f} s")]
-    print(f"\nfield forward+backward, arch={arch}, {res['cpus']} CPUs")
+    print(f"\nfield forward+backward, arch={arch}, {res['cpus']} CPUs, normal {args.normal_mode}")
     w = max(len(r[0]) for r in rows)
     for k, v in rows:
         print(f"  {k:<{w}}  {v}")

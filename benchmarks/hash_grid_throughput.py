@@ -11,6 +11,10 @@ Point layouts (N samples, each with the field's 5-point tetrahedral stencil at �
   batch's fine samples cluster like this around the surface, so neighbouring rows share cache lines;
 - ``uniform``: samples uniform in [-0.9, 0.9]³ (the field benchmark's points): every lookup misses cache.
 
+Beside them, the analytic normal's kernels (``field.normal_mode analytic``): the forward with the
+encoding's Jacobian and the scatter of value and Jacobian gradients, over the N samples themselves
+(one lookup per sample instead of the stencil's five).
+
 Each is timed with all 16 levels on, with 10 (scan24 at ¼ resolution caps the levels at its pixel
 footprint) and with 6 (early in a coarse-to-fine run). Kernels run alternately (A B A B ...),
 ``--repeats`` times each; the least time is kept. ``--baseline REV`` loads that commit's
@@ -65,8 +69,9 @@ def alternate(fns: dict, repeats: int, sync) -> dict:
     return best
 
 
-def kernels(grid, old, baseline: str, params, grads, X, dX, m: int, n_active: int) -> dict:
-    """name → callable running one kernel over the ``m`` rows of ``X`` with ``n_active`` levels on."""
+def kernels(grid, old, baseline: str, params, grads, X, dX, m: int, n_active: int, XJ=None, dXJ=None) -> dict:
+    """name → callable running one kernel over the ``m`` rows of ``X`` with ``n_active`` levels on (and,
+    given ``XJ``/``dXJ``, the analytic normal's forward and backward with the Jacobian over the m/5 samples)."""
     from taichi_neus.field import hash_grid
     cfg, lv_arrays = grid.cfg, grid._level_arrays()
 
@@ -83,6 +88,10 @@ def kernels(grid, old, baseline: str, params, grads, X, dX, m: int, n_active: in
            "backward (table scatter)": lambda: grid.backward(X, dX, m, 3, grads, n_active)}
     if old is not None:
         fns[f"backward at {baseline}"] = lambda: old.backward(X, dX, m, 3, grads, n_active)
+    if XJ is not None:
+        fns["forward + Jacobian (samples)"] = lambda: grid.forward(XJ, m // 5, 3, params, n_active, jacobian=True)
+        fns["backward + Jacobian (samples)"] = lambda: grid.backward(XJ, dXJ, m // 5, 3, grads, n_active,
+                                                                      jacobian=True)
     return fns
 
 
@@ -122,9 +131,15 @@ def main(argv=None) -> int:
         X = buffers.rows16_upload(np.concatenate([pts, np.zeros((m, cfg.out_dim), np.float32)], 1))
         up = np.concatenate([np.zeros((m, 3)), rng.normal(size=(m, cfg.out_dim))], 1).astype(np.float32)
         dX = buffers.rows16_upload(up)
+        # the analytic normal's layout: sample k in row 4k (its stencil's centre row 5k), tangents in 4k + 1..3
+        xj = np.zeros((4 * (m // 5), 3 + cfg.out_dim), np.float32)
+        xj[0::4, :3] = pts[0::5]
+        XJ = buffers.rows16_upload(xj)
+        dXJ = buffers.rows16_upload(np.concatenate([np.zeros((xj.shape[0], 3)), rng.normal(
+            size=(xj.shape[0], cfg.out_dim))], 1).astype(np.float32))
         for n_active in (cfg.n_levels, 10, 6):
-            best = alternate(kernels(grid, old, args.baseline, params, grads, X, dX, m, n_active), args.repeats,
-                             ti.sync)
+            best = alternate(kernels(grid, old, args.baseline, params, grads, X, dX, m, n_active, XJ, dXJ),
+                             args.repeats, ti.sync)
             cpus = os.cpu_count() or 1
             for k, s in best.items():
                 rows.setdefault(f"{name}, {n_active} levels", {})[k] = {

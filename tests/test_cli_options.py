@@ -138,8 +138,6 @@ def test_parser_reports_the_overrides_the_user_gave():
     (["--arch", "tpu"], ["--arch must be one of auto, cpu, cuda, vulkan, metal, got 'tpu'"]),
     (["--field.normal_mode", "analytic", "--train.curvature_weight", "1e-3"],
      ["curvature loss", "use --field.normal_mode tetrahedral or central"]),
-    (["--field.normal_mode", "analytic", "--train.refine_poses"],
-     ["--train.refine_poses needs the field's gradient", "use tetrahedral or central"]),
 ])
 def test_bad_options_are_refused_in_one_sentence_before_anything_is_written(tmp_path, args, words):
     p = cli("train", *args, "--out", tmp_path / "run", cwd=tmp_path)

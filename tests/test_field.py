@@ -306,7 +306,8 @@ def test_hash_encoding_point_gradient_matches_float64():
 
 
 @pytest.mark.parametrize("mode,include_xyz,view_degree", [("tetrahedral", True, 3), ("central", True, 3),
-                                                          ("tetrahedral", False, 3), ("tetrahedral", True, 1)])
+                                                          ("tetrahedral", False, 3), ("tetrahedral", True, 1),
+                                                          ("analytic", True, 3), ("analytic", False, 3)])
 def test_field_point_and_direction_gradients_match_torch(mode, include_xyz, view_degree):
     field, layout, params = small_field(mode, seed=15, include_xyz=include_xyz, view_degree=view_degree)
     n = 128

@@ -368,42 +368,53 @@ def hash_encode_backward_points(
     F: ti.template(),
     n_active: ti.i32,  # only levels lv < n_active contribute (the others' features are constant 0)
     dP: ti.types.ndarray(dtype=ti.f32, ndim=2),  # (M, 3) out: dL/dx, overwritten
+    JAC: ti.template(),  # 1: rows m·4 + 1 + t hold dL/d(Jacobian) (JAC_ROWS); n counts points
 ):
     """dP[m] = Σ_levels Σ_corners (g·table[corner]) ∂w_corner/∂x: the derivative of the trilinear weights.
+    With ``JAC`` the Jacobian rows' gradients g_t add Σ_t (g_t·table[corner]) ∂²w_corner/∂x_t∂x (the
+    trilinear weights' mixed second derivatives: zero on the diagonal); dP's row m·4 gets the point's
+    gradient and rows m·4 + 1 + t zeros.
 
     One thread per point, levels in a loop, so no atomics; the table is only read."""
     La = ti.max(ti.min(n_active, res.shape[0]), 0)
+    R = ti.static(JAC_ROWS if JAC else 1)
     for m in range(n):
-        x0 = ti.Vector([get(X, m, 0), get(X, m, 1), get(X, m, 2)])
+        row = m * R
+        x0 = ti.Vector([get(X, row, 0), get(X, row, 1), get(X, row, 2)])
         gp = ti.Vector([0.0, 0.0, 0.0])
         for lv in range(La):
             r = res[lv]
             ix, fx = _cell(x0[0], bound, r)
             iy, fy = _cell(x0[1], bound, r)
             iz, fz = _cell(x0[2], bound, r)
-            g = ti.Vector([0.0] * F)
-            for f in ti.static(range(F)):
-                g[f] = get(dX, m, col0 + lv * F + f)
+            s = ti.Vector([_cell_slope(x0[0], bound, r), _cell_slope(x0[1], bound, r), _cell_slope(x0[2], bound, r)])
+            g = [ti.Vector([get(dX, row + q, col0 + lv * F + f) for f in ti.static(range(F))])
+                 for q in ti.static(range(R))]
+            nz = 0.0
+            for q in ti.static(range(R)):
+                nz += g[q].norm_sqr()
             gl = ti.Vector([0.0, 0.0, 0.0])  # dL/d(fx, fy, fz) at this level
-            if g.norm_sqr() > 0.0:
-                for c in range(8):
-                    dx, dy, dz = c & 1, (c >> 1) & 1, (c >> 2) & 1
-                    wx = fx if dx else 1.0 - fx
-                    wy = fy if dy else 1.0 - fy
-                    wz = fz if dz else 1.0 - fz
-                    sx = 1.0 if dx else -1.0
-                    sy = 1.0 if dy else -1.0
-                    sz = 1.0 if dz else -1.0
-                    e = _corner_index(ix + dx, iy + dy, iz + dz, r, lsize[lv], ldense[lv])
-                    base = table_off + (loff[lv] + e) * F
-                    v = 0.0
-                    for f in ti.static(range(F)):
-                        v += g[f] * params[base + f]
-                    gl += v * ti.Vector([sx * wy * wz, wx * sy * wz, wx * wy * sz])
-            gp += gl * ti.Vector([_cell_slope(x0[0], bound, r), _cell_slope(x0[1], bound, r),
-                                  _cell_slope(x0[2], bound, r)])
-        for c in ti.static(range(3)):
-            dP[m, c] = gp[c]
+            if nz > 0.0:
+                for c in ti.static(range(8)):
+                    w, e = _corner(c, ix, iy, iz, fx, fy, fz, r, lsize[lv], ldense[lv])
+                    tv = ti.Vector([params[table_off + (loff[lv] + e) * F + f] for f in ti.static(range(F))])
+                    dw = _corner_dw(c, fx, fy, fz)
+                    gl += g[0].dot(tv) * ti.Vector([dw[0], dw[1], dw[2]])
+                    if ti.static(JAC):
+                        # ∂²w/∂f_t∂f_u (t ≠ u) = sign_t·sign_u·(the third factor); J_t carries the slope s_t
+                        sg = ti.Vector([1.0 if (c >> a) & 1 else -1.0 for a in ti.static(range(3))])
+                        wf = ti.Vector([fx if c & 1 else 1.0 - fx, fy if (c >> 1) & 1 else 1.0 - fy,
+                                        fz if (c >> 2) & 1 else 1.0 - fz])
+                        for t in ti.static(range(3)):
+                            vt = g[1 + t].dot(tv) * s[t]
+                            for u in ti.static(range(3)):
+                                if ti.static(u != t):
+                                    gl[u] += vt * sg[t] * sg[u] * wf[3 - t - u]
+            gp += gl * s
+        dP[row, 0], dP[row, 1], dP[row, 2] = gp[0], gp[1], gp[2]
+        for q in ti.static(range(1, R)):
+            for c in ti.static(range(3)):
+                dP[row + q, c] = 0.0
 
 
 # Levels handled together: task t owns levels t, t + T, t + 2T, t + 3T (T = ceil(L / 4)), so the
@@ -568,12 +579,15 @@ class HashGrid:
             hash_encode_backward_atomic(X, dX, n, col0, grads, self.slice.offset, res, loff, lsize, ldense,
                                         self.cfg.bound, self.cfg.n_features, self._active(n_active), int(jacobian))
 
-    def backward_points(self, X, dX, n: int, col0: int, params, dP, n_active: int | None = None) -> None:
+    def backward_points(self, X, dX, n: int, col0: int, params, dP, n_active: int | None = None,
+                        jacobian: bool = False) -> None:
         """dL/d(position) (n, 3) into ``dP`` (overwritten) from ``dX[:n, col0:col0+L*F]`` (dL/d encoding),
         through the levels ``< n_active`` only (all for None; the others' features are constant).
+        ``jacobian``: rows as in ``forward(..., jacobian=True)`` (``n`` points, dP has 4n rows, the point's
+        gradient in row m·4), the Jacobian rows' gradients taken through the weights' second derivatives.
 
         Piecewise smooth: the trilinear weights' derivative jumps across cell faces (either side's is
         returned, as torch autograd of the same interpolation does); zero outside ``[-bound, bound]``."""
         res, loff, lsize, ldense = self._level_arrays()
         hash_encode_backward_points(X, dX, n, col0, params, self.slice.offset, res, loff, lsize, ldense,
-                                    self.cfg.bound, self.cfg.n_features, self._active(n_active), dP)
+                                    self.cfg.bound, self.cfg.n_features, self._active(n_active), dP, int(jacobian))

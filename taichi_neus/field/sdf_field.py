@@ -199,17 +199,19 @@ def _scatter_laplacian(dlap: ti.types.ndarray(dtype=ti.f32, ndim=1), n: ti.i32,
 def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ROWS16,
                  dXc: ROWS16, dirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
                  n: ti.i32, K: ti.i32, xyz_in_sdf: ti.i32, use_color: ti.i32, n_sh: ti.i32,
-                 dpoints: ti.types.ndarray(dtype=ti.f32, ndim=2), ddirs: ti.types.ndarray(dtype=ti.f32, ndim=2)):
+                 dpoints: ti.types.ndarray(dtype=ti.f32, ndim=2), ddirs: ti.types.ndarray(dtype=ti.f32, ndim=2),
+                 xyz_rows: ti.i32):
     """dL/dx and dL/d(view dir) per point (overwritten). Every stencil row m·K + k evaluates the SDF
     network at x + ε·v_k, so dL/dx sums the rows' position gradients (hash encoding ``dP``, plus the
-    xyz input of the SDF MLP when it has one); the colour MLP adds its xyz input's, and the view
-    direction's comes through the SH encoding."""
+    xyz input of the SDF MLP when it has one, from the first ``xyz_rows`` rows of each point: K for a
+    stencil, 1 for the analytic normal, whose tangent rows' xyz inputs are constants); the colour MLP
+    adds its xyz input's, and the view direction's comes through the SH encoding."""
     for m in range(n):
         g = ti.Vector([0.0, 0.0, 0.0])
         for k in range(K):
             for c in ti.static(range(3)):
                 g[c] += dP[m * K + k, c]
-                if xyz_in_sdf != 0:
+                if xyz_in_sdf != 0 and k < xyz_rows:
                     g[c] += get(dX0, m * K + k, c)
         gd = ti.Vector([0.0, 0.0, 0.0])
         if use_color != 0:
@@ -476,9 +478,6 @@ class SDFField:
         pose refined through a fixed field). The training step passes neither and runs exactly as before.
         ``dlaplacian`` (n,): dL/dΔf of the Laplacian the forward returned with ``laplacian=True``."""
         want_inputs = dpoints is not None or ddirs is not None
-        if want_inputs and self.analytic:
-            raise ValueError("gradients with respect to the points and view directions (pose refinement, the "
-                             "differentiable renderer) need normal_mode 'tetrahedral' or 'central', not 'analytic'")
         n, eps = self._n, self._eps
         rows = self.K * n
         X0 = self.ws.get("X0", rows, self.x0_cols)
@@ -515,7 +514,8 @@ class SDFField:
             for i in reversed(range(len(self.sdf_layers))):
                 lin = self.sdf_layers[i]
                 Xin, xcol = (X0, self.sdf_in_col) if i == 0 else (self._sdf_outs[i - 1], 0)
-                dX, dxcol, dxr = ((dX0, self.sdf_in_col, (3 if self.cfg.include_xyz else 0, lin.n_in)) if i == 0
+                lo = 3 if self.cfg.include_xyz and not want_inputs else 0
+                dX, dxcol, dxr = ((dX0, self.sdf_in_col, (lo, lin.n_in)) if i == 0
                                   else (self.ws.get(f"dsdf_h{i - 1}", rows, lin.n_in), 0, None))
                 lin.backward(Xin, xcol, self._sdf_outs[i], dY, rows, params, grads, dX=dX, dxcol=dxcol,
                              dx_range=dxr, dy_preact=True, bias_every=JAC_ROWS)
@@ -526,6 +526,8 @@ class SDFField:
                     dY = dX
             if grads is not None:
                 self.encoding.backward(X0, dX0, n, self.enc_col, grads, self._levels, jacobian=True)
+            if want_inputs:  # the tangent rows' gradients reach x through the encoding's second derivatives
+                self._point_grads(X0, dX0, dXc, n, use_color, dpoints, ddirs, params, jacobian=True)
             return
         for i in reversed(range(len(self.sdf_layers))):
             lin = self.sdf_layers[i]
@@ -541,12 +543,18 @@ class SDFField:
         if grads is not None:
             self.encoding.backward(X0, dX0, rows, self.enc_col, grads, self._levels)
         if want_inputs:
-            dP = self.ws.exact("dP", rows, 3)
-            self.encoding.backward_points(X0, dX0, rows, self.enc_col, params, dP, self._levels)
-            dpoints = dpoints if dpoints is not None else self.ws.exact("dpoints_unused", n, 3)
-            ddirs = ddirs if ddirs is not None else self.ws.exact("ddirs_unused", n, 3)
-            _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color), self.n_sh,
-                         dpoints, ddirs)
+            self._point_grads(X0, dX0, dXc, n, use_color, dpoints, ddirs, params, jacobian=False)
+
+    def _point_grads(self, X0, dX0, dXc, n: int, use_color: bool, dpoints, ddirs, params, jacobian: bool) -> None:
+        """dL/dx and dL/d(view dir) into ``dpoints``/``ddirs`` from the SDF network's input gradients."""
+        rows = self.K * n
+        dP = self.ws.exact("dP", rows, 3)
+        self.encoding.backward_points(X0, dX0, n if jacobian else rows, self.enc_col, params, dP, self._levels,
+                                      jacobian=jacobian)
+        dpoints = dpoints if dpoints is not None else self.ws.exact("dpoints_unused", n, 3)
+        ddirs = ddirs if ddirs is not None else self.ws.exact("ddirs_unused", n, 3)
+        _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color), self.n_sh,
+                     dpoints, ddirs, 1 if jacobian else self.K)
 
     # ----------------------------------------------------------- sdf queries
     def sdf(self, points, n: int, params, out=None, chunk: int = 1 << 18):

@@ -77,8 +77,10 @@ class FieldFunction(torch.autograd.Function):
         field, n, dev = ctx.field, p.shape[0], p.device
         # a fixed field (e.g. pose refinement): skip the weight reductions and the hash table's scatter
         g_params = torch.zeros_like(th) if ctx.needs_input_grad[0] else None
-        g_points = torch.zeros((n, 3), dtype=torch.float32, device=dev)
-        g_dirs = torch.zeros((n, 3), dtype=torch.float32, device=dev)
+        # point and direction gradients only when asked for (they cost a pass over the table)
+        want_inputs = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        g_points = torch.zeros((n, 3), dtype=torch.float32, device=dev) if want_inputs else None
+        g_dirs = torch.zeros((n, 3), dtype=torch.float32, device=dev) if want_inputs else None
         if n > 0:
             if field.forward_count != ctx.token:  # another forward overwrote the activations
                 field.forward(p, d, n, th, eps=ctx.eps)
@@ -86,7 +88,8 @@ class FieldFunction(torch.autograd.Function):
                            None if g_rgb is None else f32(g_rgb), th, g_params, dpoints=g_points, ddirs=g_dirs)
             ctx.token = field.forward_count
         tp, tx, td = ctx.dtypes
-        return None if g_params is None else g_params.to(tp), g_points.to(tx), g_dirs.to(td), None, None
+        return (None if g_params is None else g_params.to(tp), None if g_points is None else g_points.to(tx),
+                None if g_dirs is None else g_dirs.to(td), None, None)
 
 
 def field_forward(field: SDFField, params: torch.Tensor, points: torch.Tensor, dirs: torch.Tensor,
@@ -101,10 +104,12 @@ def field_forward(field: SDFField, params: torch.Tensor, points: torch.Tensor, d
             piecewise smooth: the trilinear weights' slope jumps across grid cell faces).
         dirs: (N, 3) float tensor, unit view directions (the direction the ray travels). Carries a
             gradient (through the SH encoding, as the polynomials are written: no renormalisation).
-        eps: finite-difference step of the normal, unit-sphere units (default ``field.cfg.fd_eps``).
+        eps: finite-difference step of the normal, unit-sphere units (default ``field.cfg.fd_eps``;
+            unused with ``normal_mode='analytic'``, whose normal is the exact gradient; the points'
+            gradient then goes through the trilinear weights' second derivatives).
 
     Returns:
-        sdf (N,), normal (N, 3) (finite-difference SDF gradient, not normalised), rgb (N, 3) in
+        sdf (N,), normal (N, 3) (the SDF gradient, not normalised), rgb (N, 3) in
         [0, 1]: float32 tensors on ``points.device``. Computed in float32 whatever the input dtype;
         the gradients come back in the inputs' dtypes.
     """

@@ -327,9 +327,6 @@ class Config:
             if importlib.util.find_spec("torch") is None:
                 raise UserInputError("--train.refine_poses needs torch, which is not installed; install it (pip "
                                      "install torch, or the package's [torch] extra) or leave it off.")
-            if self.field.normal_mode == "analytic":
-                raise UserInputError("--train.refine_poses needs the field's gradient with respect to the points, "
-                                     "which --field.normal_mode analytic does not give; use tetrahedral or central.")
         if tc.curvature_weight > 0 and self.field.normal_mode == "analytic":
             raise UserInputError("the curvature loss (--train.curvature_weight > 0) is the Laplacian of a "
                                  "finite-difference stencil; use --field.normal_mode tetrahedral or central with it.")
