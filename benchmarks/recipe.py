@@ -47,7 +47,8 @@ OLD = {"render.coarse_step": 2.0 * 3**0.5 / 128, "render.n_fine": 32, "train.gra
        "train.level_footprint": 0.0, "train.sparse_adam": False, "field.grid.log2_table": 19,
        "train.curvature_weight": 0.0,
        "train.lr": 1e-2, "train.mask_weight": 0.1, "train.eikonal_weight": 0.1,
-       "mesh.min_component": 0.0, "mesh.cull_unseen": False, "train.sparse_weight": 0.0}
+       "mesh.min_component": 0.0, "mesh.cull_unseen": False, "train.sparse_weight": 0.0,
+       "field.normal_mode": "tetrahedral"}
 
 # One change each: the options that turn it on (their values in the new recipe).
 CHANGES = {
@@ -78,7 +79,7 @@ CHANGES = {
     "fine64": {"render.n_fine": 64},
     "fine64_32k": {"render.n_fine": 64, "train.sample_budget": 32768},  # the rays per step kept
     # the exact SDF gradient by forward-mode tangents (NeuS2) instead of the tetrahedral stencil: one hash
-    # lookup per sample instead of five, so more steps in the same time (issue 10)
+    # lookup per sample instead of five, so more steps in the same time (issue 10); "new-analytic" is the stencil
     "analytic": {"field.normal_mode": "analytic"},
 }
 

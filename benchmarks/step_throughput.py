@@ -292,8 +292,8 @@ def main(argv=None) -> int:
         b = res["baseline"]
         print(table(b["results"], f"baseline {b['rev']} ({b['commit']})"))
         ratios = {}
-        for new in res["results"]:
-            old = next((o for o in b["results"] if o["scene"] == new["scene"]), None)
+        for new in res["results"]:  # a variant ("scan24 /4 [key=value]") against the baseline's same scene
+            old = next((o for o in b["results"] if new["scene"].split(" [")[0] == o["scene"]), None)
             if old:
                 ratios[new["scene"]] = new["samples_per_s"] / old["samples_per_s"]
                 print(f"  {new['scene']}: samples/s x{ratios[new['scene']]:.2f} against {b['commit']}")

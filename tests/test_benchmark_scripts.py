@@ -69,7 +69,8 @@ def test_refine_poses_unmasked_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_hash_grid_throughput_benchmark_smoke(tmp_path):
-    """Both point layouts, both level counts, every kernel timed (the baseline path included), JSON written."""
+    """Both point layouts, every level count, every kernel timed (the baseline and the analytic normal's Jacobian
+    kernels included), JSON written."""
     out = tmp_path / "hash.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "hash_grid_throughput.py"), "--n", "256", "--repeats", "1",
            "--baseline", "HEAD", "--json", str(out)]
@@ -78,5 +79,5 @@ def test_hash_grid_throughput_benchmark_smoke(tmp_path):
     d = json.loads(out.read_text())
     assert sorted(d["cases"]) == sorted(f"{p}, {k} levels" for p in ("rays", "uniform") for k in (16, 10, 6))
     for case in d["cases"].values():
-        assert len(case) == 4 and all(v["ms"] > 0 for v in case.values())
+        assert len(case) == 6 and all(v["ms"] > 0 for v in case.values())  # incl. the two Jacobian kernels
     assert "faster with the levels as lanes" in res.stdout

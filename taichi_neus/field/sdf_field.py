@@ -53,7 +53,10 @@ class FieldConfig:
     sphere_init_radius: float = 0.5  # the SDF starts as a sphere of this radius (unit-sphere units)
     color_hidden: int = 64  # width of the colour MLP's hidden layers
     color_layers: int = 2  # hidden layers of the colour MLP
-    normal_mode: str = "tetrahedral"  # "tetrahedral" (4 extra points), "central" (6), or "analytic" (tangents)
+    # "analytic": exact, by forward-mode tangents (one hash lookup per sample); "tetrahedral" / "central": finite
+    # differences (4 / 6 extra points); "auto" (the trainer's default): analytic unless the curvature loss or
+    # pose refinement is on (train.config.resolved_normal_mode)
+    normal_mode: str = "tetrahedral"  # SDF gradient: analytic, tetrahedral, central; auto: analytic where it can
     # Lower bands leave the colour less freedom to explain a wrong surface from each view (the
     # shape-radiance ambiguity, Zhang et al. 2020, NeRF++ §3); on scan24 1 and 0 did not beat 3.
     view_degree: int = 3  # highest SH band of the view direction fed to the colour MLP (3: 16 coefficients; 0: none)

@@ -6,6 +6,7 @@ Everything per sample stays on the device; per step the host uploads the batch's
 target colours and reads back a few scalars and the batch's colours.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from taichi_neus.render.occupancy import OccupancyGrid
 from taichi_neus.render.sampling import RaySampler
 from taichi_neus.train import losses
 from taichi_neus.train.adam import Adam, GroupSettings
-from taichi_neus.train.config import Config
+from taichi_neus.train.config import Config, resolved_normal_mode
 from taichi_neus.train.pixel_samplers import make_sampler
 
 CKPT_KEEP = 2
@@ -162,7 +163,8 @@ class Trainer:
         self.log = log
         tc, rc = cfg.train, cfg.render
         self.layout = ParamLayout()
-        self.field = SDFField(cfg.field, self.layout)
+        # "auto" resolved here (analytic unless the curvature loss needs a stencil); cfg keeps what was asked
+        self.field = SDFField(dataclasses.replace(cfg.field, normal_mode=resolved_normal_mode(cfg)), self.layout)
         self.var_slice = self.layout.add("variance", (1,), "variance")
         masks_used = cfg.data.use_masks and scene.masks is not None
         mode = cfg.background.mode
