@@ -284,7 +284,7 @@ def hash_encode_forward_levels(
                 v = ti.Vector([params[base[l] + f] for l in ti.static(range(LV))])
                 acc[f] = acc[f] + w * v
                 if ti.static(JAC):
-                    dw = _corner_dw(c, fx, fy, fz)
+                    dw = _corner_dw(c, fx, fy, fz)  # the same per f: LLVM keeps one copy
                     for t in ti.static(range(3)):
                         jac[t][f] = jac[t][f] + dw[t] * v
         for f in ti.static(range(F)):

@@ -1,11 +1,11 @@
 """The neural SDF field: hash encoding → SDF MLP → (sdf, feature); normal by finite
-differences; colour MLP(x, normal, SH(view dir), feature) → rgb. Forward and backward
-are Taichi kernels; nothing here uses Taichi autodiff, so gradients are identical on
-CPU, CUDA, Vulkan and Metal.
+differences or forward-mode tangents; colour MLP(x, normal, SH(view dir), feature) → rgb.
+Forward and backward are Taichi kernels; nothing here uses Taichi autodiff, so gradients are
+identical on CPU, CUDA, Vulkan and Metal.
 
-Normals come from finite differences of the SDF network (Neuralangelo, Li et al. CVPR 2023)
-rather than an analytic gradient: the eikonal loss needs d(∇f)/dθ, a second-order
-gradient, which then is just the first-order gradient of a few extra SDF evaluations.
+The eikonal loss needs d(∇f)/dθ, a second-order gradient. With finite differences of the SDF
+network (Neuralangelo, Li et al. CVPR 2023) it is just the first-order gradient of a few extra
+SDF evaluations.
 Two stencils:
 - ``central``: n_c = [f(x + ε e_c) − f(x − ε e_c)] / 2ε (6 extra evaluations);
 - ``tetrahedral``: n = Σ_k v_k f(x + ε v_k) / 4ε with v_k the tetrahedron corners
@@ -17,10 +17,9 @@ tangents. Row m·4 is the point, rows m·4 + 1 + t carry ∂/∂x_t: the hash gr
 multiplies them by its derivative (:func:`mlp.tangent_act_forward`), so the output layer's rows
 m·4 + 1 + t hold ∂f/∂x_t. The backward is the transpose of the same operations (the activation's second
 derivative couples value and tangents); the hash grid's table then receives the value's and the
-Jacobian's gradients in one scatter per point. One hash lookup per point instead of five, and the
-tangent rows skip the output layer's activation; but the normal only sees the point's own cell (the
-finite-difference stencils smooth across cells, which Neuralangelo credits for its coarse-to-fine
-optimisation).
+Jacobian's gradients in one scatter per point. One hash lookup per point instead of five; but the
+normal only sees the point's own cell (the finite-difference stencils smooth across cells, which
+Neuralangelo credits for its coarse-to-fine optimisation).
 
 Rows of the SDF network's buffers are laid out point-major: row ``m·K + k`` is point ``m``
 displaced by stencil offset ``k`` (k = 0 is the point itself), so a point's K evaluations are
@@ -120,9 +119,9 @@ def _expand_tangent_rows(pts: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32,
     """Row m·4: the point; rows m·4 + 1 + t: the tangent e_t of the xyz input (analytic normals)."""
     for m in range(n):
         for c in ti.static(range(3)):
-            put(X0, m * 4, c, pts[m, c])
+            put(X0, m * JAC_ROWS, c, pts[m, c])
             for t in ti.static(range(3)):
-                put(X0, m * 4 + 1 + t, c, 1.0 if t == c else 0.0)
+                put(X0, m * JAC_ROWS + 1 + t, c, 1.0 if t == c else 0.0)
 
 
 @ti.kernel
@@ -291,7 +290,7 @@ class FieldOutputs:
     """Views of capacity-sized buffers; rows ``[0, n)`` are valid.
 
     sdf (n,) float32 signed distance, unit-sphere units, positive outside;
-    normal (n,3) float32 finite-difference SDF gradient (not normalised);
+    normal (n,3) float32 SDF gradient, exact or by the stencil (not normalised);
     rgb (n,3) float32 in [0, 1].
     """
 
