@@ -81,6 +81,9 @@ CHANGES = {
     # the exact SDF gradient by forward-mode tangents (NeuS2) instead of the tetrahedral stencil: one hash
     # lookup per sample instead of five, so more steps in the same time (issue 10); "new-analytic" is the stencil
     "analytic": {"field.normal_mode": "analytic"},
+    # multi-view photo consistency (Geo-NeuS): patch NCC through the rendered surface's plane into nearby views
+    "photo": {"train.photo_weight": 0.1},
+    "photo_strong": {"train.photo_weight": 0.5},
 }
 
 

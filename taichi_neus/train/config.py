@@ -91,6 +91,13 @@ class TrainConfig:
     sparse_weight: float = 0.0  # λ of |SDF| at COLMAP's sparse points (Geo-NeuS; Scene.points); 0 = off
     sparse_batch: int = 1024  # sparse points drawn per step
     depth_weight: float = 0.0  # λ of the L1 between rendered and given depth (scene depths/); 0 = off
+    # Multi-view photo consistency (Geo-NeuS, Fu et al. 2022; train/photo_consistency.py): a patch around each
+    # ray's pixel, warped by the plane of its rendered surface into nearby training views, should look alike
+    photo_weight: float = 0.0  # λ of the patch NCC cost (1 − NCC) / 2 against nearby views; 0 = off
+    photo_radius: int = 3  # the NCC patch is (2r + 1)² training pixels
+    photo_sources: int = 4  # nearby training views (closest optical axes) each ray's patch is compared with
+    photo_best: int = 2  # per ray, the mean cost of this many best-agreeing sources (occluded ones disagree)
+    photo_start: float = 0.1  # share of training after which the term is on (a surface forms first)
     refine_poses: bool = False  # refine every training camera's pose jointly with the field (BARF-style)
     lr_pose: float = 1e-3  # learning rate of the pose twists (radians, unit-sphere units), on the main schedule
     pose_start: float = 0.2  # poses are refined from this fraction of training on (the field forms first)
@@ -180,7 +187,9 @@ LIMITS: dict[str, Limits] = {
     "train.grad_scaling_sigma": NONNEG, "train.pixel_sampler": one_of("uniform", "quadtree", "soft_mining"),
     "train.s3im_weight": NONNEG, "train.s3im_kernel": COUNT, "train.s3im_repeats": COUNT,
     "train.s3im_patch": COUNT, "train.s3im_batch": COUNT, "train.sparse_weight": NONNEG,
-    "train.sparse_batch": COUNT, "train.depth_weight": NONNEG, "train.max_bad_steps": COUNT, "train.seed": NONNEG,
+    "train.sparse_batch": COUNT, "train.depth_weight": NONNEG, "train.photo_weight": NONNEG,
+    "train.photo_radius": COUNT, "train.photo_sources": COUNT, "train.photo_best": COUNT, "train.photo_start": FRACTION,
+    "train.max_bad_steps": COUNT, "train.seed": NONNEG,
     "train.val_every": NONNEG, "train.val_downscale": COUNT, "train.ckpt_every": NONNEG, "train.log_every": COUNT,
     "mesh.resolution": Limits(lo=2), "mesh.min_component": FRACTION, "mesh.min_views": COUNT,
     "field.sdf_hidden": COUNT, "field.sdf_layers": COUNT, "field.feature_dim": COUNT,
@@ -323,6 +332,14 @@ class Config:
         if tc.s3im_weight > 0 and importlib.util.find_spec("torch") is None:
             raise UserInputError("S3IM (--train.s3im_weight > 0) needs torch, which is not installed; install it "
                                  "(pip install torch, or the package's [torch] extra) or leave S3IM off.")
+        if tc.photo_weight > 0:
+            if tc.photo_best > tc.photo_sources:
+                raise UserInputError(f"--train.photo_best ({tc.photo_best}) must not exceed --train.photo_sources "
+                                     f"({tc.photo_sources}).")
+            if importlib.util.find_spec("torch") is None:
+                raise UserInputError("the photo-consistency term (--train.photo_weight > 0) needs torch, which is not "
+                                     "installed; install it (pip install torch, or the package's [torch] extra) or "
+                                     "leave it off.")
         if tc.refine_poses:
             if importlib.util.find_spec("torch") is None:
                 raise UserInputError("--train.refine_poses needs torch, which is not installed; install it (pip "

@@ -239,6 +239,12 @@ class Trainer:
             log(f"[taichi_neus] hash levels: a training pixel covers {fp:.3g} unit-sphere units; levels with "
                 f"cells under {tc.level_footprint:g} of them stay off: {self.level_cap} of {grid.n_levels} on "
                 f"(finest cell {cell_widths(grid)[self.level_cap - 1]:.3g})")
+        self.photo = None
+        if tc.photo_weight > 0:
+            from taichi_neus.train.photo_consistency import PhotoConsistency  # torch: an optional dependency
+
+            self.photo = PhotoConsistency(scene.images, scene.K, scene.c2w, scene.train_ids, weight=tc.photo_weight,
+                                          radius=tc.photo_radius, n_sources=tc.photo_sources, n_best=tc.photo_best)
         self.refiner = None
         if tc.refine_poses:
             from taichi_neus.train.pose_refiner import PoseRefiner  # torch: an optional dependency
@@ -384,6 +390,27 @@ class Trainer:
         self.field.backward(self._dev["ek_sdf0"], g_n, None, self.params, self.grads)
         return loss
 
+    def _photo_step(self, vids, pix, o, d, mask, comp, out, smp, S: int, g_depth, g_opacity):
+        """The photo-consistency term (:mod:`~taichi_neus.train.photo_consistency`) on this batch's rendered
+        surfaces: its gradient is added to the compositor's ∂L/∂depth and ∂L/∂opacity (R,), which are
+        returned (new device buffers when the term counted any ray) with the loss and the rays it counted.
+        The plane normal of each ray is its weight-composited raw SDF gradient."""
+        R = len(vids)
+        w = self.compositor.weights.to_numpy()[:S].astype(np.float64)
+        nrm = out.normal.to_numpy()[:S].astype(np.float64)
+        rid = smp.ray_ids.to_numpy()[:S]
+        normals = np.stack([np.bincount(rid, weights=w * nrm[:, k], minlength=R)[:R] for k in range(3)], axis=-1)
+        valid = mask > 0.5 if mask is not None else None
+        loss, g_d, g_o, n = self.photo.loss_and_grad(vids, pix, o, d, comp.depth.to_numpy(), comp.opacity.to_numpy(),
+                                                     normals, self.scene.c2w, valid)
+        if n == 0:
+            return 0.0, 0, g_depth, g_opacity
+        if g_depth is not None:
+            g_d = g_d + g_depth.to_numpy()
+        if g_opacity is not None:
+            g_o = g_o + g_opacity.to_numpy()
+        return loss, n, self._upload("g_photo_depth", g_d), self._upload("g_photo_opacity", g_o)
+
     def _pose_gradients(self, vids, o, d, far, smp, S: int, dpoints, ddirs, g_dirs, bg_rays=None) -> None:
         """The batch's per-ray gradients (:func:`ray_gradients`) into the pose refiner; with the background
         model, ``bg_rays`` = its ∂L/∂o, ∂L/∂d (R, 3) and ∂L/∂t0 (R,) buffers, t0 being the sphere exit
@@ -459,6 +486,10 @@ class Trainer:
         if self.depths is not None:  # rendered depth Σ w·t against the given depth maps (data/depths.py)
             depth_loss, g_depth = losses.depth_l1(comp.depth, self._upload("depth_t", self._depth_target(vids, pix)),
                                                   weight=tc.depth_weight)
+        photo_loss, photo_rays = 0.0, 0
+        if self.photo is not None and S > 0 and self.progress(step) >= tc.photo_start:
+            photo_loss, photo_rays, g_depth, g_opacity = self._photo_step(vids, pix, o, d, mask, comp, out, smp, S,
+                                                                          g_depth, g_opacity)
         refine = self.refiner is not None and self.progress(step) >= tc.pose_start
         g = self.compositor.backward(g_colour, g_opacity, g_depth, ray_inputs=refine)
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
@@ -493,7 +524,7 @@ class Trainer:
         _add_slot(g.variance, self.grads, self.var_slice.offset)
         sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
         eik_pts = self._eikonal_points_step(sch["eps"]) if tc.eikonal_points > 0 else 0.0
-        loss = l1 + bce + eik + eik_pts + curv + s3im_loss + sparse_loss + depth_loss
+        loss = l1 + bce + eik + eik_pts + curv + s3im_loss + sparse_loss + depth_loss + photo_loss
         # hash-grid levels not yet on (coarse to fine) or capped at the pixel footprint: their gradients and
         # moments are zero, so neither the check nor the optimiser needs to read them
         enc, levels = self.field.encoding, sch["levels"]
@@ -533,6 +564,7 @@ class Trainer:
                 "psnr": -10.0 * math.log10(max(mse, 1e-10)), "s": math.exp(10.0 * self.variance()),
                 "rays": int(comp.opacity.shape[0]), "samples": S, "samples_per_ray": spr, "s3im": s3im_loss,
                 "sparse": sparse_loss, "depth": depth_loss, "eikonal_points": eik_pts, "curvature": curv,
+                "photo": photo_loss, "photo_rays": photo_rays,
                 "lr_scale": sch["lr_scale"] * self.lr_factor, "eps": sch["eps"], "levels": sch["levels"]}
 
     def _reject_step(self, step: int, loss: float) -> dict:

@@ -1,0 +1,149 @@
+"""The patch NCC photo-consistency loss on a scene with a known answer: a textured plane seen by five
+cameras, its photos rendered exactly (each pixel centre's ray meets the plane z = 0). At the true depth
+the warped patches agree; off it they do not, and the depth gradient points back to the plane."""
+
+import numpy as np
+import pytest
+import torch
+
+from taichi_neus.data.rays import pixel_rays
+from taichi_neus.errors import UserInputError
+from taichi_neus.train.photo_consistency import PhotoConsistency, nearest_views
+
+H = W = 64
+F = 70.0
+
+
+def texture(x, y):
+    return 0.5 + 0.2 * np.sin(40.0 * x) * np.cos(47.0 * y) + 0.15 * np.sin(31.0 * x - 23.0 * y)
+
+
+def look_at(centre, target=(0.0, 0.0, 0.0)):
+    """OpenCV camera-to-world (x right, y down, z forward) at ``centre`` looking at ``target``."""
+    c = np.asarray(centre, np.float64)
+    f = np.asarray(target, np.float64) - c
+    f /= np.linalg.norm(f)
+    r = np.cross([0.0, 1.0, 0.0], f)
+    r /= np.linalg.norm(r)
+    m = np.eye(4)
+    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = r, np.cross(f, r), f, c
+    return m
+
+
+@pytest.fixture(scope="module")
+def plane_scene():
+    centres = [(0.0, 0.0, -2.0), (0.5, 0.0, -1.9), (-0.5, 0.1, -1.9), (0.0, 0.5, -1.9), (0.1, -0.5, -1.9),
+               (3.0, 3.0, 2.0)]  # the last one looks at the plane from behind: never a useful source
+    c2w = np.stack([look_at(c) for c in centres]).astype(np.float32)
+    K = np.tile(np.array([[F, 0, W / 2], [0, F, H / 2], [0, 0, 1]], np.float32), (len(c2w), 1, 1))
+    jj, ii = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+    pix = np.stack([ii.reshape(-1), jj.reshape(-1)], axis=-1)
+    images = []
+    for v in range(len(c2w)):
+        o, d = pixel_rays(K[v], c2w[v], pix)
+        t = -o[:, 2] / d[:, 2]
+        X = o.astype(np.float64) + t[:, None] * d
+        g = np.clip(texture(X[:, 0], X[:, 1]), 0, 1)
+        images.append(np.repeat((g * 255.0).round().astype(np.uint8).reshape(H, W, 1), 3, axis=2))
+    return np.stack(images), K, c2w
+
+
+def batch(c2w, K, view=0, n=40, seed=0):
+    """Rays of ``view`` through random pixel centres away from the border, their true plane depth and
+    the plane's normal (pointing at the cameras, -z)."""
+    rng = np.random.default_rng(seed)
+    pix = rng.integers(10, W - 10, size=(n, 2)) + 0.5
+    o, d = pixel_rays(K[view], c2w[view], pix)
+    depth = -o[:, 2] / d[:, 2]
+    normals = np.tile([0.0, 0.0, -1.0], (n, 1))
+    return np.full(n, view), pix, o, d, depth.astype(np.float64), normals
+
+
+def test_sources_are_the_nearest_axes_and_never_the_view_itself_or_a_held_out_one(plane_scene):
+    _, _, c2w = plane_scene
+    train = np.array([0, 1, 2, 3, 5])
+    src = nearest_views(c2w, train, 3)
+    assert src.shape == (6, 3)
+    for v in range(6):
+        assert v not in src[v] and 4 not in src[v]
+    axes = c2w[:, :3, 2].astype(np.float64)
+    cos0 = {int(s): float(axes[0] @ axes[s]) for s in train if s != 0}
+    assert list(src[0]) == sorted(cos0, key=lambda s: -cos0[s])[:3]
+    assert 5 not in src[0]  # the camera behind the plane is the farthest axis
+
+
+def test_true_surface_agrees_and_a_wrong_depth_does_not(plane_scene):
+    images, K, c2w = plane_scene
+    pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=1.0, radius=3, n_sources=4, n_best=2)
+    vids, pix, o, d, depth, normals = batch(c2w, K)
+    ones = torch.ones(len(depth), dtype=torch.float64)
+    at = lambda D: float(pc.loss(vids, pix, o, d, torch.tensor(D), ones, normals, c2w)[0])  # noqa: E731
+    true = at(depth)
+    assert true < 0.01  # uint8 rounding and bilinear lookups only
+    for delta in (-0.1, -0.05, 0.05, 0.1):  # 0.4–0.9 px in the nearest sources
+        assert at(depth + delta) > true + 0.02
+
+
+@pytest.mark.parametrize("delta", [-0.03, 0.03])
+def test_depth_gradient_points_back_to_the_plane(plane_scene, delta):
+    images, K, c2w = plane_scene
+    pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=1.0, radius=3, n_sources=4, n_best=2)
+    vids, pix, o, d, depth, normals = batch(c2w, K, n=60, seed=1)
+    loss, gD, gO, n = pc.loss_and_grad(vids, pix, o, d, depth + delta, np.ones(len(depth)), normals, c2w)
+    assert n == len(depth)
+    # descending moves each ray's depth toward the plane in most rays (a ray's cost is not convex far out)
+    assert np.mean(np.sign(gD) == np.sign(delta)) > 0.8
+    # x = o + (D / O)·d: ∂/∂O = −D/O·∂/∂D at O = 1
+    np.testing.assert_allclose(gO, -(depth + delta) * gD, rtol=1e-5, atol=1e-9)
+
+
+def test_gradients_match_finite_differences(plane_scene):
+    images, K, c2w = plane_scene
+    pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=0.7, radius=2, n_sources=3, n_best=2)
+    vids, pix, o, d, depth, normals = batch(c2w, K, n=8, seed=2)
+    D = torch.tensor(depth + 0.01, requires_grad=True)
+    O = torch.tensor(np.full(len(depth), 0.9), requires_grad=True)  # D/O: the surface point
+    f = lambda D, O: pc.loss(vids, pix, o, d, D, O, normals, c2w)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (D, O), eps=1e-7, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_and_grad_equals_autograd_and_leaves_other_rays_alone(plane_scene):
+    images, K, c2w = plane_scene
+    pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=0.5)
+    vids, pix, o, d, depth, normals = batch(c2w, K, n=20, seed=3)
+    depth = depth + 0.02
+    valid = np.ones(20, bool)
+    valid[:5] = False  # e.g. outside the mask
+    normals[5:8] = -normals[5:8]  # facing away from the camera
+    D = torch.tensor(depth, requires_grad=True)
+    O = torch.tensor(np.ones(20), requires_grad=True)
+    loss_t, n_t = pc.loss(vids, pix, o, d, D, O, normals, c2w, valid)
+    gD_t, gO_t = torch.autograd.grad(loss_t, (D, O))
+    loss, gD, gO, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(20), normals, c2w, valid)
+    assert n == n_t == 12
+    assert loss == pytest.approx(float(loss_t), rel=1e-12)
+    np.testing.assert_allclose(gD, gD_t.numpy(), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(gO, gO_t.numpy(), rtol=1e-6, atol=1e-12)
+    assert np.all(gD[:8] == 0) and np.all(gO[:8] == 0) and np.all(gD[8:] != 0)
+
+
+def test_flat_patches_and_too_few_sources_do_not_count(plane_scene):
+    images, K, c2w = plane_scene
+    flat = np.full_like(images, 128)
+    pc = PhotoConsistency(flat, K, c2w, np.arange(5))
+    vids, pix, o, d, depth, normals = batch(c2w, K, n=10)
+    loss, gD, _, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(10), normals, c2w)
+    assert n == 0 and loss == 0.0 and not gD.any()
+    # a patch that leaves the image in the reference view does not count either
+    pc = PhotoConsistency(images, K, c2w, np.arange(5))
+    edge = np.array([[1.5, 30.5]])
+    o1, d1 = pixel_rays(K[0], c2w[0], edge)
+    assert pc.loss_and_grad([0], edge, o1, d1, -o1[:, 2] / d1[:, 2], [1.0], [[0, 0, -1.0]], c2w)[3] == 0
+
+
+def test_refusals(plane_scene):
+    images, K, c2w = plane_scene
+    with pytest.raises(UserInputError, match="must not exceed"):
+        PhotoConsistency(images, K, c2w, np.arange(5), n_sources=2, n_best=3)
+    with pytest.raises(UserInputError, match="at least 5 training views"):
+        PhotoConsistency(images, K, c2w, np.arange(3), n_sources=4)
