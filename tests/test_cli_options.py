@@ -138,6 +138,11 @@ def test_parser_reports_the_overrides_the_user_gave():
     (["--arch", "tpu"], ["--arch must be one of auto, cpu, cuda, vulkan, metal, got 'tpu'"]),
     (["--field.normal_mode", "analytic", "--train.curvature_weight", "1e-3"],
      ["curvature loss", "use --field.normal_mode tetrahedral or central"]),
+    (["--train.photo_weight", "0.1", "--train.photo_sources", "2", "--train.photo_best", "3"],
+     ["--train.photo_best (3) must not exceed --train.photo_sources (2)"]),
+    (["--train.photo_start", "2"], ["--train.photo_start must be in [0, 1], got 2"]),
+    (["--train.photo_weight", "0.1", "--train.photo_sources", "200", "--train.photo_best", "2"],
+     ["photo consistency needs at least 201 training views", "lower --train.photo_sources"]),
 ])
 def test_bad_options_are_refused_in_one_sentence_before_anything_is_written(tmp_path, args, words):
     p = cli("train", *args, "--out", tmp_path / "run", cwd=tmp_path)

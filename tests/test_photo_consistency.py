@@ -107,7 +107,7 @@ def test_gradients_match_finite_differences(plane_scene):
     assert torch.autograd.gradcheck(f, (D, O), eps=1e-7, atol=1e-6, rtol=1e-4)
 
 
-def test_loss_and_grad_equals_autograd_and_leaves_other_rays_alone(plane_scene):
+def test_loss_and_grad_equals_float64_autograd_and_leaves_other_rays_alone(plane_scene):
     images, K, c2w = plane_scene
     pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=0.5)
     vids, pix, o, d, depth, normals = batch(c2w, K, n=20, seed=3)
@@ -121,9 +121,10 @@ def test_loss_and_grad_equals_autograd_and_leaves_other_rays_alone(plane_scene):
     gD_t, gO_t = torch.autograd.grad(loss_t, (D, O))
     loss, gD, gO, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(20), normals, c2w, valid)
     assert n == n_t == 12
-    assert loss == pytest.approx(float(loss_t), rel=1e-12)
-    np.testing.assert_allclose(gD, gD_t.numpy(), rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(gO, gO_t.numpy(), rtol=1e-6, atol=1e-12)
+    # loss_and_grad works in float32, the reference here in float64
+    assert loss == pytest.approx(float(loss_t), rel=1e-4)
+    for a, b in ((gD, gD_t.numpy()), (gO, gO_t.numpy())):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-3 * np.abs(b).max())
     assert np.all(gD[:8] == 0) and np.all(gO[:8] == 0) and np.all(gD[8:] != 0)
 
 
@@ -147,3 +148,48 @@ def test_refusals(plane_scene):
         PhotoConsistency(images, K, c2w, np.arange(5), n_sources=2, n_best=3)
     with pytest.raises(UserInputError, match="at least 5 training views"):
         PhotoConsistency(images, K, c2w, np.arange(3), n_sources=4)
+
+
+# ------------------------------------------------------------------ in the trainer
+def _step_grads(tmp_path, **train):
+    from training_helpers import small_config
+
+    from taichi_neus import buffers
+    from taichi_neus.data import default_scene_path
+    from taichi_neus.data.loader import load_scene
+    from taichi_neus.train.trainer import Trainer
+
+    sc = load_scene(default_scene_path(), downscale=4, log=lambda *a: None)
+    cfg = small_config(iters=10)
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    tr = Trainer(sc, cfg, tmp_path, log=lambda *a: None)
+    tr.keep_grads = True
+    # the sphere init silences the hash table (zero first-layer weights on it): perturb both a little, the same
+    # way in every trainer, so the table's gradient is not zero by construction
+    rng = np.random.default_rng(5)
+    host = buffers.to_numpy(tr.params).copy()
+    for sl, sd in ((tr.field.encoding.slice, 0.02), (tr.field.sdf_layers[0].W, 0.05)):
+        host[sl.offset:sl.offset + sl.size] += rng.normal(0, sd, sl.size).astype(np.float32)
+    buffers.from_numpy(tr.params, host)
+    st = tr.train_step()
+    return tr, st, buffers.to_numpy(tr.grads).copy()
+
+
+def test_trainer_routes_the_term_through_depth_and_opacity_only(tmp_path):
+    """The same first batch with and without the term: the loss gains the term, the SDF's parameters (and
+    NeuS's variance) get a different gradient, the colour network's does not (depth and opacity do not
+    depend on the colour), and a term that starts later is off at step 0."""
+    base, st0, g0 = _step_grads(tmp_path / "a")
+    tr, st, g = _step_grads(tmp_path / "b", photo_weight=0.5, photo_start=0.0)
+    late, st_late, g_late = _step_grads(tmp_path / "c", photo_weight=0.5, photo_start=0.5)
+    assert st0["photo"] == 0.0 and st_late["photo"] == 0.0 and np.array_equal(g_late, g0)
+    assert st["photo"] > 0 and st["photo_rays"] >= 10
+    assert st["loss"] == pytest.approx(st0["loss"] + st["photo"], rel=1e-5)
+    assert np.isfinite(g).all()
+    for name, sl in tr.layout.slices.items():
+        a, b = g[sl.offset:sl.offset + sl.size], g0[sl.offset:sl.offset + sl.size]
+        if name.startswith("color"):
+            assert np.array_equal(a, b), name
+        else:
+            assert np.abs(a - b).max() > 0, name
