@@ -180,7 +180,7 @@ def test_trainer_routes_the_term_through_depth_and_opacity_only(tmp_path):
     """The same first batch with and without the term: the loss gains the term, the SDF's parameters (and
     NeuS's variance) get a different gradient, the colour network's does not (depth and opacity do not
     depend on the colour), and a term that starts later is off at step 0."""
-    base, st0, g0 = _step_grads(tmp_path / "a")
+    base, st0, g0 = _step_grads(tmp_path / "a", photo_weight=0.0)
     tr, st, g = _step_grads(tmp_path / "b", photo_weight=0.5, photo_start=0.0)
     late, st_late, g_late = _step_grads(tmp_path / "c", photo_weight=0.5, photo_start=0.5)
     assert st0["photo"] == 0.0 and st_late["photo"] == 0.0 and np.array_equal(g_late, g0)
