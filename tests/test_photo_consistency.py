@@ -193,3 +193,36 @@ def test_trainer_routes_the_term_through_depth_and_opacity_only(tmp_path):
             assert np.array_equal(a, b), name
         else:
             assert np.abs(a - b).max() > 0, name
+
+
+def _trainer_log(tmp_path, scene, **train):
+    from training_helpers import small_config
+
+    from taichi_neus.train.trainer import Trainer
+
+    cfg = small_config(iters=10)
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    lines = []
+    return Trainer(scene, cfg, tmp_path, log=lines.append), lines
+
+
+def test_the_default_term_adapts_to_the_scene_instead_of_refusing_it(tmp_path, monkeypatch):
+    """On by default, the term must not stop a run: with 3 training views each is compared with the other 2,
+    with one view or without torch it is off, and each case is said in one line."""
+    from taichi_neus.data import default_scene_path
+    from taichi_neus.data.loader import load_scene
+
+    sc = load_scene(default_scene_path(), downscale=4, log=lambda *a: None)
+    sc.train_ids = sc.train_ids[:3]
+    tr, lines = _trainer_log(tmp_path / "a", sc, photo_weight=0.1, photo_sources=4, photo_best=2)
+    assert tr.photo is not None and tr.photo.sources.shape[1] == 2 and tr.photo.n_best == 2
+    assert any("compared with 2" in m for m in lines)
+    assert tr.train_step()["photo"] >= 0.0
+    sc.train_ids = sc.train_ids[:1]
+    tr, lines = _trainer_log(tmp_path / "b", sc, photo_weight=0.1)
+    assert tr.photo is None and any("no other to compare with" in m for m in lines)
+    sc.train_ids = np.arange(8)
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if torch were not installed
+    tr, lines = _trainer_log(tmp_path / "c", sc, photo_weight=0.1)
+    assert tr.photo is None and any("needs torch" in m for m in lines)

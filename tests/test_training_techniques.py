@@ -35,7 +35,7 @@ def test_s3im_term_is_trained_on_whole_patches(scene, tmp_path):
         assert st["rays"] == 512 and math.isfinite(st["loss"])
         assert 0.0 < st["s3im"] <= 2.0
         assert st["loss"] == pytest.approx(st["l1"] + st["mask_bce"] + st["eikonal"] + st["eikonal_points"]
-                                           + st["curvature"] + st["s3im"])
+                                           + st["curvature"] + st["s3im"] + st["photo"])
 
 
 def test_masked_target_for_s3im_and_sampler_errors(scene, tmp_path):

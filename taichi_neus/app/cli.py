@@ -355,9 +355,6 @@ def cmd_train(args, cfg: Config, overrides: dict) -> int:
     masks = "yes" if scene.masks is not None and cfg.data.use_masks else "no"
     say(f"scene {scene.name}: {scene.n_views} views {scene.W}x{scene.H}, "
         f"{len(scene.train_ids)} train / {len(scene.test_ids)} held out, masks={masks}")
-    if cfg.train.photo_weight > 0:  # refused before the run folder exists
-        from taichi_neus.train.photo_consistency import check_views
-        check_views(len(scene.train_ids), cfg.train.photo_sources)
     from taichi_neus.train.trainer import Trainer
     out.mkdir(parents=True, exist_ok=True)
     say(f"run folder: {out}")

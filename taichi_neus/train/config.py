@@ -334,14 +334,11 @@ class Config:
         if tc.s3im_weight > 0 and importlib.util.find_spec("torch") is None:
             raise UserInputError("S3IM (--train.s3im_weight > 0) needs torch, which is not installed; install it "
                                  "(pip install torch, or the package's [torch] extra) or leave S3IM off.")
-        if tc.photo_weight > 0:
-            if tc.photo_best > tc.photo_sources:
-                raise UserInputError(f"--train.photo_best ({tc.photo_best}) must not exceed --train.photo_sources "
-                                     f"({tc.photo_sources}).")
-            if importlib.util.find_spec("torch") is None:
-                raise UserInputError("the photo-consistency term (--train.photo_weight > 0) needs torch, which is not "
-                                     "installed; install it (pip install torch, or the package's [torch] extra) or "
-                                     "leave it off.")
+        # (without torch, or with fewer views than it asks for, the trainer turns the photo term off or down
+        # and says so: it is on by default, and the defaults must run everywhere)
+        if tc.photo_weight > 0 and tc.photo_best > tc.photo_sources:
+            raise UserInputError(f"--train.photo_best ({tc.photo_best}) must not exceed --train.photo_sources "
+                                 f"({tc.photo_sources}).")
         if tc.refine_poses:
             if importlib.util.find_spec("torch") is None:
                 raise UserInputError("--train.refine_poses needs torch, which is not installed; install it (pip "

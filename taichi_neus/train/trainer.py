@@ -7,6 +7,7 @@ target colours and reads back a few scalars and the batch's colours.
 """
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -239,12 +240,7 @@ class Trainer:
             log(f"[taichi_neus] hash levels: a training pixel covers {fp:.3g} unit-sphere units; levels with "
                 f"cells under {tc.level_footprint:g} of them stay off: {self.level_cap} of {grid.n_levels} on "
                 f"(finest cell {cell_widths(grid)[self.level_cap - 1]:.3g})")
-        self.photo = None
-        if tc.photo_weight > 0:
-            from taichi_neus.train.photo_consistency import PhotoConsistency  # torch: an optional dependency
-
-            self.photo = PhotoConsistency(scene.images, scene.K, scene.c2w, scene.train_ids, weight=tc.photo_weight,
-                                          radius=tc.photo_radius, n_sources=tc.photo_sources, n_best=tc.photo_best)
+        self.photo = self._photo_term(scene, tc) if tc.photo_weight > 0 else None
         self.refiner = None
         if tc.refine_poses:
             from taichi_neus.train.pose_refiner import PoseRefiner  # torch: an optional dependency
@@ -389,6 +385,25 @@ class Trainer:
         loss, g_n = losses.eikonal(out.normal, p_dev, n, weight=tc.eikonal_weight, grad_out=self._dev["ek_gn"])
         self.field.backward(self._dev["ek_sdf0"], g_n, None, self.params, self.grads)
         return loss
+
+    def _photo_term(self, scene, tc):
+        """The photo-consistency term, or None (with a note) where it cannot run: without torch, or with a
+        single training view; with fewer views than ``photo_sources`` + 1 it compares with those there are."""
+        if importlib.util.find_spec("torch") is None:
+            self.log("[taichi_neus] --train.photo_weight: the photo-consistency term needs torch, which is not "
+                     "installed; it is off (pip install torch turns it on)")
+            return None
+        n_src = min(tc.photo_sources, len(scene.train_ids) - 1)
+        if n_src < 1:
+            self.log("[taichi_neus] --train.photo_weight: one training view has no other to compare with; the "
+                     "photo-consistency term is off")
+            return None
+        if n_src < tc.photo_sources:
+            self.log(f"[taichi_neus] --train.photo_sources: {len(scene.train_ids)} training views, so each is "
+                     f"compared with {n_src}")
+        from taichi_neus.train.photo_consistency import PhotoConsistency  # torch: an optional dependency
+        return PhotoConsistency(scene.images, scene.K, scene.c2w, scene.train_ids, weight=tc.photo_weight,
+                                radius=tc.photo_radius, n_sources=n_src, n_best=min(tc.photo_best, n_src))
 
     def _photo_step(self, vids, pix, o, d, mask, comp, out, smp, S: int, g_depth, g_opacity):
         """The photo-consistency term (:mod:`~taichi_neus.train.photo_consistency`) on this batch's rendered
