@@ -102,6 +102,7 @@ class PhotoConsistency:
         grey = (np.asarray(images, np.float32) @ _LUMA) / 255.0  # (V, H, W)
         self.grey = torch.from_numpy(np.ascontiguousarray(grey, np.float32)).reshape(-1)
         self.K = torch.from_numpy(np.asarray(K, np.float64))
+        self.Kinv = torch.linalg.inv(self.K)  # (V, 3, 3): the intrinsics do not change while training
         self.sources = torch.from_numpy(nearest_views(c2w, train_ids, n_sources))
         r = torch.arange(-self.radius, self.radius + 1, dtype=torch.float64)
         oy, ox = torch.meshgrid(r, r, indexing="ij")
@@ -124,6 +125,11 @@ class PhotoConsistency:
         top = v00 + (v01 - v00) * fx
         bot = v10 + (v11 - v10) * fx
         return top + (bot - top) * fy
+
+    def _in_image(self, uv: torch.Tensor) -> torch.Tensor:
+        """Whether every pixel centre of a patch (``uv`` (..., P, 2)) lies in the image: (...,) bool."""
+        x, y = uv[..., 0], uv[..., 1]
+        return ((x >= 0.5) & (x <= self.W - 0.5) & (y >= 0.5) & (y <= self.H - 0.5)).all(-1)
 
     @staticmethod
     def _ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -156,20 +162,19 @@ class PhotoConsistency:
             keep &= as_t(valid).bool()
         # reference patches, and only the textured ones
         q = pix[:, None, :] + self.offsets.to(dt)[None]  # (R, P, 2)
-        inside = ((q[..., 0] >= 0.5) & (q[..., 0] <= self.W - 0.5) & (q[..., 1] >= 0.5)
-                  & (q[..., 1] <= self.H - 0.5)).all(-1)
         a = self._bilinear(vids[:, None].expand(q.shape[:2]), q)  # (R, P)
-        keep &= inside & (a.std(dim=-1, unbiased=False) >= self.min_std)
+        keep &= self._in_image(q) & (a.std(dim=-1, unbiased=False) >= self.min_std)
         idx = torch.nonzero(keep).reshape(-1)
         zero = depth.sum() * 0.0
         if len(idx) == 0:
             return zero, 0
         vids, q, a, o, d, n = vids[idx], q[idx], a[idx], o[idx], d[idx], n[idx]
         x = o + (depth[idx] / opacity[idx])[:, None] * d  # the surface point (R', 3)
-        # every patch pixel's ray from the same camera, to the plane (x, n)
-        Kinv = torch.linalg.inv(self.K.to(dt))[vids]  # (R', 3, 3), one inverse per view
+        # every patch pixel's ray from the same camera, d ∝ R·K⁻¹·[q, 1] (as data/rays.pixel_rays, unnormalised
+        # and in torch, which saves a round trip through numpy per step), to the plane (x, n)
         qh = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)  # (R', P, 3)
-        dq = torch.einsum("rij,rpj->rpi", c2w[vids][:, :3, :3], torch.einsum("rij,rpj->rpi", Kinv, qh))
+        cam = torch.einsum("rij,rpj->rpi", self.Kinv.to(dt)[vids], qh)
+        dq = torch.einsum("rij,rpj->rpi", c2w[vids][:, :3, :3], cam)
         num = (n * (x - o)).sum(-1, keepdim=True)  # (R', 1)
         den = (dq * n[:, None, :]).sum(-1)  # (R', P)
         den = torch.where(den.abs() < 1e-6, torch.full_like(den, -1e-6), den)
@@ -182,8 +187,7 @@ class PhotoConsistency:
         ok = (z > 1e-6).all(-1)  # (R', S)
         uvw = torch.einsum("rsij,rspj->rspi", self.K.to(dt)[src], Xc)
         uv = uvw[..., :2] / torch.clamp(z, min=1e-6)[..., None]
-        ok &= ((uv[..., 0] >= 0.5) & (uv[..., 0] <= self.W - 0.5) & (uv[..., 1] >= 0.5)
-               & (uv[..., 1] <= self.H - 0.5)).all(-1)
+        ok &= self._in_image(uv)
         b = self._bilinear(src[:, :, None].expand(uv.shape[:3]), uv)  # (R', S, P)
         cost = (1.0 - self._ncc(a[:, None, :].expand_as(b), b)) * 0.5  # (R', S)
         cost = torch.where(ok, cost, torch.full_like(cost, float("inf")))
