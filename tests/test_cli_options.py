@@ -379,3 +379,32 @@ def test_refine_poses_without_masks_trains_with_the_background_model(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     poses = json.loads((out / "poses_refined.json").read_text())
     assert poses["max_rotation_change_deg"] > 0 and poses["max_translation_change"] > 0
+
+
+def test_progress_bar_follows_a_time_budget(monkeypatch):
+    """A run that stops on --train.time_budget long before --train.iters: the bar shows the trainer's share
+    done and the time left to the budget, not the steps' (which would read hours)."""
+    import io
+
+    from taichi_neus.app import progress as pg
+    now = [1000.0]
+    monkeypatch.setattr(pg.time, "time", lambda: now[0])
+    out = io.StringIO()
+    bar = pg.Progress(100000, stream=out, every=10)
+    now[0] += 60.0
+    bar.update(500, "PSNR 20.00 dB", fraction=0.25)  # a quarter of the budget in 60 s: 180 s left
+    line = out.getvalue().splitlines()[-1]
+    assert line.startswith("[######..................] 500 steps  25% ")
+    assert "60s< 180s 8.33 steps/s | PSNR 20.00 dB" in line
+    # resumed half way through: the time left comes from the share this process has done
+    out2 = io.StringIO()
+    bar = pg.Progress(100000, start=2000, stream=out2, every=10, start_fraction=0.5)
+    now[0] += 30.0
+    bar.update(2250, fraction=0.6)
+    assert "30s< 120s" in out2.getvalue()
+    # without a fraction: steps over the total, as before
+    out3 = io.StringIO()
+    bar = pg.Progress(1000, stream=out3, every=10)
+    now[0] += 10.0
+    bar.update(100)
+    assert "] 100/1000    10s<  90s 10.00 steps/s" in out3.getvalue()

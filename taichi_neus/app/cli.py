@@ -375,11 +375,14 @@ def cmd_train(args, cfg: Config, overrides: dict) -> int:
         from taichi_neus.app.preview import LivePreview
         preview = LivePreview(tr, preview_settings)
     from taichi_neus.app.progress import LEGEND, Progress, step_fields
-    say(f"training {cfg.train.iters} steps; {LEGEND}")
-    bar = Progress(cfg.train.iters, start=tr.step, every=cfg.train.log_every)
+    budget = cfg.train.time_budget
+    say(f"training {cfg.train.iters} steps" + (f" or {budget:g} s, whichever comes first" if budget > 0 else "")
+        + f"; {LEGEND}")
+    bar = Progress(cfg.train.iters, start=tr.step, every=cfg.train.log_every, start_fraction=tr.progress())
 
     def on_step(step: int, st: dict) -> None:
-        bar.update(step, *step_fields(st))
+        # with a time budget the run's share done is the trainer's (steps or time, whichever is further)
+        bar.update(step, *step_fields(st), fraction=tr.progress() if budget > 0 else None)
 
     try:
         summary = tr.fit(callback=preview, on_step=on_step)

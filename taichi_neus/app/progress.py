@@ -22,25 +22,36 @@ def step_fields(st: dict) -> list[str]:
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, stream=None, every: int = 10, width: int = 24):
+    def __init__(self, total: int, start: int = 0, stream=None, every: int = 10, width: int = 24,
+                 start_fraction: float = 0.0):
         self.total, self.n = total, start
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.every, self.width = every, width
         self.t0 = time.time()
         self.start = start
+        self.frac0 = start_fraction  # share of the run done when this process started (a resumed run)
 
-    def update(self, n: int, *fields: str) -> None:
-        """Redraw at step ``n`` with ``fields`` (already named and formatted, e.g. ``'PSNR 24.1 dB'``)."""
+    def update(self, n: int, *fields: str, fraction: float | None = None) -> None:
+        """Redraw at step ``n`` with ``fields`` (already named and formatted, e.g. ``'PSNR 24.1 dB'``).
+
+        ``fraction``: the share of the run done, in [0, 1], when it is not ``n / total`` (a run that
+        stops on a time budget before its step count); the bar and the time left then follow it."""
         self.n = n
         if not self.tty and n % self.every and n != self.total:
             return
-        frac = n / max(self.total, 1)
-        done = int(frac * self.width)
         el = time.time() - self.t0
         rate = (n - self.start) / el if el > 0 else 0.0
-        eta = (self.total - n) / rate if rate > 0 else 0.0
-        line = (f"[{'#' * done}{'.' * (self.width - done)}] {n}/{self.total} "
+        if fraction is None:
+            frac = n / max(self.total, 1)
+            eta = (self.total - n) / rate if rate > 0 else 0.0
+        else:
+            frac = min(max(float(fraction), 0.0), 1.0)
+            gained = frac - self.frac0  # the share this process has done
+            eta = el * (1.0 - frac) / gained if gained > 0 else 0.0
+        done = int(frac * self.width)
+        count = f"{n}/{self.total}" if fraction is None else f"{n} steps {100 * frac:3.0f}%"
+        line = (f"[{'#' * done}{'.' * (self.width - done)}] {count} "
                 f"{el:5.0f}s<{eta:4.0f}s {rate:.2f} steps/s | " + " | ".join(fields))
         if self.tty:
             self.stream.write("\r" + line[:200] + "\033[K")
