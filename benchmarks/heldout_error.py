@@ -1,7 +1,8 @@
 """Where a run's held-out error comes from: the silhouette, the mask's edge, or the object's interior;
 and how blurred the renders are against the photographs.
 
-    python benchmarks/heldout_error.py RUN [--n-fine 32 64] [--json RUN/heldout_error.json] [--image OUT.png]
+    python benchmarks/heldout_error.py RUN [--n-fine 32 64] [--render-refine 1 2 4 8 16] [--json OUT.json]
+                                       [--image OUT.png]
 
 For each held-out view of a run trained with masks (``taichi-neus train``; its latest checkpoint),
 rendered at the training resolution, the squared colour error inside the photo's mask is split into:
@@ -13,7 +14,9 @@ rendered at the training resolution, the squared colour error inside the photo's
 Blur: the mean |Laplacian| of the grey image inside the mask, render against photo (1 = as sharp), and
 the masked PSNR a Gaussian blur of the photo (σ = 0.5, 1, 1.5, 2 pixels) scores against the photo itself,
 to read a run's figure as an equivalent blur. ``--n-fine`` also renders with other fine-sample counts
-(the held-out figure at the run's own count is the first). ``--image`` writes, for the first held-out
+(the held-out figure at the run's own count is the first); ``--render-refine`` renders again with the
+renderer's coarse step at the training step divided by each factor (``render.render_refine``; the first
+figure uses the run's own), timing each. ``--image`` writes, for the first held-out
 view: photo | render | 4×|error| (inside the mask).
 
 Prints a table and writes JSON. Reads the run; writes nothing into it unless ``--json`` points there.
@@ -60,13 +63,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a run folder written by 'taichi-neus train' with masks")
     ap.add_argument("--n-fine", type=int, nargs="*", default=[], help="also render with these fine-sample counts")
+    ap.add_argument("--render-refine", type=int, nargs="*", default=[],
+                    help="also render with the coarse step divided by these factors (timed)")
     ap.add_argument("--json", default="", help="default: benchmarks/results/heldout_error_<run name>.json")
     ap.add_argument("--image", default="", help="photo | render | error picture of the first held-out view")
     args = ap.parse_args(argv)
+    if any(f < 1 for f in args.render_refine):
+        print(f"error: --render-refine takes factors >= 1, got {args.render_refine}.", file=sys.stderr)
+        return 2
 
     from taichi_neus.app.results import load_run
-    from taichi_neus.render.sampling import RaySampler
-
     run = pathlib.Path(args.run)
     if not (run / "config.json").is_file():
         print(f"error: {run} is not a run folder (no config.json); pass a folder 'taichi-neus train --out' wrote.",
@@ -80,7 +86,8 @@ def main(argv=None) -> int:
     rc = tr.cfg.render
     res = {"command": "python benchmarks/heldout_error.py " + " ".join(argv or sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M"), "run": str(run), "n_fine": rc.n_fine,
-           "views": [int(v) for v in scene.test_ids], "per_view": [], "other_n_fine": {}}
+           "render_refine": rc.render_refine, "views": [int(v) for v in scene.test_ids], "per_view": [],
+           "other_n_fine": {}, "other_render_refine": {}}
     for i, v in enumerate(scene.test_ids):
         r = tr.render_view(int(v), 1)
         photo = scene.images[v].astype(np.float32) / 255.0
@@ -94,16 +101,30 @@ def main(argv=None) -> int:
             iio.imwrite(args.image, (pic * 255).astype(np.uint8))
     keys = [k for k in res["per_view"][0] if k != "view"]
     res["mean"] = {k: float(np.mean([p[k] for p in res["per_view"]])) for k in keys}
-    for nf in args.n_fine:
-        tr.render_sampler = RaySampler(tr.occupancy, step=rc.coarse_step, max_coarse=rc.max_coarse, n_fine=nf)
-        ps = []
+    def rescore() -> dict:
+        """The held-out views rendered with the trainer's render sampler as it is now: mean PSNR inside the
+        masks, mask pixels left empty (opacity < 0.5), seconds."""
+        t0, ps, miss = time.perf_counter(), [], 0
         for v in scene.test_ids:
             r = tr.render_view(int(v), 1)
             photo = scene.images[v].astype(np.float32) / 255.0
-            ps.append(_psnr(((r["rgb"] - photo) ** 2).mean(-1)[scene.masks[v] > 127]))
-        res["other_n_fine"][str(nf)] = float(np.mean(ps))
+            mask = scene.masks[v] > 127
+            ps.append(_psnr(((r["rgb"] - photo) ** 2).mean(-1)[mask]))
+            miss += int((mask & (r["opacity"] < 0.5)).sum())
+        return {"psnr_masked": float(np.mean(ps)), "miss_pixels": miss, "seconds": time.perf_counter() - t0}
+
+    for nf in args.n_fine:
+        tr.render_sampler = tr.make_render_sampler(nf)
+        res["other_n_fine"][str(nf)] = rescore()["psnr_masked"]
+    refine0 = rc.render_refine
+    for f in args.render_refine:
+        rc.render_refine = f
+        tr.render_sampler = tr.make_render_sampler(rc.n_fine)
+        res["other_render_refine"][str(f)] = rescore()
+    rc.render_refine = refine0
     mean = res["mean"]
-    print(f"{run}: {len(res['views'])} held-out views at {scene.W}x{scene.H}, n_fine {rc.n_fine}")
+    print(f"{run}: {len(res['views'])} held-out views at {scene.W}x{scene.H}, n_fine {rc.n_fine}, "
+          f"render_refine {rc.render_refine}")
     print(f"  PSNR inside the masks        {mean['psnr_masked']:.2f} dB (interior only {mean['psnr_interior']:.2f})")
     for name in ("miss", "edge", "interior"):
         print(f"  {name:9s} {100 * mean[name + '_pixel_share']:5.1f}% of mask pixels, "
@@ -113,6 +134,9 @@ def main(argv=None) -> int:
         f"σ {s}: {mean[f'photo_blur_{s}_psnr']:.1f} dB" for s in BLUR_SIGMAS))
     for nf, p in res["other_n_fine"].items():
         print(f"  rendered with n_fine {nf}: {p:.2f} dB")
+    for f, r in res["other_render_refine"].items():
+        print(f"  rendered with the coarse step / {f}: {r['psnr_masked']:.2f} dB, {r['miss_pixels']} mask pixels "
+              f"empty, {r['seconds']:.1f} s")
     here = pathlib.Path(__file__).resolve().parent
     path = pathlib.Path(args.json or here / "results" / f"heldout_error_{run.name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

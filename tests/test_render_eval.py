@@ -218,8 +218,8 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
 
     script = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_error.py")
     out, pic = tmp_path / "err.json", tmp_path / "err.png"
-    res = subprocess.run([sys.executable, script, str(run["run"]), "--n-fine", "16", "--json", str(out),
-                          "--image", str(pic)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, script, str(run["run"]), "--n-fine", "16", "--render-refine", "8", "1",
+                          "--json", str(out), "--image", str(pic)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads(out.read_text())
     mean = d["mean"]
@@ -230,7 +230,15 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
     assert blur == sorted(blur, reverse=True) and 0 < mean["sharpness_ratio"] < 10
     w, h = Image.open(pic).size  # photo | render | error, side by side
     assert set(d["other_n_fine"]) == {"16"} and w % 3 == 0 and h > 0
+    # the run's own render_refine (8) reproduces its figure; the training step itself (1) renders differently
+    assert d["render_refine"] == 8 and set(d["other_render_refine"]) == {"8", "1"}
+    assert d["other_render_refine"]["8"]["psnr_masked"] == pytest.approx(mean["psnr_masked"], abs=1e-9)
+    assert d["other_render_refine"]["1"]["psnr_masked"] != pytest.approx(mean["psnr_masked"], abs=1e-6)
     bad = subprocess.run([sys.executable, script, str(tmp_path), "--json", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not a run folder" in bad.stderr
     assert not (tmp_path / "x.json").exists()
+    bad = subprocess.run([sys.executable, script, str(run["run"]), "--render-refine", "0", "--json",
+                          str(tmp_path / "y.json")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--render-refine" in bad.stderr
+    assert not (tmp_path / "y.json").exists()

@@ -120,3 +120,25 @@ def test_s_floor_holds_neus_sharpness_up_on_its_log_linear_ramp(scene, tmp_path)
     for _ in range(12):
         free.train_step()
     assert free.inv_s() < 100.0
+
+
+
+def test_renders_march_with_a_finer_coarse_step(scene, tmp_path):
+    """--render.render_refine k: renders (held-out scores, validation images) march at coarse_step / k with
+    k times the bins; training keeps coarse_step. A trained surface's renders change with it."""
+    cfg = _cfg(iters=4)
+    cfg.render.render_refine = 4
+    tr = Trainer(scene, cfg, tmp_path / "r", log=lambda *a: None)
+    rc = cfg.render
+    assert tr.sampler.step == pytest.approx(rc.coarse_step) and tr.sampler.max_coarse == rc.max_coarse
+    assert tr.render_sampler.step == pytest.approx(rc.coarse_step / 4)
+    assert tr.render_sampler.max_coarse == 4 * rc.max_coarse
+    for _ in range(3):
+        assert math.isfinite(tr.train_step()["loss"])
+    view = int(scene.test_ids[0])
+    fine = tr.render_view(view, 2)
+    rc.render_refine = 1
+    tr.render_sampler = tr.make_render_sampler(rc.n_fine)
+    assert tr.render_sampler.step == pytest.approx(rc.coarse_step)
+    coarse = tr.render_view(view, 2)
+    assert np.isfinite(fine["rgb"]).all() and not np.allclose(fine["depth"], coarse["depth"])

@@ -193,8 +193,7 @@ class Trainer:
             betas=(0.9, 0.99), eps=1e-15)
         self.occupancy = OccupancyGrid(rc.occupancy_resolution, 1.0)
         self.sampler = RaySampler(self.occupancy, step=rc.coarse_step, max_coarse=rc.max_coarse, n_fine=rc.n_fine)
-        self.render_sampler = RaySampler(self.occupancy, step=rc.coarse_step, max_coarse=rc.max_coarse,
-                                         n_fine=rc.n_fine)
+        self.render_sampler = self.make_render_sampler(rc.n_fine)
         self.compositor = NeuSCompositor()
         self.render_compositor = NeuSCompositor()
         sigma = tc.grad_scaling_sigma if tc.grad_scaling_sigma > 0 else scene.camera_sigma()
@@ -602,6 +601,13 @@ class Trainer:
                 "samples_per_ray": 0.0, "rejected": True}
 
     # ------------------------------------------------------------- rendering
+    def make_render_sampler(self, n_fine: int) -> RaySampler:
+        """The sampler of renders without gradients: the training sampler's coarse step divided by
+        ``render.render_refine`` (its bin cap multiplied by it), with ``n_fine`` fine samples per ray."""
+        rc = self.cfg.render
+        return RaySampler(self.occupancy, step=rc.coarse_step / rc.render_refine,
+                          max_coarse=rc.max_coarse * rc.render_refine, n_fine=n_fine)
+
     def render_rays(self, o: np.ndarray, d: np.ndarray, chunk: int = 4096, max_t: np.ndarray | None = None) -> dict:
         """Render rays (no gradient): rgb (N,3), opacity (N,), depth (N,), normal (N,3) world-aligned.
 
