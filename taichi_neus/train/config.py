@@ -51,7 +51,7 @@ class RenderConfig:
     # (s ≈ 600, a weight band ~3.5/s = 0.006 wide) a 0.027 training bin steps over thin parts of the surface
     # and spreads the fine samples over the whole bin; on scan 24, /8 adds ~0.5 dB held out
     # (benchmarks/results/render_refine_scan24.json)
-    render_refine: int = 8
+    render_refine: int = 8  # renders without gradients march with coarse_step / this (and this many times the bins)
     background: tuple = (0.0, 0.0, 0.0)  # r,g,b in [0, 1] the foreground is composited on (with masks)
     near: float = 0.0  # rays start at least this far from the camera (0: at the camera or the unit sphere)
 
