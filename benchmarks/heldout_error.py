@@ -1,8 +1,8 @@
 """Where a run's held-out error comes from: the silhouette, the mask's edge, or the object's interior;
 and how blurred the renders are against the photographs.
 
-    python benchmarks/heldout_error.py RUN [--n-fine 32 64] [--render-refine 1 2 4 8 16] [--json OUT.json]
-                                       [--image OUT.png]
+    python benchmarks/heldout_error.py RUN [--n-fine 32 64] [--render-refine 1 2 4 8 16] [--train-views 7]
+                                       [--json OUT.json] [--image OUT.png]
 
 For each held-out view of a run trained with masks (``taichi-neus train``; its latest checkpoint),
 rendered at the training resolution, the squared colour error inside the photo's mask is split into:
@@ -16,7 +16,10 @@ the masked PSNR a Gaussian blur of the photo (σ = 0.5, 1, 1.5, 2 pixels) scores
 to read a run's figure as an equivalent blur. ``--n-fine`` also renders with other fine-sample counts
 (the held-out figure at the run's own count is the first); ``--render-refine`` renders again with the
 renderer's coarse step at the training step divided by each factor (``render.render_refine``; the first
-figure uses the run's own), timing each. ``--image`` writes, for the first held-out
+figure uses the run's own), timing each. ``--train-views K`` also scores K training views, evenly spread, the
+same way: a render that misses the training photos as much as the held-out ones is a fit that is not there
+yet (capacity, steps, optimisation); one that fits them and misses the held-out ones is a surface that is
+wrong between the views. ``--image`` writes, for the first held-out
 view: photo | render | 4×|error| (inside the mask).
 
 Prints a table and writes JSON. Reads the run; writes nothing into it unless ``--json`` points there.
@@ -65,9 +68,14 @@ def main(argv=None) -> int:
     ap.add_argument("--n-fine", type=int, nargs="*", default=[], help="also render with these fine-sample counts")
     ap.add_argument("--render-refine", type=int, nargs="*", default=[],
                     help="also render with the coarse step divided by these factors (timed)")
+    ap.add_argument("--train-views", type=int, default=0,
+                    help="also score this many training views, evenly spread (fit against generalisation)")
     ap.add_argument("--json", default="", help="default: benchmarks/results/heldout_error_<run name>.json")
     ap.add_argument("--image", default="", help="photo | render | error picture of the first held-out view")
     args = ap.parse_args(argv)
+    if args.train_views < 0:
+        print(f"error: --train-views takes a count >= 0, got {args.train_views}.", file=sys.stderr)
+        return 2
     if any(f < 1 for f in args.render_refine):
         print(f"error: --render-refine takes factors >= 1, got {args.render_refine}.", file=sys.stderr)
         return 2
@@ -101,6 +109,17 @@ def main(argv=None) -> int:
             iio.imwrite(args.image, (pic * 255).astype(np.uint8))
     keys = [k for k in res["per_view"][0] if k != "view"]
     res["mean"] = {k: float(np.mean([p[k] for p in res["per_view"]])) for k in keys}
+    if args.train_views:
+        train = np.asarray(scene.train_ids)
+        picks = train[np.linspace(0, len(train) - 1, min(args.train_views, len(train))).round().astype(int)]
+        res["train_views"] = [int(v) for v in picks]
+        res["per_train_view"] = []
+        for v in picks:
+            r = tr.render_view(int(v), 1)
+            photo = scene.images[v].astype(np.float32) / 255.0
+            res["per_train_view"].append({"view": int(v), **analyse_view(r["rgb"], r["opacity"], photo,
+                                                                         scene.masks[v] > 127)})
+        res["train_mean"] = {k: float(np.mean([p[k] for p in res["per_train_view"]])) for k in keys}
     def rescore() -> dict:
         """The held-out views rendered with the trainer's render sampler as it is now: mean PSNR inside the
         masks, mask pixels left empty (opacity < 0.5), seconds."""
@@ -132,6 +151,11 @@ def main(argv=None) -> int:
     print(f"  sharpness (|Laplacian|, render / photo) {mean['sharpness_ratio']:.2f}")
     print("  the photo blurred, against itself: " + ", ".join(
         f"σ {s}: {mean[f'photo_blur_{s}_psnr']:.1f} dB" for s in BLUR_SIGMAS))
+    if args.train_views:
+        tm = res["train_mean"]
+        print(f"  {len(res['train_views'])} training views: PSNR inside the masks {tm['psnr_masked']:.2f} dB "
+              f"(interior {tm['psnr_interior']:.2f}), sharpness {tm['sharpness_ratio']:.2f}, "
+              f"miss {100 * tm['miss_pixel_share']:.1f}% of mask pixels")
     for nf, p in res["other_n_fine"].items():
         print(f"  rendered with n_fine {nf}: {p:.2f} dB")
     for f, r in res["other_render_refine"].items():

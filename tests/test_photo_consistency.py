@@ -89,8 +89,8 @@ def test_depth_gradient_points_back_to_the_plane(plane_scene, delta):
     images, K, c2w = plane_scene
     pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=1.0, radius=3, n_sources=4, n_best=2)
     vids, pix, o, d, depth, normals = batch(c2w, K, n=60, seed=1)
-    loss, gD, gO, n = pc.loss_and_grad(vids, pix, o, d, depth + delta, np.ones(len(depth)), normals, c2w)
-    assert n == len(depth)
+    loss, gD, gO, gN, n = pc.loss_and_grad(vids, pix, o, d, depth + delta, np.ones(len(depth)), normals, c2w)
+    assert n == len(depth) and gN is None  # the normal is held fixed unless asked
     # descending moves each ray's depth toward the plane in most rays (a ray's cost is not convex far out)
     assert np.mean(np.sign(gD) == np.sign(delta)) > 0.8
     # x = o + (D / O)·d: ∂/∂O = −D/O·∂/∂D at O = 1
@@ -119,7 +119,7 @@ def test_loss_and_grad_equals_float64_autograd_and_leaves_other_rays_alone(plane
     O = torch.tensor(np.ones(20), requires_grad=True)
     loss_t, n_t = pc.loss(vids, pix, o, d, D, O, normals, c2w, valid)
     gD_t, gO_t = torch.autograd.grad(loss_t, (D, O))
-    loss, gD, gO, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(20), normals, c2w, valid)
+    loss, gD, gO, _, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(20), normals, c2w, valid)
     assert n == n_t == 12
     # loss_and_grad works in float32, the reference here in float64
     assert loss == pytest.approx(float(loss_t), rel=1e-4)
@@ -128,18 +128,64 @@ def test_loss_and_grad_equals_float64_autograd_and_leaves_other_rays_alone(plane
     assert np.all(gD[:8] == 0) and np.all(gO[:8] == 0) and np.all(gD[8:] != 0)
 
 
+def _tilted(normals, deg, axis=0):
+    """The normals turned by ``deg`` degrees about the x (axis 0) or y (axis 1) axis."""
+    a = np.radians(deg)
+    c, s = np.cos(a), np.sin(a)
+    R = np.array([[1, 0, 0], [0, c, -s], [0, s, c]]) if axis == 0 else np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return normals @ R.T
+
+
+def test_normal_gradients_match_float64_autograd_and_finite_differences(plane_scene):
+    """With ``normal_grad`` the loss is differentiable in the (unnormalised) normals too: gradcheck in float64
+    through :meth:`loss`, and :meth:`loss_and_grad`'s float32 normal gradient against that reference."""
+    images, K, c2w = plane_scene
+    pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=0.7, radius=2, n_sources=3, n_best=2,
+                          normal_grad=True)
+    vids, pix, o, d, depth, normals = batch(c2w, K, n=8, seed=4)
+    normals = 1.3 * _tilted(normals, 8.0)  # not unit, and off the plane's normal
+    D = torch.tensor(depth + 0.01, requires_grad=True)
+    O = torch.tensor(np.full(len(depth), 0.9), requires_grad=True)
+    N = torch.tensor(normals, requires_grad=True)
+    f = lambda D, O, N: pc.loss(vids, pix, o, d, D, O, N, c2w)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (D, O, N), eps=1e-7, atol=1e-6, rtol=1e-4)
+    gN_t = torch.autograd.grad(f(D, O, N), N)[0].numpy()
+    # the loss is blind to a normal's length: its gradient is orthogonal to the normal
+    assert np.abs((gN_t * normals).sum(-1)).max() < 1e-9 * np.abs(gN_t).max() + 1e-12
+    _, gD, _, gN, n = pc.loss_and_grad(vids, pix, o, d, depth + 0.01, np.full(len(depth), 0.9), normals, c2w)
+    assert n == len(depth) and gN.shape == (len(depth), 3)
+    np.testing.assert_allclose(gN, gN_t, rtol=0, atol=2e-3 * np.abs(gN_t).max())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_normal_gradient_turns_a_tilted_plane_back(plane_scene, axis):
+    """At the true depth with the plane's normal tilted by 10°, a step down the normal gradient lowers the
+    tilt for most rays: the term now orients the surface, not only places it."""
+    images, K, c2w = plane_scene
+    pc = PhotoConsistency(images, K, c2w, np.arange(5), weight=1.0, radius=3, n_sources=4, n_best=2,
+                          normal_grad=True)
+    vids, pix, o, d, depth, normals = batch(c2w, K, n=60, seed=6)
+    tilted = _tilted(normals, 10.0, axis)
+    loss, gD, _, gN, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(len(depth)), tilted, c2w)
+    assert n > 40
+    stepped = tilted - 0.05 * gN / np.abs(gN).max()  # the largest change 0.05 rad, under the 10° (0.17) tilt
+    cos = lambda a: (a @ [0.0, 0.0, -1.0]) / np.linalg.norm(a, axis=-1)  # noqa: E731
+    assert np.mean(cos(stepped) > cos(tilted)) > 0.9
+    assert pc.loss_and_grad(vids, pix, o, d, depth, np.ones(len(depth)), stepped, c2w)[0] < loss
+
+
 def test_flat_patches_and_too_few_sources_do_not_count(plane_scene):
     images, K, c2w = plane_scene
     flat = np.full_like(images, 128)
     pc = PhotoConsistency(flat, K, c2w, np.arange(5))
     vids, pix, o, d, depth, normals = batch(c2w, K, n=10)
-    loss, gD, _, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(10), normals, c2w)
+    loss, gD, _, _, n = pc.loss_and_grad(vids, pix, o, d, depth, np.ones(10), normals, c2w)
     assert n == 0 and loss == 0.0 and not gD.any()
     # a patch that leaves the image in the reference view does not count either
     pc = PhotoConsistency(images, K, c2w, np.arange(5))
     edge = np.array([[1.5, 30.5]])
     o1, d1 = pixel_rays(K[0], c2w[0], edge)
-    assert pc.loss_and_grad([0], edge, o1, d1, -o1[:, 2] / d1[:, 2], [1.0], [[0, 0, -1.0]], c2w)[3] == 0
+    assert pc.loss_and_grad([0], edge, o1, d1, -o1[:, 2] / d1[:, 2], [1.0], [[0, 0, -1.0]], c2w)[4] == 0
 
 
 def test_refusals(plane_scene):
@@ -193,6 +239,23 @@ def test_trainer_routes_the_term_through_depth_and_opacity_only(tmp_path):
             assert np.array_equal(a, b), name
         else:
             assert np.abs(a - b).max() > 0, name
+
+
+def test_the_normal_gradient_reaches_the_sdf_only(tmp_path):
+    """``photo_normal``: the same first batch as with the term on the depth only; the SDF's parameters get a
+    different gradient (the normal is ∇f), except the output layer's bias (a constant in f, nothing in ∇f); the
+    colour network's and the variance's are the same (the composited normal's weights are held fixed)."""
+    base, st0, g0 = _step_grads(tmp_path / "a", photo_weight=0.5, photo_start=0.0)
+    tr, st, g = _step_grads(tmp_path / "b", photo_weight=0.5, photo_start=0.0, photo_normal=True)
+    assert st["photo"] == pytest.approx(st0["photo"], rel=1e-6) and st["photo_rays"] == st0["photo_rays"]
+    assert np.isfinite(g).all()
+    last_bias = f"sdf.{len(tr.field.sdf_layers) - 1}.bias"
+    for name, sl in tr.layout.slices.items():
+        a, b = g[sl.offset:sl.offset + sl.size], g0[sl.offset:sl.offset + sl.size]
+        if name.startswith("color") or name in ("variance", last_bias):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * max(np.abs(b).max(), 1e-3), err_msg=name)
+        else:
+            assert np.abs(a - b).max() > 1e-6 * max(np.abs(b).max(), 1e-12), name
 
 
 def _trainer_log(tmp_path, scene, **train):

@@ -219,7 +219,8 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
     script = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_error.py")
     out, pic = tmp_path / "err.json", tmp_path / "err.png"
     res = subprocess.run([sys.executable, script, str(run["run"]), "--n-fine", "16", "--render-refine", "8", "1",
-                          "--json", str(out), "--image", str(pic)], capture_output=True, text=True, timeout=600)
+                          "--train-views", "2", "--json", str(out), "--image", str(pic)],
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads(out.read_text())
     mean = d["mean"]
@@ -234,6 +235,9 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
     assert d["render_refine"] == 8 and set(d["other_render_refine"]) == {"8", "1"}
     assert d["other_render_refine"]["8"]["psnr_masked"] == pytest.approx(mean["psnr_masked"], abs=1e-9)
     assert d["other_render_refine"]["1"]["psnr_masked"] != pytest.approx(mean["psnr_masked"], abs=1e-6)
+    # training views, scored the same way: two of them, none held out
+    assert len(d["train_views"]) == 2 and not set(d["train_views"]) & set(d["views"])
+    assert len(d["per_train_view"]) == 2 and 5 < d["train_mean"]["psnr_masked"] < 60
     bad = subprocess.run([sys.executable, script, str(tmp_path), "--json", str(tmp_path / "x.json")],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not a run folder" in bad.stderr

@@ -106,6 +106,7 @@ class TrainConfig:
     photo_sources: int = 4  # nearby training views (closest optical axes) each ray's patch is compared with
     photo_best: int = 2  # per ray, the mean cost of this many best-agreeing sources (occluded ones disagree)
     photo_start: float = 0.1  # share of training after which the term is on (a surface forms first)
+    photo_normal: bool = False  # the term's gradient also turns the surface's normal (else it moves the depth only)
     refine_poses: bool = False  # refine every training camera's pose jointly with the field (BARF-style)
     lr_pose: float = 1e-3  # learning rate of the pose twists (radians, unit-sphere units), on the main schedule
     pose_start: float = 0.2  # poses are refined from this fraction of training on (the field forms first)

@@ -10,20 +10,20 @@ geometry only through the colour network, which can also explain an image by pai
 this term pulls the surface to where the views agree, which is what texture-rich concave regions
 (DTU's courtyards and roofs) need early in a short run.
 
-For a ray ``r`` from camera centre ``o`` along the unit direction ``d`` with rendered depth ``D = Σ w·t``
-and opacity ``O = Σ w`` (NeuS compositing), the surface point is ``x = o + (D / O)·d`` and the plane
-normal ``n`` is the weight-composited SDF gradient, normalised (held fixed: the gradient flows through
-the depth only, moving the surface along the ray). Each pixel ``q`` of the ``(2ρ+1)²`` patch centred
-on the ray's pixel is cast from the same camera (``d_q ∝ R·K⁻¹·[q, 1]``), meets the plane at
-``X_q = o + d_q·n·(x − o) / n·d_q`` and is projected into each source view ``s`` (``K_s·(R_s·X_q + t_s)``,
-bilinear lookup in the source's grey image). Per source, ``c_s = (1 − NCC(a, b_s)) / 2 ∈ [0, 1]``
-compares the reference patch ``a`` with the warped one ``b_s``; per ray the ``n_best`` lowest costs
-are averaged (sources that see the point occluded or at a grazing angle rarely agree, so the best
-ones are the visible ones; Geo-NeuS and classical MVS, e.g. Schönberger et al. 2016, do the same).
-The loss is ``weight`` × the mean of that over the rays it applies to. A ray counts when its patch has
-texture (grey-level standard deviation ≥ ``min_std``; NCC is noise on a flat patch), its opacity is at
-least ½, its surface faces its camera (``n·d ≤ −min_cos``) and at least ``n_best`` sources see the
-whole warped patch in front of them.
+For a ray ``r`` from camera centre ``o`` along the unit direction ``d`` with rendered depth ``D = Σ w·t`` and
+opacity ``O = Σ w`` (NeuS compositing), the surface point is ``x = o + (D / O)·d`` and the plane normal ``n``
+is the weight-composited SDF gradient, normalised. By default it is held fixed: the gradient flows through the
+depth only, moving the surface along the ray. With ``normal_grad`` it flows into the normal too, turning the
+surface's plane toward the one on which the views agree (what a lumpy surface gets wrong is its orientation).
+Each pixel ``q`` of the ``(2ρ+1)²`` patch centred on the ray's pixel is cast from the same camera (``d_q ∝
+R·K⁻¹·[q, 1]``), meets the plane at ``X_q = o + d_q·n·(x − o) / n·d_q`` and is projected into each source view
+``s`` (``K_s·(R_s·X_q + t_s)``, bilinear lookup in the source's grey image). Per source, ``c_s = (1 − NCC(a,
+b_s)) / 2 ∈ [0, 1]`` compares the reference patch ``a`` with the warped one ``b_s``; per ray the ``n_best``
+lowest costs are averaged (sources that see the point occluded or at a grazing angle rarely agree, so the best
+ones are the visible ones; Geo-NeuS and classical MVS, e.g. Schönberger et al. 2016, do the same). The loss is
+``weight`` × the mean of that over the rays it applies to. A ray counts when its patch has texture (grey-level
+standard deviation ≥ ``min_std``; NCC is noise on a flat patch), its opacity is at least ½, its surface faces
+its camera (``n·d ≤ −min_cos``) and at least ``n_best`` sources see the whole warped patch in front of them.
 
 The sources of a view are the ``n_sources`` other training views whose optical axes are closest in
 angle to its own (held-out views are never used, so no held-out photo reaches training).
@@ -85,11 +85,12 @@ class PhotoConsistency:
         n_best: per ray, the mean of this many lowest costs.
         min_std: least grey-level standard deviation (in [0, 1]) of a reference patch that counts.
         min_cos: a ray counts where its surface normal satisfies n·d ≤ −min_cos.
+        normal_grad: whether the loss's gradient flows into the normals too (else they are held fixed).
     """
 
     def __init__(self, images: np.ndarray, K: np.ndarray, c2w: np.ndarray, train_ids: np.ndarray, *,
                  weight: float = 0.1, radius: int = 3, n_sources: int = 4, n_best: int = 2,
-                 min_std: float = 0.02, min_cos: float = 0.1):
+                 min_std: float = 0.02, min_cos: float = 0.1, normal_grad: bool = False):
         train_ids = np.asarray(train_ids, np.int64)
         if n_best > n_sources:
             raise UserInputError(f"photo consistency: --train.photo_best ({n_best}) must not exceed "
@@ -99,6 +100,7 @@ class PhotoConsistency:
         self.H, self.W = int(H), int(W)
         self.weight, self.radius, self.n_best = float(weight), int(radius), int(n_best)
         self.min_std, self.min_cos = float(min_std), float(min_cos)
+        self.normal_grad = bool(normal_grad)
         grey = (np.asarray(images, np.float32) @ _LUMA) / 255.0  # (V, H, W)
         self.grey = torch.from_numpy(np.ascontiguousarray(grey, np.float32)).reshape(-1)
         self.K = torch.from_numpy(np.asarray(K, np.float64))
@@ -146,17 +148,20 @@ class PhotoConsistency:
         vids (R,) int view of each ray; pix (R, 2) its continuous pixel position; origins, dirs (R, 3) its
         camera centre and unit direction (unit-sphere units); depth (R,) rendered Σ w·t and opacity (R,)
         Σ w, float torch tensors that may carry gradients; normals (R, 3) composited SDF gradients (not
-        necessarily unit; no gradient flows through them); c2w (V, 4, 4) the current camera-to-world;
-        valid (R,) bool, rays that may count (e.g. inside the mask), or None for all.
+        necessarily unit; a tensor that carries gradients when ``normal_grad``, else held fixed); c2w
+        (V, 4, 4) the current camera-to-world; valid (R,) bool, rays that may count (e.g. inside the mask),
+        or None for all.
         Returns ``(loss, n_rays)`` with loss a 0-d tensor (0 when no ray counts)."""
         dt = depth.dtype
         as_t = lambda a: torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a)  # noqa: E731
         vids = as_t(vids).long()
         pix, o, d = as_t(pix).to(dt), as_t(origins).to(dt), as_t(dirs).to(dt)
-        n = as_t(normals).to(dt).detach()
+        n = as_t(normals).to(dt)
+        if not self.normal_grad:
+            n = n.detach()
         n = n / torch.clamp(torch.linalg.norm(n, dim=-1, keepdim=True), min=1e-12)
         c2w = as_t(c2w).to(dt)
-        keep = (n * d).sum(-1) <= -self.min_cos
+        keep = (n.detach() * d).sum(-1) <= -self.min_cos
         keep &= opacity.detach() >= 0.5  # a half-formed surface is not one yet
         if valid is not None:
             keep &= as_t(valid).bool()
@@ -200,15 +205,20 @@ class PhotoConsistency:
 
     def loss_and_grad(self, vids: np.ndarray, pix: np.ndarray, origins: np.ndarray, dirs: np.ndarray,
                       depth: np.ndarray, opacity: np.ndarray, normals: np.ndarray, c2w: np.ndarray,
-                      valid: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray, int]:
-        """:meth:`loss` on host arrays: ``(loss, ∂loss/∂depth (R,), ∂loss/∂opacity (R,), n_rays)``, the
-        gradients float32 (zero for the rays that do not count), computed in float32 (float64 cost a quarter
-        more time per step for nothing the gradient needs)."""
+                      valid: np.ndarray | None = None
+                      ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray | None, int]:
+        """:meth:`loss` on host arrays: ``(loss, ∂loss/∂depth (R,), ∂loss/∂opacity (R,), ∂loss/∂normals
+        (R, 3) or None, n_rays)``, the gradients float32 (zero for the rays that do not count; the normals'
+        only with ``normal_grad``, with respect to the raw composited gradients passed in), computed in
+        float32 (float64 cost a quarter more time per step for nothing the gradient needs)."""
         D = torch.tensor(np.asarray(depth, np.float32), requires_grad=True)
         O = torch.tensor(np.asarray(opacity, np.float32), requires_grad=True)
-        loss, n = self.loss(vids, pix, origins, dirs, D, O, normals, c2w, valid)
+        N = torch.tensor(np.asarray(normals, np.float32), requires_grad=self.normal_grad)
+        loss, n = self.loss(vids, pix, origins, dirs, D, O, N, c2w, valid)
         if n == 0:
             z = np.zeros(len(D), np.float32)
-            return 0.0, z, z.copy(), 0
-        gD, gO = torch.autograd.grad(loss, (D, O))
-        return float(loss.detach()), gD.numpy().astype(np.float32), gO.numpy().astype(np.float32), n
+            return 0.0, z, z.copy(), (np.zeros((len(D), 3), np.float32) if self.normal_grad else None), 0
+        grads = torch.autograd.grad(loss, (D, O, N) if self.normal_grad else (D, O))
+        gD, gO = (g.numpy().astype(np.float32) for g in grads[:2])
+        gN = grads[2].numpy().astype(np.float32) if self.normal_grad else None
+        return float(loss.detach()), gD, gO, gN, n

@@ -402,23 +402,32 @@ class Trainer:
                      f"compared with {n_src}")
         from taichi_neus.train.photo_consistency import PhotoConsistency  # torch: an optional dependency
         return PhotoConsistency(scene.images, scene.K, scene.c2w, scene.train_ids, weight=tc.photo_weight,
-                                radius=tc.photo_radius, n_sources=n_src, n_best=min(tc.photo_best, n_src))
+                                radius=tc.photo_radius, n_sources=n_src, n_best=min(tc.photo_best, n_src),
+                                normal_grad=tc.photo_normal)
 
     def _photo_step(self, vids, pix, o, d, mask, comp, out, smp, S: int, g_depth, g_opacity):
         """The photo-consistency term (:mod:`~taichi_neus.train.photo_consistency`) on this batch's rendered
         surfaces: its gradient is added to the compositor's ∂L/∂depth and ∂L/∂opacity (R,), which are
         returned (new device buffers when the term counted any ray) with the loss and the rays it counted.
-        The plane normal of each ray is its weight-composited raw SDF gradient."""
+        The plane normal of each ray is its weight-composited raw SDF gradient ``N = Σ wᵢ·∇fᵢ``; with
+        ``photo_normal`` the term's ∂L/∂N reaches each sample's normal as ``wᵢ·∂L/∂N`` (the weights held
+        fixed: they learn from the depth and opacity), kept in ``self._photo_dnormal`` (S_cap, 3) for
+        :meth:`train_step` to add to the compositor's per-sample normal gradient (else None)."""
+        self._photo_dnormal = None
         R = len(vids)
         w = self.compositor.weights.to_numpy()[:S].astype(np.float64)
         nrm = out.normal.to_numpy()[:S].astype(np.float64)
         rid = smp.ray_ids.to_numpy()[:S]
         normals = np.stack([np.bincount(rid, weights=w * nrm[:, k], minlength=R)[:R] for k in range(3)], axis=-1)
         valid = mask > 0.5 if mask is not None else None
-        loss, g_d, g_o, n = self.photo.loss_and_grad(vids, pix, o, d, comp.depth.to_numpy(), comp.opacity.to_numpy(),
-                                                     normals, self.scene.c2w, valid)
+        loss, g_d, g_o, g_n, n = self.photo.loss_and_grad(vids, pix, o, d, comp.depth.to_numpy(),
+                                                          comp.opacity.to_numpy(), normals, self.scene.c2w, valid)
         if n == 0:
             return 0.0, 0, g_depth, g_opacity
+        if g_n is not None:
+            dn = np.zeros((out.normal.shape[0], 3), np.float32)
+            dn[:S] = w[:, None] * g_n[rid]
+            self._photo_dnormal = self._upload("g_photo_normal", dn)
         if g_depth is not None:
             g_d = g_d + g_depth.to_numpy()
         if g_opacity is not None:
@@ -500,12 +509,14 @@ class Trainer:
         if self.depths is not None:  # rendered depth Σ w·t against the given depth maps (data/depths.py)
             depth_loss, g_depth = losses.depth_l1(comp.depth, self._upload("depth_t", self._depth_target(vids, pix)),
                                                   weight=tc.depth_weight)
-        photo_loss, photo_rays = 0.0, 0
+        photo_loss, photo_rays, self._photo_dnormal = 0.0, 0, None
         if self.photo is not None and S > 0 and self.progress(step) >= tc.photo_start:
             photo_loss, photo_rays, g_depth, g_opacity = self._photo_step(vids, pix, o, d, mask, comp, out, smp, S,
                                                                           g_depth, g_opacity)
         refine = self.refiner is not None and self.progress(step) >= tc.pose_start
         g = self.compositor.backward(g_colour, g_opacity, g_depth, ray_inputs=refine)
+        if self._photo_dnormal is not None:
+            _add_rows(g.normal, self._photo_dnormal)
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
         eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
                                 accumulate=True)
