@@ -9,12 +9,16 @@ from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.sdf_field import FieldConfig, SDFField
 
 
-def small_field(normal_mode="tetrahedral", seed=0, perturb=True, include_xyz=True, view_degree=3):
-    """A field with 2 dense and 2 hashed levels and random (not sphere-initialised) encoding weights."""
+def small_field(normal_mode="tetrahedral", seed=0, perturb=True, include_xyz=True, view_degree=3,
+                color_encoding=False):
+    """A field with 2 dense and 2 hashed levels and random (not sphere-initialised) encoding weights; with
+    ``color_encoding`` the colour network's own grid (1 dense and 2 hashed levels, init U(±0.2))."""
     grid = HashGridConfig(n_levels=4, n_features=2, log2_table=10, base_resolution=4, per_level_scale=2.7,
                           init_scale=0.2)
     cfg = FieldConfig(grid=grid, normal_mode=normal_mode, sdf_hidden=16, feature_dim=7, color_hidden=16,
-                      include_xyz=include_xyz, fd_eps=1e-2, view_degree=view_degree)
+                      include_xyz=include_xyz, fd_eps=1e-2, view_degree=view_degree, color_encoding=color_encoding,
+                      color_grid=HashGridConfig(n_levels=3, n_features=2, log2_table=10, base_resolution=4,
+                                                per_level_scale=3.0, init_scale=0.2))
     layout = ParamLayout()
     field = SDFField(cfg, layout)
     params = layout.allocate()

@@ -172,9 +172,13 @@ def test_sh_basis_is_orthonormal():
     assert np.abs(Y - sh16(t64(d)).numpy()).max() < 1e-5
 
 
-@pytest.mark.parametrize("mode", ["tetrahedral", "central", "analytic"])
-def test_field_forward_backward_matches_torch(mode):
-    field, layout, params = small_field(mode, seed=4)
+@pytest.mark.parametrize("mode,color_encoding", [("tetrahedral", False), ("central", False), ("analytic", False),
+                                                 ("analytic", True), ("tetrahedral", True)])
+def test_field_forward_backward_matches_torch(mode, color_encoding):
+    """Values and parameter gradients against the float64 torch twin; with ``color_encoding`` the colour
+    network's own hash grid too (its table among the slices that must match)."""
+    field, layout, params = small_field(mode, seed=4, color_encoding=color_encoding)
+    assert ("color_encoding.table" in layout.slices) == color_encoding
     n = 256
     pts, d = random_batch(n, seed=5)
     out = field.forward(buffers.upload(pts), buffers.upload(d), n, params, eps=1e-2)
@@ -305,11 +309,13 @@ def test_hash_encoding_point_gradient_matches_float64():
     assert _rel(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("mode,include_xyz,view_degree", [("tetrahedral", True, 3), ("central", True, 3),
-                                                          ("tetrahedral", False, 3), ("tetrahedral", True, 1),
-                                                          ("analytic", True, 3), ("analytic", False, 3)])
-def test_field_point_and_direction_gradients_match_torch(mode, include_xyz, view_degree):
-    field, layout, params = small_field(mode, seed=15, include_xyz=include_xyz, view_degree=view_degree)
+@pytest.mark.parametrize("mode,include_xyz,view_degree,color_encoding", [
+    ("tetrahedral", True, 3, False), ("central", True, 3, False), ("tetrahedral", False, 3, False),
+    ("tetrahedral", True, 1, False), ("analytic", True, 3, False), ("analytic", False, 3, False),
+    ("analytic", True, 3, True), ("tetrahedral", False, 3, True)])
+def test_field_point_and_direction_gradients_match_torch(mode, include_xyz, view_degree, color_encoding):
+    field, layout, params = small_field(mode, seed=15, include_xyz=include_xyz, view_degree=view_degree,
+                                        color_encoding=color_encoding)
     n = 128
     pts, d = random_batch(n, seed=16)
     eps = 1e-2

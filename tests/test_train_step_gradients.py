@@ -28,8 +28,12 @@ def scene():
 
 
 def _captured_step(scene, tmp_path, grad_scaling: str, level_start: int = 0, curvature: float = 0.0,
-                   normal_mode: str = "tetrahedral"):
+                   normal_mode: str = "tetrahedral", color_encoding: bool = False):
     cfg = small_config(iters=100)
+    if color_encoding:  # the colour network's own grid, small (its levels are always all on)
+        from taichi_neus.field.hash_grid import HashGridConfig
+        cfg.field.color_encoding = True
+        cfg.field.color_grid = HashGridConfig(n_levels=4, log2_table=12, base_resolution=8, per_level_scale=2.0)
     cfg.field.normal_mode = normal_mode  # step 6 of 100: cos-anneal ratio 0.3, both relu terms of the cosine live
     cfg.train.grad_scaling = grad_scaling
     # coarse-to-fine hash grid with ε from the finest level on when level_start > 0, else every level and the ε
@@ -138,12 +142,13 @@ def _reference_loss(tr, c: dict, theta: torch.Tensor) -> torch.Tensor:
     return l1 + bce + eik + curv
 
 
-@pytest.mark.parametrize("grad_scaling,level_start,curvature,normal_mode", [
-    ("none", 0, 0.0, "tetrahedral"), ("paper", 0, 0.0, "tetrahedral"), ("none", 2, 0.0, "tetrahedral"),
-    ("none", 0, 1e-3, "tetrahedral"), ("none", 2, 0.0, "analytic")])
+@pytest.mark.parametrize("grad_scaling,level_start,curvature,normal_mode,color_encoding", [
+    ("none", 0, 0.0, "tetrahedral", False), ("paper", 0, 0.0, "tetrahedral", False),
+    ("none", 2, 0.0, "tetrahedral", False), ("none", 0, 1e-3, "tetrahedral", False),
+    ("none", 2, 0.0, "analytic", False), ("none", 2, 0.0, "analytic", True)])
 def test_one_training_step_matches_float64_autograd_of_the_total_loss(scene, tmp_path, grad_scaling, level_start,
-                                                                      curvature, normal_mode):
-    tr, c = _captured_step(scene, tmp_path, grad_scaling, level_start, curvature, normal_mode)
+                                                                      curvature, normal_mode, color_encoding):
+    tr, c = _captured_step(scene, tmp_path, grad_scaling, level_start, curvature, normal_mode, color_encoding)
     assert c["S"] > 1000 and 0.1 < c["r"] < 0.9
     # the reference field (TorchField) reads the same active level count from tr.field
     assert tr.field.active_levels == c["levels"] == (level_start or tr.cfg.field.grid.n_levels)
@@ -153,7 +158,8 @@ def test_one_training_step_matches_float64_autograd_of_the_total_loss(scene, tmp
     ref = theta.grad.numpy()
     assert c["loss"] == pytest.approx(float(loss.detach()), rel=1e-4)
     groups = tr.layout.groups()
-    assert set(groups) == {"encoding", "sdf_mlp", "color_mlp", "variance"}
+    assert set(groups) == {"encoding", "sdf_mlp", "color_mlp", "variance"} | ({"color_encoding"} if color_encoding
+                                                                              else set())
     for group, runs in groups.items():
         sel = np.concatenate([np.arange(o, o + n) for o, n in runs])
         g, gr = c["grads"][sel].astype(np.float64), ref[sel]

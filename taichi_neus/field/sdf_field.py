@@ -1,5 +1,10 @@
 """The neural SDF field: hash encoding → SDF MLP → (sdf, feature); normal by finite
-differences or forward-mode tangents; colour MLP(x, normal, SH(view dir), feature) → rgb.
+differences or forward-mode tangents; colour MLP(x, normal, SH(view dir), feature[, colour encoding]) → rgb.
+
+With ``color_encoding`` the colour network also reads a hash grid of its own at the point (PermutoSDF,
+Rosu & Behnke, CVPR 2023, and Voxurf keep appearance apart from geometry the same way): the SDF grid is held
+smooth by the eikonal term and switched on coarse to fine, so texture that has to pass through it as the
+geometry feature is blurred; the colour grid carries texture without bending the surface.
 Forward and backward are Taichi kernels; nothing here uses Taichi autodiff, so gradients are
 identical on CPU, CUDA, Vulkan and Metal.
 
@@ -60,6 +65,10 @@ class FieldConfig:
     # shape-radiance ambiguity, Zhang et al. 2020, NeRF++ §3); on scan24 1 and 0 did not beat 3.
     view_degree: int = 3  # highest SH band of the view direction fed to the colour MLP (3: 16 coefficients; 0: none)
     fd_eps: float = 1.0 / 256  # finite-difference step, unit-sphere units (trainer anneals it)
+    color_encoding: bool = False  # the colour network also reads a hash grid of its own (texture apart from shape)
+    # the colour grid: 12 levels from 32 to ~670 cells per axis (cells to 0.003 unit-sphere units, under a
+    # DTU ¼ pixel's 0.004), 2^18 entries per level: it only has to hold the surface's texture
+    color_grid: HashGridConfig = field(default_factory=lambda: HashGridConfig(n_levels=12, log2_table=18))
 
 
 def stencil(mode: str):
@@ -229,6 +238,14 @@ def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ROWS16,
 
 
 @ti.kernel
+def _add_rows3(dst: ti.types.ndarray(dtype=ti.f32, ndim=2), src: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32):
+    """dst[:n] += src[:n], (n, 3) rows."""
+    for m in range(n):
+        for c in ti.static(range(3)):
+            dst[m, c] += src[m, c]
+
+
+@ti.kernel
 def _rows_to16(src: ti.types.ndarray(dtype=ti.f32, ndim=2), dst: ROWS16, n: ti.i32):
     """dst[:n, 0:3] = src[:n] (an (n,3) gradient into a vector buffer)."""
     for m in range(n):
@@ -321,6 +338,11 @@ class SDFField:
             raise ValueError(f"view_degree must be 0, 1, 2 or 3, got {cfg.view_degree!r}")
         self.n_sh = (int(cfg.view_degree) + 1) ** 2  # SH coefficients fed to the colour MLP (the rest: zeros)
         self.color_in = 6 + SH_DIM + cfg.feature_dim
+        # the colour grid's features follow the geometry feature in the colour network's input
+        self.color_encoding = HashGrid(cfg.color_grid, layout, name="color_encoding") if cfg.color_encoding else None
+        self.color_enc_col = self.color_in
+        if self.color_encoding is not None:
+            self.color_in += self.color_encoding.out_dim
         cdims = [self.color_in] + [cfg.color_hidden] * cfg.color_layers + [3]
         self.color_layers = [
             Linear(layout, f"color.{i}", cdims[i], cdims[i + 1],
@@ -364,6 +386,8 @@ class SDFField:
         uses it) so the initial SDF is ≈ |x| − r, a sphere of radius ``sphere_init_radius``;
         colour MLP with torch's default uniform init."""
         self.encoding.init_params(params, seed)
+        if self.color_encoding is not None:
+            self.color_encoding.init_params(params, seed + 1)
         host = buffers.to_numpy(params).copy()
         rng = np.random.default_rng(seed)
         cfg = self.cfg
@@ -449,6 +473,8 @@ class SDFField:
         normal = self.ws.exact("normal", out_rows, 3)
         Xc = self.ws.get("Xc", n, self.color_in)
         _gather_outputs(O, X0, dirs, n, coef, 1.0 / eps, sdf, normal, Xc, self.cfg.feature_dim, self.n_sh)
+        if self.color_encoding is not None:  # reads the point from Xc's first columns
+            self.color_encoding.forward(Xc, n, self.color_enc_col, params)
         h = Xc
         couts = []
         for i, lin in enumerate(self.color_layers):
@@ -501,6 +527,8 @@ class SDFField:
                     lin.backward(Xin, 0, self._color_outs[i], dY, n, params, grads, dX=dH,
                                  dy_preact=i < last, dx_act=self.color_layers[i - 1])
                     dY = dH
+            if self.color_encoding is not None and grads is not None:
+                self.color_encoding.backward(Xc, dXc, n, self.color_enc_col, grads)
         _, coef = self._stencil_dev()
         last = self.sdf_layers[-1]
         dO = self.ws.get("dO", rows, last.n_out)
@@ -557,6 +585,11 @@ class SDFField:
         ddirs = ddirs if ddirs is not None else self.ws.exact("ddirs_unused", n, 3)
         _input_grads(dP, dX0, dXc, self._dirs, n, self.K, int(self.cfg.include_xyz), int(use_color), self.n_sh,
                      dpoints, ddirs, 1 if jacobian else self.K)
+        if use_color and self.color_encoding is not None:  # the colour grid's trilinear weights move with x too
+            dPc = self.ws.exact("dP_color", n, 3)
+            Xc = self.ws.get("Xc", n, self.color_in)
+            self.color_encoding.backward_points(Xc, dXc, n, self.color_enc_col, params, dPc)
+            _add_rows3(dpoints, dPc, n)
 
     # ----------------------------------------------------------- sdf queries
     def sdf(self, points, n: int, params, out=None, chunk: int = 1 << 18):

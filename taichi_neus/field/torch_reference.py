@@ -75,9 +75,13 @@ class TorchField:
         self.res, self.loff, self.lsize, self.ldense = ([int(v) for v in a] for a in
                                                         (enc.res_np, enc.loff_np, enc.lsize_np, enc.ldense_np))
         self.table_slice = enc.slice
+        cenc = field.color_encoding  # the colour network's own grid, or None
+        self.color_levels = None if cenc is None else tuple([int(v) for v in a] for a in
+                                                            (cenc.res_np, cenc.loff_np, cenc.lsize_np, cenc.ldense_np))
+        tables = [enc.slice] + ([cenc.slice] if cenc is not None else [])
         self._geom = {s.name: (int(s.offset), int(s.size), tuple(int(d) for d in s.shape))
-                      for s in [enc.slice] + [t for lin in (*field.sdf_layers, *field.color_layers)
-                                               for t in (lin.W, lin.b)]}
+                      for s in tables + [t for lin in (*field.sdf_layers, *field.color_layers)
+                                         for t in (lin.W, lin.b)]}
         self._stencils = {}
         self._stencil(field.cfg.normal_mode)  # filled here, not on a traced call
 
@@ -131,6 +135,10 @@ class TorchField:
     def _colour(self, theta, x, dirs, sdf, normal, feat):
         sh = sh16(dirs)
         sh = torch.cat([sh[:, :self.f.n_sh], torch.zeros_like(sh[:, self.f.n_sh:])], dim=1)  # view_degree
-        cin = torch.cat([x, normal, sh, feat], dim=1)
+        parts = [x, normal, sh, feat]
+        if self.color_levels is not None:  # all of the colour grid's levels are always on
+            cenc = self.f.color_encoding
+            parts.append(hash_encode(x, self._w(theta, cenc.slice), *self.color_levels, cenc.cfg.bound))
+        cin = torch.cat(parts, dim=1)
         rgb = self._mlp(theta, self.f.color_layers, cin)
         return sdf, normal, rgb

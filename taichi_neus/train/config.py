@@ -212,6 +212,7 @@ LIMITS: dict[str, Limits] = {
     "background.far_disparity_ratio": Limits(lo=0, hi=1, lo_open=True),
     "arch": one_of(*ARCHS),
     **{f"field.grid.{k}": v for k, v in _GRID.items()},
+    **{f"field.color_grid.{k}": v for k, v in _GRID.items()},
     **{f"background.grid.{k}": v for k, v in _GRID.items()},
 }
 

@@ -188,6 +188,7 @@ class Trainer:
         buffers.from_numpy(self.params, host)
         self.opt = Adam(self.layout, {
             "encoding": GroupSettings(tc.lr, sparse=tc.sparse_adam),
+            "color_encoding": GroupSettings(tc.lr, sparse=tc.sparse_adam),
             "sdf_mlp": GroupSettings(tc.lr), "color_mlp": GroupSettings(tc.lr),
             "variance": GroupSettings(tc.lr_variance), "background": GroupSettings(tc.lr)},
             betas=(0.9, 0.99), eps=1e-15)
