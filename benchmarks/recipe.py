@@ -84,6 +84,12 @@ CHANGES = {
     # multi-view photo consistency (Geo-NeuS): patch NCC through the rendered surface's plane into nearby views
     "photo": {"train.photo_weight": 0.1},
     "photo_strong": {"train.photo_weight": 0.5},
+    "photo03": {"train.photo_weight": 0.3},
+    # the photo term's gradient also turns the surface's normal (by default it moves the depth only)
+    "photo_normal": {"train.photo_normal": True},
+    # a hash grid of the colour network's own: texture apart from the eikonal-smoothed SDF grid
+    "color_grid": {"field.color_encoding": True},
+    "table21": {"field.grid.log2_table": 21, "train.sparse_adam": True},
 }
 
 
