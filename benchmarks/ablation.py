@@ -63,7 +63,7 @@ def base_config(args):
     if args.field == "small":  # the training tests' field: 8 levels x 2 features, 2^15 table
         cfg.field = FieldConfig(grid=HashGridConfig(n_levels=8, n_features=2, log2_table=15, base_resolution=16,
                                                     per_level_scale=1.45), sdf_hidden=32, color_hidden=32,
-                                feature_dim=7)
+                                feature_dim=7, color_encoding=False)
         cfg.render.occupancy_resolution = 32
         cfg.render.coarse_step = 2 * 3**0.5 / 96
         cfg.train.eps_start, cfg.train.eps_end = 1 / 32, 1 / 256

@@ -40,7 +40,9 @@ def _field_setup(n, seed=0):
     from taichi_neus.field.params import ParamLayout
     from taichi_neus.field.sdf_field import FieldConfig, SDFField
     layout = ParamLayout()
-    field = SDFField(FieldConfig(normal_mode=NORMAL_MODE), layout)
+    # the field this benchmark has always timed (issue 10): without the colour grid that is on by default
+    # since 2026-11-28, so its figures compare with the earlier ones and with --baseline commits
+    field = SDFField(FieldConfig(normal_mode=NORMAL_MODE, color_encoding=False), layout)
     params, grads = layout.allocate(), layout.allocate()
     field.init_params(params, seed)
     # geometric init zeroes the encoding's weights; perturb so every gradient path does real work
@@ -174,7 +176,7 @@ def bench_baseline(rev: str, n: int, repeats: int) -> dict:
     old_hash = _load_rev_module(rev, "taichi_neus/field/hash_grid.py", "baseline_hash_grid")
     old_mlp = _load_rev_module(rev, "taichi_neus/field/mlp.py", "baseline_mlp")
     rng = np.random.default_rng(0)
-    field = SDFField(FieldConfig(), ParamLayout())
+    field = SDFField(FieldConfig(color_encoding=False), ParamLayout())
     K, cfg = field.K, field.cfg.grid
     rows = n * K
     new_grid = hash_grid.HashGrid(cfg, ParamLayout())

@@ -71,7 +71,7 @@ def config(args, init_radius: float, hook: str, seed: int):
     cfg = Config()
     cfg.field = FieldConfig(grid=HashGridConfig(n_levels=8, n_features=2, log2_table=15, base_resolution=16,
                                                 per_level_scale=1.45), sdf_hidden=32, color_hidden=32,
-                            feature_dim=7, sphere_init_radius=init_radius)
+                            feature_dim=7, sphere_init_radius=init_radius, color_encoding=False)
     cfg.data.use_masks = args.masks
     cfg.background.mode = "off"  # no model beyond the unit sphere: everything must be explained inside it
     rc, tc = cfg.render, cfg.train

@@ -48,7 +48,7 @@ OLD = {"render.coarse_step": 2.0 * 3**0.5 / 128, "render.n_fine": 32, "train.gra
        "train.curvature_weight": 0.0,
        "train.lr": 1e-2, "train.mask_weight": 0.1, "train.eikonal_weight": 0.1,
        "mesh.min_component": 0.0, "mesh.cull_unseen": False, "train.sparse_weight": 0.0,
-       "field.normal_mode": "tetrahedral", "train.photo_weight": 0.0}
+       "field.normal_mode": "tetrahedral", "train.photo_weight": 0.0, "field.color_encoding": False}
 
 # One change each: the options that turn it on (their values in the new recipe).
 CHANGES = {

@@ -81,7 +81,9 @@ def step_bytes(cfg) -> dict:
     k = {"central": 7, "analytic": 5}.get(fc.normal_mode, 5)
     x0 = g.n_levels * g.n_features + (3 if fc.include_xyz else 0)
     sdf_out = 1 + fc.feature_dim
-    c_in = 3 + 3 + 16 + fc.feature_dim  # xyz, normal, SH degree 4 of the view direction, feature
+    cg = fc.color_grid if getattr(fc, "color_encoding", False) else None  # the colour network's own grid
+    c_enc = cg.n_levels * cg.n_features if cg is not None else 0
+    c_in = 3 + 3 + 16 + fc.feature_dim + c_enc  # xyz, normal, SH degree 4 of the view direction, feature[, grid]
     rays = max_rays(cfg)
     samples = rays * rc.n_fine
     coarse = rays * rc.max_coarse
@@ -99,6 +101,8 @@ def step_bytes(cfg) -> dict:
         + fc.sdf_hidden * fc.sdf_hidden * max(fc.sdf_layers - 1, 0) + (fc.sdf_hidden + 1) * sdf_out \
         + (c_in + 1) * fc.color_hidden + fc.color_hidden * fc.color_hidden * max(fc.color_layers - 1, 0) \
         + (fc.color_hidden + 1) * 3
+    if cg is not None:
+        n_params += cg.n_levels * (2**cg.log2_table) * cg.n_features
     params = 4 * 4 * n_params  # parameters, gradients, Adam m and v
     largest = int(max(GROWTH * k * samples * max(x0p, sdf_hidden), coarse * 3 * 1.25,
                       GROWTH * coarse * max(x0p, sdf_hidden)))

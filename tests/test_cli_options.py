@@ -408,3 +408,15 @@ def test_progress_bar_follows_a_time_budget(monkeypatch):
     now[0] += 10.0
     bar.update(100)
     assert "] 100/1000    10s<  90s 10.00 steps/s" in out3.getvalue()
+
+
+def test_a_run_written_before_the_colour_grid_loads_without_one():
+    """config.json of a run from before ``field.color_encoding`` existed has no such entry: it loads with the
+    colour grid off (its checkpoint holds no table for one), while a new config keeps what it says."""
+    from taichi_neus.train.config import Config
+
+    d = Config().to_dict()
+    assert d["field"]["color_encoding"] is True  # the default now
+    old = {**d, "field": {k: v for k, v in d["field"].items() if k not in ("color_encoding", "color_grid")}}
+    assert Config.from_dict(old).field.color_encoding is False
+    assert Config.from_dict(d).field.color_encoding is True

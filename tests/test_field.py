@@ -206,7 +206,8 @@ def test_finite_difference_normal_matches_analytic_gradient(mode):
     from taichi_neus.field.sdf_field import FieldConfig, SDFField
     grid = HashGridConfig(n_levels=3, log2_table=10, base_resolution=2, per_level_scale=1.5, init_scale=0.3)
     layout = ParamLayout()
-    field = SDFField(FieldConfig(grid=grid, normal_mode=mode, sdf_hidden=16, feature_dim=3, softplus_beta=10.0),
+    field = SDFField(FieldConfig(grid=grid, normal_mode=mode, sdf_hidden=16, feature_dim=3, softplus_beta=10.0,
+                                 color_encoding=False),
                      layout)
     params = layout.allocate()
     field.init_params(params, seed=7)
@@ -270,7 +271,7 @@ def test_sphere_initialisation():
     from taichi_neus.field.sdf_field import FieldConfig, SDFField
     grid = HashGridConfig(n_levels=4, log2_table=12, base_resolution=8, per_level_scale=2.0)
     layout = ParamLayout()
-    field = SDFField(FieldConfig(grid=grid, sphere_init_radius=0.5), layout)
+    field = SDFField(FieldConfig(grid=grid, sphere_init_radius=0.5, color_encoding=False), layout)
     params = layout.allocate()
     field.init_params(params, seed=0)
     pts, _ = random_batch(500, seed=14)

@@ -163,7 +163,8 @@ def _renderer(seed=41, coarse=False):
         grid = HashGridConfig(n_levels=2, n_features=2, log2_table=10, base_resolution=3, per_level_scale=2.0,
                               init_scale=0.3)
         layout = ParamLayout()
-        field = SDFField(FieldConfig(grid=grid, sdf_hidden=16, feature_dim=3, color_hidden=16, fd_eps=2e-2), layout)
+        field = SDFField(FieldConfig(grid=grid, sdf_hidden=16, feature_dim=3, color_hidden=16, fd_eps=2e-2,
+                                         color_encoding=False), layout)
         params = layout.allocate()
         field.init_params(params, seed)
     else:

@@ -9,7 +9,7 @@ def small_config(iters: int = 300, seed: int = 0) -> Config:
     cfg = Config()
     cfg.field = FieldConfig(grid=HashGridConfig(n_levels=8, n_features=2, log2_table=15, base_resolution=16,
                                                 per_level_scale=1.45), sdf_hidden=32, color_hidden=32,
-                            feature_dim=7)
+                            feature_dim=7, color_encoding=False)  # the colour grid: tests of their own
     cfg.train.iters = iters
     cfg.train.seed = seed
     cfg.train.sample_budget = 4096

@@ -65,7 +65,10 @@ class FieldConfig:
     # shape-radiance ambiguity, Zhang et al. 2020, NeRF++ §3); on scan24 1 and 0 did not beat 3.
     view_degree: int = 3  # highest SH band of the view direction fed to the colour MLP (3: 16 coefficients; 0: none)
     fd_eps: float = 1.0 / 256  # finite-difference step, unit-sphere units (trainer anneals it)
-    color_encoding: bool = False  # the colour network also reads a hash grid of its own (texture apart from shape)
+    # on by default: on scan 24 at ¼, 3000 steps, +2.2 dB held out inside the masks (22.56 → 24.73 dB), the
+    # training views fitted as much better, so the texture was underfitted, not the surface wrong
+    # (benchmarks/results/color_grid_scan24.json); ~25% more time per step
+    color_encoding: bool = True  # the colour network also reads a hash grid of its own (texture apart from shape)
     # the colour grid: 12 levels from 32 to ~670 cells per axis (cells to 0.003 unit-sphere units, under a
     # DTU ¼ pixel's 0.004), 2^18 entries per level: it only has to hold the surface's texture
     color_grid: HashGridConfig = field(default_factory=lambda: HashGridConfig(n_levels=12, log2_table=18))
