@@ -76,7 +76,7 @@ def test_help_lists_every_field_grouped_with_default_and_help():
         assert f"--{opt.key}" in h, opt.key
     # section order: a field is listed under its own section
     assert h.index("--train.* options") < h.index("--train.iters N") < h.index("--mesh.* options")
-    assert "--train.iters N, --iters N training steps [default: 7000; ≥ 1]" in h
+    assert "--train.iters N, --iters N training steps [default: 6000; ≥ 1]" in h
     assert "--data.downscale N, --downscale N" in h and "--data.path DIR, --data DIR" in h
     assert "--data.use_masks, --no-data.use_masks" in h and "[default: on]" in h
     assert "--train.lr_final X final learning rate as a fraction (cosine decay) [default: 0.1; in [0, 1]]" in h
