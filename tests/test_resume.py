@@ -136,7 +136,8 @@ def test_resumed_trainer_uses_the_new_learning_rate(scene, tmp_path):
     tr = Trainer(scene, cfg, run, log=lambda *a: None)
     assert tr.resume_latest() == 3
     assert {g: s.lr for g, s in tr.opt.settings.items()} == {
-        "encoding": 2.5e-3, "sdf_mlp": 2.5e-3, "color_mlp": 2.5e-3, "variance": 1e-3, "background": 2.5e-3}
+        "encoding": 2.5e-3, "color_encoding": 2.5e-3, "sdf_mlp": 2.5e-3, "color_mlp": 2.5e-3, "variance": 1e-3,
+        "background": 2.5e-3}
 
 
 def test_checkpoint_without_the_run_state_loads_with_a_note(scene, tmp_path):
