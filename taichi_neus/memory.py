@@ -81,7 +81,7 @@ def step_bytes(cfg) -> dict:
     k = {"central": 7, "analytic": 5}.get(fc.normal_mode, 5)
     x0 = g.n_levels * g.n_features + (3 if fc.include_xyz else 0)
     sdf_out = 1 + fc.feature_dim
-    cg = fc.color_grid if getattr(fc, "color_encoding", False) else None  # the colour network's own grid
+    cg = fc.color_grid if fc.color_encoding else None  # the colour network's own grid
     c_enc = cg.n_levels * cg.n_features if cg is not None else 0
     c_in = 3 + 3 + 16 + fc.feature_dim + c_enc  # xyz, normal, SH degree 4 of the view direction, feature[, grid]
     rays = max_rays(cfg)

@@ -67,7 +67,7 @@ class FieldConfig:
     fd_eps: float = 1.0 / 256  # finite-difference step, unit-sphere units (trainer anneals it)
     # on by default: on scan 24 at ¼, 3000 steps, +2.2 dB held out inside the masks (22.56 → 24.73 dB), the
     # training views fitted as much better, so the texture was underfitted, not the surface wrong
-    # (benchmarks/results/color_grid_scan24.json); ~25% more time per step
+    # (benchmarks/results/color_grid_scan24.json); ~30% more time per step (2272 against 1745 steps in 600 s)
     color_encoding: bool = True  # the colour network also reads a hash grid of its own (texture apart from shape)
     # the colour grid: 12 levels from 32 to ~670 cells per axis (cells to 0.003 unit-sphere units, under a
     # DTU ¼ pixel's 0.004), 2^18 entries per level: it only has to hold the surface's texture

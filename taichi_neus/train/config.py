@@ -58,8 +58,8 @@ class RenderConfig:
 
 @dataclass
 class TrainConfig:
-    # 6000: with the colour grid (~30% more time per step) scan 24 at ¼ on a 2-core CPU fits in 20 minutes with
-    # its mesh and scores (README, Measurements)
+    # 6000: with the colour grid (~30% more time per step) scan 24 at ¼ on a 2-core CPU should fit in 20 minutes with
+    # its mesh and scores (an estimate, not yet measured: README, Not yet)
     iters: int = 6000  # training steps
     time_budget: float = 0.0  # seconds of training (0: none); schedules then follow the elapsed share
     sample_budget: int = 16384  # target samples per step; the ray count adapts to it
