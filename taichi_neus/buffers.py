@@ -60,6 +60,19 @@ def zero_(a) -> None:
 
 
 @ti.kernel
+def _add_rows3(dst: ti.types.ndarray(dtype=ti.f32, ndim=2), src: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32):
+    for m in range(n):
+        for c in ti.static(range(3)):
+            dst[m, c] += src[m, c]
+
+
+def add_rows3_(dst, src, n: int | None = None) -> None:
+    """``dst[:n] += src[:n]`` for (N, 3) float32 ndarrays (gradients of points, directions or normals);
+    ``n`` defaults to all of ``dst``'s rows."""
+    _add_rows3(dst, src, dst.shape[0] if n is None else int(n))
+
+
+@ti.kernel
 def _copy_out(src: ti.types.ndarray(ndim=1), dst: ti.types.ndarray(ndim=1), start: ti.i32):
     ti.loop_config(block_dim=1024)
     for i in range(dst.shape[0]):

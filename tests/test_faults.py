@@ -117,6 +117,47 @@ def test_bad_gradient_count_sees_nan_inf_and_huge_values():
         _count_bad(dc, 0, 10, float("inf"))
 
 
+def test_outside_lists_the_ranges_no_table_covers():
+    from types import SimpleNamespace as S
+
+    from taichi_neus.train.trainer import _outside
+    assert _outside([S(offset=10, size=5), S(offset=2, size=3)], 20) == [(0, 2), (5, 10), (15, 20)]
+    assert _outside([S(offset=0, size=4), S(offset=4, size=6)], 10) == []
+    assert _outside([], 7) == [(0, 7)]
+
+
+def test_step_check_with_the_colour_grid_rejects_nan_gradients_and_parameters_outside_the_tables(scene, tmp_path):
+    """With the colour grid, the step checks its gradients, and every parameter but the two tables':
+    a NaN in a colour-table gradient or in a parameter after the tables (an MLP weight, the variance)
+    rejects the step."""
+    cfg = small_config(iters=30)
+    cfg.field.color_encoding = True
+    cfg.field.color_grid.n_levels, cfg.field.color_grid.log2_table = 4, 12
+    tr = Trainer(scene, cfg, tmp_path / "c", log=lambda *a: None)
+    tables = [tr.field.encoding.slice, tr.field.color_encoding.slice]
+    assert not tr.train_step().get("rejected")
+    real = tr.field.backward
+    ct = tr.field.color_encoding.slice
+    others = [i for i in range(tr.layout.total) if not any(t.offset <= i < t.offset + t.size for t in tables)]
+    assert others and others[-1] == tr.layout.total - 1
+    for where, index in (("grads", ct.offset + ct.size // 2), ("params", others[0]), ("params", others[-1])):
+        def poisoned(*a, real=real, where=where, index=index, **k):
+            real(*a, **k)
+            arr = getattr(tr, where)
+            host = buffers.to_numpy(arr).copy()
+            host[index] = np.nan
+            buffers.from_numpy(arr, host)
+
+        tr.field.backward = poisoned
+        assert tr.train_step().get("rejected"), (where, index)
+        tr.field.backward = real
+        if where == "params":  # put the entry back (a rejected step leaves the parameters as they were)
+            host = buffers.to_numpy(tr.params).copy()
+            host[index] = 0.0
+            buffers.from_numpy(tr.params, host)
+        assert not tr.train_step().get("rejected")  # and training goes on
+
+
 @pytest.mark.portable
 def test_raise_slot_lifts_one_entry_only_when_below():
     """The s floor's projection: params[off] = max(params[off], lo), nothing else touched."""

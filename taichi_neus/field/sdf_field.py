@@ -241,14 +241,6 @@ def _input_grads(dP: ti.types.ndarray(dtype=ti.f32, ndim=2), dX0: ROWS16,
 
 
 @ti.kernel
-def _add_rows3(dst: ti.types.ndarray(dtype=ti.f32, ndim=2), src: ti.types.ndarray(dtype=ti.f32, ndim=2), n: ti.i32):
-    """dst[:n] += src[:n], (n, 3) rows."""
-    for m in range(n):
-        for c in ti.static(range(3)):
-            dst[m, c] += src[m, c]
-
-
-@ti.kernel
 def _rows_to16(src: ti.types.ndarray(dtype=ti.f32, ndim=2), dst: ROWS16, n: ti.i32):
     """dst[:n, 0:3] = src[:n] (an (n,3) gradient into a vector buffer)."""
     for m in range(n):
@@ -592,7 +584,7 @@ class SDFField:
             dPc = self.ws.exact("dP_color", n, 3)
             Xc = self.ws.get("Xc", n, self.color_in)
             self.color_encoding.backward_points(Xc, dXc, n, self.color_enc_col, params, dPc)
-            _add_rows3(dpoints, dPc, n)
+            buffers.add_rows3_(dpoints, dPc, n)
 
     # ----------------------------------------------------------- sdf queries
     def sdf(self, points, n: int, params, out=None, chunk: int = 1 << 18):

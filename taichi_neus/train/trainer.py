@@ -71,9 +71,9 @@ def _add_slot(g: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray
 
 # A gradient entry larger than this counts as bad, like NaN and Inf: the step is rejected. With every
 # gradient finite and bounded, Adam's moments (g² < 1e36) and so the parameters stay finite. The hash
-# table's entries change only through such steps (or a checkpoint, checked when loaded), so the step
-# checks every parameter but the table's ~14M (a pass saved); a NaN elsewhere (the variance, an MLP
-# weight, a bad --train.init_variance) is caught at once.
+# tables' entries change only through such steps (or a checkpoint, checked when loaded), so the step
+# checks every parameter but the tables' (~14M in the SDF's, ~6M in the colour grid's: a pass saved);
+# a NaN elsewhere (the variance, an MLP weight, a bad --train.init_variance) is caught at once.
 GRAD_BOUND = 1e18
 
 
@@ -109,6 +109,19 @@ def _count_bad(a, start: int, stop: int, bound: float) -> int:
     return int(_count_bad_kernel(a, int(start), int(stop), float(bound), chunk))
 
 
+def _outside(slices, total: int) -> list[tuple[int, int]]:
+    """The [start, stop) ranges of [0, total) that none of ``slices`` (objects with ``offset`` and
+    ``size``) covers, in order."""
+    out, at = [], 0
+    for sl in sorted(slices, key=lambda s: s.offset):
+        if sl.offset > at:
+            out.append((at, sl.offset))
+        at = max(at, sl.offset + sl.size)
+    if at < total:
+        out.append((at, total))
+    return out
+
+
 def _log_lerp(a: float, b: float, t: float) -> float:
     t = min(max(t, 0.0), 1.0)
     return math.exp(math.log(a) + (math.log(b) - math.log(a)) * t)
@@ -119,13 +132,6 @@ def _scale_rows(g: ti.types.ndarray(dtype=ti.f32, ndim=2), w: ti.types.ndarray(d
     for r in range(g.shape[0]):
         for c in ti.static(range(3)):
             g[r, c] *= w[r]
-
-
-@ti.kernel
-def _add_rows(g: ti.types.ndarray(dtype=ti.f32, ndim=2), h: ti.types.ndarray(dtype=ti.f32, ndim=2)):
-    for r in range(g.shape[0]):
-        for c in ti.static(range(3)):
-            g[r, c] += h[r, c]
 
 
 def uniform_in_ball(n: int, rng: np.random.Generator, radius: float = 1.0) -> np.ndarray:
@@ -498,7 +504,7 @@ class Trainer:
         if self.s3im is not None:
             colour = pred.to_numpy()
             s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, target, seed=tc.seed * 7919 + step)
-            _add_rows(g_colour, self._upload("g_s3im", g_s3im))
+            buffers.add_rows3_(g_colour, self._upload("g_s3im", g_s3im))
         bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight)
                           if mask_dev is not None else (0.0, None))
         if self.bg is not None:
@@ -517,7 +523,7 @@ class Trainer:
         refine = self.refiner is not None and self.progress(step) >= tc.pose_start
         g = self.compositor.backward(g_colour, g_opacity, g_depth, ray_inputs=refine)
         if self._photo_dnormal is not None:
-            _add_rows(g.normal, self._photo_dnormal)
+            buffers.add_rows3_(g.normal, self._photo_dnormal)
         self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
         eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
                                 accumulate=True)
@@ -556,10 +562,11 @@ class Trainer:
         enc, levels = self.field.encoding, sch["levels"]
         used = int(enc.loff_np[levels]) * enc.cfg.n_features if levels < len(enc.loff_np) else enc.slice.size
         lo, hi, total = enc.slice.offset, enc.slice.offset + enc.slice.size, self.layout.total
+        tables = [enc.slice] + ([self.field.color_encoding.slice] if self.field.color_encoding is not None else [])
         if not math.isfinite(loss) or (_count_bad(self.grads, 0, lo + used, GRAD_BOUND)
                                        + _count_bad(self.grads, hi, total, GRAD_BOUND)
-                                       + _count_bad(self.params, 0, lo, GRAD_BOUND)
-                                       + _count_bad(self.params, hi, total, GRAD_BOUND)) > 0:
+                                       + sum(_count_bad(self.params, a, b, GRAD_BOUND)
+                                             for a, b in _outside(tables, total))) > 0:
             return self._reject_step(step, loss)
         self.bad_steps = 0
         # the optimiser clears the gradients as it reads them, unless a caller wants to read them after the step
