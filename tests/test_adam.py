@@ -107,6 +107,32 @@ def test_sparse_adam_state_round_trips_and_fills_counts_from_a_dense_checkpoint(
         np.testing.assert_array_equal(again.state_dict()[k], sparse.state_dict()[k])
 
 
+def test_sparse_adam_bias_corrections_hold_past_the_first_table():
+    """The sparse kernel reads 1 − β^t from a host table that grows with the step count: a run resumed at
+    step 3000 (entries touched 0, 5 or 2999 times before) must match the float64 rule across the growth."""
+    layout = ParamLayout()
+    layout.add("table", (90,), "enc")
+    params, grads = layout.allocate(), layout.allocate()
+    rng = np.random.default_rng(4)
+    p0 = rng.normal(size=90).astype(np.float32)
+    b1, b2, eps = 0.9, 0.999, 1e-8  # β2 close to 1: its correction still differs from 1 at t ≈ 3000
+    m0 = (rng.normal(size=90) * 0.1).astype(np.float32)
+    v0 = (rng.random(90) * 0.01).astype(np.float32)
+    t0 = np.repeat(np.array([0, 5, 2999], np.int32), 30)
+    opt = Adam(layout, {"enc": GroupSettings(1e-2, sparse=True)}, betas=(b1, b2), eps=eps)
+    opt.load_state_dict({"m": m0, "v": v0, "step": np.int64(2999), "t": t0})
+    buffers.from_numpy(params, p0)
+    ref = (p0.astype(np.float64), m0.astype(np.float64), v0.astype(np.float64), t0.astype(np.int64))
+    for _ in range(3):
+        g = rng.normal(size=90).astype(np.float32)
+        g[rng.random(90) < 0.3] = 0.0
+        buffers.from_numpy(grads, g)
+        opt.step(params, grads)
+        ref = _sparse_adam_reference(*ref, g.astype(np.float64), 1e-2, b1, b2, eps, 0.0)
+    np.testing.assert_allclose(buffers.to_numpy(params), ref[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(opt.state_dict()["t"], ref[3])
+
+
 def test_large_buffers_round_trip_in_chunks_float_and_int():
     """Buffers above the copy chunk (2²¹) go through staged copies: float32 parameters and the sparse
     optimiser's int32 step counts (a checkpoint of a full-size sparse run once failed here)."""

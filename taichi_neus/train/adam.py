@@ -47,8 +47,9 @@ def _adam_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.nd
 @ti.kernel
 def _adam_sparse_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.types.ndarray(dtype=ti.f32, ndim=1),
                      m: ti.types.ndarray(dtype=ti.f32, ndim=1), v: ti.types.ndarray(dtype=ti.f32, ndim=1),
-                     t: ti.types.ndarray(dtype=ti.i32, ndim=1), start: ti.i32, size: ti.i32, lr: ti.f32,
-                     beta1: ti.f32, beta2: ti.f32, eps: ti.f32, wd: ti.f32, grad_scale: ti.f32, zero: ti.i32):
+                     t: ti.types.ndarray(dtype=ti.i32, ndim=1), bc: ti.types.ndarray(dtype=ti.f32, ndim=1),
+                     start: ti.i32, size: ti.i32, lr: ti.f32, beta1: ti.f32, beta2: ti.f32, eps: ti.f32, wd: ti.f32,
+                     grad_scale: ti.f32, zero: ti.i32):
     ti.loop_config(block_dim=1024)
     for k in range(size):
         i = start + k
@@ -59,9 +60,9 @@ def _adam_sparse_run(params: ti.types.ndarray(dtype=ti.f32, ndim=1), grads: ti.t
         if g != 0.0:
             ti_ = t[i] + 1
             t[i] = ti_
-            bc1 = 1.0 - ti.pow(beta1, ti.cast(ti_, ti.f32))
-            bc2 = 1.0 - ti.pow(beta2, ti.cast(ti_, ti.f32))
-            _update(params, m, v, i, g, lr, beta1, beta2, eps, bc1, bc2, wd)
+            # bias corrections 1 − β^t from the host's table: two pow() per touched entry cost more than
+            # the dense update of every entry (2026-11-28 profile: 83 against 41 ms a step on scan 24)
+            _update(params, m, v, i, g, lr, beta1, beta2, eps, bc[2 * ti_], bc[2 * ti_ + 1], wd)
 
 
 @dataclass
@@ -87,6 +88,20 @@ class Adam:
         # Per-entry step counts exist only when some group is sparse (dense groups use step_count).
         self.t = buffers.i32(layout.total) if any(s.sparse for s in self.settings.values()) else None
         self.step_count = 0
+        self._bc = None  # (1 − β1^t, 1 − β2^t) interleaved for t = 0 … capacity − 1 (sparse groups)
+
+    def _bias_corrections(self):
+        """The sparse kernels' table of bias corrections, long enough for this step (an entry has been
+        touched at most ``step_count`` times). Computed in float64 and rounded once."""
+        need = self.step_count + 1
+        if self._bc is None or self._bc.shape[0] < 2 * need:
+            cap = max(need, 2 * (0 if self._bc is None else self._bc.shape[0] // 2), 1024)
+            b1, b2 = self.betas
+            steps = np.arange(cap, dtype=np.float64)
+            table = np.stack([1.0 - b1 ** steps, 1.0 - b2 ** steps], axis=1).reshape(-1).astype(np.float32)
+            self._bc = buffers.f32(2 * cap)
+            buffers.from_numpy(self._bc, table)
+        return self._bc
 
     def step(self, params, grads, lr_scale: float = 1.0, grad_scale: float = 1.0, zero_grads: bool = False,
              limits: dict | None = None) -> None:
@@ -111,8 +126,8 @@ class Adam:
                     if size <= 0:
                         continue
                 if s.sparse:
-                    _adam_sparse_run(params, grads, self.m, self.v, self.t, start, size, s.lr * lr_scale, b1, b2,
-                                     self.eps, s.weight_decay, grad_scale, int(zero_grads))
+                    _adam_sparse_run(params, grads, self.m, self.v, self.t, self._bias_corrections(), start, size,
+                                     s.lr * lr_scale, b1, b2, self.eps, s.weight_decay, grad_scale, int(zero_grads))
                 else:
                     _adam_run(params, grads, self.m, self.v, start, size, s.lr * lr_scale, b1, b2, self.eps,
                               bc1, bc2, s.weight_decay, grad_scale, int(zero_grads))
