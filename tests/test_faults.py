@@ -349,7 +349,7 @@ def test_step_memory_estimate_covers_the_buffers(scene, tmp_path):
             tr.train_step()
         assert tr.n_rays == 512
         # bytes of each buffer (rows16 buffers: elements are 16-float vectors)
-        field = sum(4 * int(np.prod(b.shape)) * int(np.prod(b.element_shape)) for b in tr.field.ws._bufs.values())
+        field = sum(4 * int(np.prod(b.shape)) * int(np.prod(b.element_shape)) for b in tr.field.ws.all_buffers())
         smp = tr.sampler
         sampler = sum(4 * int(np.prod(getattr(smp, a).shape)) for a in (
             "c_lo", "c_hi", "c_seg_lo", "c_seg_hi", "c_w", "c_cum", "t", "delta", "positions", "ray_ids"))

@@ -286,14 +286,26 @@ class _Workspace:
         self._bufs[name] = buf
         return buf
 
+    def all_buffers(self):
+        """Every buffer held (the memory estimate's test sums them)."""
+        for key, b in self._bufs.items():
+            yield from (b.values() if isinstance(key, tuple) else (b,))
+
+    # shapes kept per exact-size name: a training step evaluates the field at its samples and at the
+    # eikonal points, two sizes under the same names, which reallocated (and zero-filled) both every step
+    EXACT_SHAPES = 3
+
     def exact(self, name: str, rows: int, cols: int | None = None):
-        """A buffer of exactly ``rows`` rows (reallocated when the size changes)."""
-        cur = self._bufs.get(name)
+        """A buffer of exactly ``rows`` rows: the last few shapes asked under ``name`` are kept, the
+        least recently used dropped. Contents are whatever the last user of that shape left."""
         shape = (rows,) if cols is None else (rows, cols)
-        if cur is not None and tuple(cur.shape) == shape:
-            return cur
-        buf = buffers.f32(*shape)
-        self._bufs[name] = buf
+        kept = self._bufs.setdefault(("exact", name), {})
+        buf = kept.pop(shape, None)
+        if buf is None:
+            buf = buffers.f32(*shape)
+            if len(kept) >= self.EXACT_SHAPES:
+                kept.pop(next(iter(kept)))
+        kept[shape] = buf  # re-inserted last: dict order is the recency order
         return buf
 
 

@@ -490,7 +490,9 @@ class Trainer:
 
         gt_dev = self._upload("gt", gt)
         mask_dev = self._upload("mask", mask) if mask is not None else None
-        l1, g_colour = losses.colour_l1(pred, gt_dev, mask_dev, weight=1.0)
+        # gradient buffers from the workspace: a fresh (zero-filled) allocation per step costs a pass each
+        l1, g_colour = losses.colour_l1(pred, gt_dev, mask_dev, weight=1.0,
+                                        grad_out=self.field.ws.exact("g_colour", pred.shape[0], 3))
         weighted = not np.allclose(ray_w, 1.0)
         if weighted:  # importance weights of the pixel sampler (soft mining): per-ray L1 × w
             _scale_rows(g_colour, self._upload("ray_w", ray_w))
@@ -505,7 +507,8 @@ class Trainer:
             colour = pred.to_numpy()
             s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, target, seed=tc.seed * 7919 + step)
             buffers.add_rows3_(g_colour, self._upload("g_s3im", g_s3im))
-        bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight)
+        bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight,
+                                          grad_out=self.field.ws.exact("g_opacity", comp.opacity.shape[0]))
                           if mask_dev is not None else (0.0, None))
         if self.bg is not None:
             g_bg = self.field.ws.exact("g_bg", self.n_rays, 3)
