@@ -103,7 +103,8 @@ def step_bytes(cfg) -> dict:
         + (fc.color_hidden + 1) * 3
     if cg is not None:
         n_params += cg.n_levels * (2**cg.log2_table) * cg.n_features
-    params = 4 * 4 * n_params  # parameters, gradients, Adam m and v
+    # parameters, gradients, Adam m and v, and sparse Adam's per-entry step counts (int32)
+    params = 4 * (5 if cfg.train.sparse_adam else 4) * n_params
     largest = int(max(GROWTH * k * samples * max(x0p, sdf_hidden), coarse * 3 * 1.25,
                       GROWTH * coarse * max(x0p, sdf_hidden)))
     return {"rays": rays, "samples": samples, "coarse": coarse, "largest_buffer": largest,
