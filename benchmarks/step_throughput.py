@@ -20,6 +20,10 @@ uploads, bookkeeping). Calls nested inside a timed call count once, to the outer
 a subprocess, one after the other on the same machine, so the ratio is measured side by side.
 Stages that REV's trainer lacks are reported as missing.
 
+``--rounds N`` (with ``--baseline``): REV and this tree are timed alternately N times, and the ratio is
+reported as the median round's with the range over the rounds (this machine's speed drifts by 20% and
+more within an hour: one pair can mislead). The first round's tables are printed; JSON keeps every round.
+
 ``--variant KEY=VALUE[,KEY=VALUE...]`` (repeatable): after the defaults, each scene is timed again with
 those options changed (a fresh trainer), in the same process, one after the other.
 
@@ -32,6 +36,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,34 +222,61 @@ def load_scenes(args) -> list:
     return scenes
 
 
-def run_here(args) -> list[dict]:
+def run_here(args, scenes=None) -> list[dict]:
     from taichi_neus import runtime
 
     runtime.init(args.arch, verbose=False)
     Config = _import_trainer()[1]
     variants = [None] + [parse_variant(v, Config) for v in getattr(args, "variant", None) or []]
-    return [bench_scene(name, scene, args, var) for name, scene in load_scenes(args) for var in variants]
+    scenes = load_scenes(args) if scenes is None else scenes
+    return [bench_scene(name, scene, args, var) for name, scene in scenes for var in variants]
+
+
+class Baseline:
+    """Commit ``rev`` checked out in a temporary worktree; :meth:`run` times it with this script in a
+    subprocess (as often as asked: the worktree is made once)."""
+
+    def __init__(self, rev: str, args):
+        self.rev, self.args, self.repo = rev, args, HERE.parent
+        self._tmp = tempfile.TemporaryDirectory()
+        self.wt = pathlib.Path(self._tmp.name) / "wt"
+        subprocess.run(["git", "-C", str(self.repo), "worktree", "add", "--detach", str(self.wt), rev], check=True,
+                       capture_output=True)
+        self.sha = subprocess.run(["git", "-C", str(self.wt), "rev-parse", "--short", "HEAD"], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+
+    def run(self) -> dict:
+        a = self.args
+        out = pathlib.Path(self._tmp.name) / "baseline.json"
+        cmd = [sys.executable, str(HERE / "step_throughput.py"), "--steps", str(a.steps), "--warmup",
+               str(a.warmup), "--progress", str(a.progress), "--arch", a.arch, "--seed", str(a.seed),
+               "--scan24", a.scan24, "--downscale", str(a.downscale), "--json", str(out)]
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(self.wt)})
+        return {"rev": self.rev, "commit": self.sha, "results": json.loads(out.read_text())["results"]}
+
+    def close(self) -> None:
+        subprocess.run(["git", "-C", str(self.repo), "worktree", "remove", "--force", str(self.wt)],
+                       capture_output=True)
+        self._tmp.cleanup()
 
 
 def run_baseline(rev: str, args) -> dict:
-    """This script, run on commit ``rev`` in a temporary worktree, in a subprocess."""
-    repo = HERE.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        wt = pathlib.Path(tmp) / "wt"
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(wt), rev], check=True,
-                       capture_output=True)
-        try:
-            sha = subprocess.run(["git", "-C", str(wt), "rev-parse", "--short", "HEAD"], check=True,
-                                 capture_output=True, text=True).stdout.strip()
-            out = pathlib.Path(tmp) / "baseline.json"
-            cmd = [sys.executable, str(HERE / "step_throughput.py"), "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--progress", str(args.progress), "--arch", args.arch, "--seed", str(args.seed),
-                   "--scan24", args.scan24, "--downscale", str(args.downscale), "--json", str(out)]
-            env = {**os.environ, "PYTHONPATH": str(wt)}
-            subprocess.run(cmd, check=True, env=env)
-            return {"rev": rev, "commit": sha, "results": json.loads(out.read_text())["results"]}
-        finally:
-            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(wt)], capture_output=True)
+    """This script, run once on commit ``rev`` in a temporary worktree, in a subprocess."""
+    b = Baseline(rev, args)
+    try:
+        return b.run()
+    finally:
+        b.close()
+
+
+def sample_ratios(results: list[dict], baseline: list[dict]) -> dict:
+    """{scene (with its variant): samples/s against the baseline's same scene}."""
+    ratios = {}
+    for new in results:  # a variant ("scan24 /4 [key=value]") against the baseline's same scene
+        old = next((o for o in baseline if new["scene"].split(" [")[0] == o["scene"]), None)
+        if old:
+            ratios[new["scene"]] = new["samples_per_s"] / old["samples_per_s"]
+    return ratios
 
 
 def table(results: list[dict], title: str) -> str:
@@ -275,12 +307,34 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default="", help="git revision to time side by side (before this commit's run)")
     ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="also time the scenes with these options changed (repeatable)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --baseline: time the baseline and this tree alternately this many times and report "
+                         "the median ratio and its range (on a machine whose speed drifts, one pair can be 20%% off)")
     ap.add_argument("--json", default=str(HERE / "results" / "step_throughput.json"))
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     res = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "args": vars(args)}
     if args.baseline:
-        res["baseline"] = run_baseline(args.baseline, args)
-    res["results"] = run_here(args)
+        base = Baseline(args.baseline, args)
+        try:
+            scenes, rounds = None, []
+            for i in range(args.rounds):
+                if args.rounds > 1:
+                    print(f"round {i + 1}/{args.rounds}: baseline {args.baseline}, then this tree", flush=True)
+                b = base.run()
+                if scenes is None:
+                    scenes = load_scenes(args)
+                here = run_here(args, scenes)
+                rounds.append({"baseline": b, "results": here,
+                               "samples_per_s_ratio": sample_ratios(here, b["results"])})
+        finally:
+            base.close()
+        res["baseline"], res["results"] = rounds[0]["baseline"], rounds[0]["results"]
+        if args.rounds > 1:
+            res["rounds"] = rounds
+    else:
+        res["results"] = run_here(args)
     print(table(res["results"], f"this tree, arch={args.arch}, {res['cpus']} CPUs, {args.steps} steps"))
     for r in res["results"]:
         if r.get("kernels_ms_per_step"):
@@ -291,12 +345,17 @@ def main(argv=None) -> int:
     if args.baseline:
         b = res["baseline"]
         print(table(b["results"], f"baseline {b['rev']} ({b['commit']})"))
-        ratios = {}
-        for new in res["results"]:  # a variant ("scan24 /4 [key=value]") against the baseline's same scene
-            old = next((o for o in b["results"] if new["scene"].split(" [")[0] == o["scene"]), None)
-            if old:
-                ratios[new["scene"]] = new["samples_per_s"] / old["samples_per_s"]
-                print(f"  {new['scene']}: samples/s x{ratios[new['scene']]:.2f} against {b['commit']}")
+        if args.rounds == 1:
+            ratios = sample_ratios(res["results"], b["results"])
+            for scene, r in ratios.items():
+                print(f"  {scene}: samples/s x{r:.2f} against {b['commit']}")
+        else:  # the median round's ratio, and the range over the rounds
+            per = {k: [r["samples_per_s_ratio"][k] for r in rounds] for k in rounds[0]["samples_per_s_ratio"]}
+            ratios = {k: statistics.median(v) for k, v in per.items()}
+            res["samples_per_s_ratio_range"] = {k: [min(v), max(v)] for k, v in per.items()}
+            for k, v in per.items():
+                print(f"  {k}: samples/s x{ratios[k]:.2f} against {b['commit']} (median of {len(v)} rounds; "
+                      f"range {min(v):.2f}-{max(v):.2f}: " + ", ".join(f"{x:.2f}" for x in v) + ")")
         res["samples_per_s_ratio"] = ratios
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
