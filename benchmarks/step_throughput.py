@@ -260,15 +260,6 @@ class Baseline:
         self._tmp.cleanup()
 
 
-def run_baseline(rev: str, args) -> dict:
-    """This script, run once on commit ``rev`` in a temporary worktree, in a subprocess."""
-    b = Baseline(rev, args)
-    try:
-        return b.run()
-    finally:
-        b.close()
-
-
 def sample_ratios(results: list[dict], baseline: list[dict]) -> dict:
     """{scene (with its variant): samples/s against the baseline's same scene}."""
     ratios = {}

@@ -273,7 +273,8 @@ class _Workspace:
     """Capacity-sized scratch buffers, grown (×1.5) when a batch needs more."""
 
     def __init__(self):
-        self._bufs: dict = {}
+        self._bufs: dict = {}  # name → capacity-sized buffer (get)
+        self._exact: dict = {}  # name → {shape: buffer}, least recently used first (exact)
 
     def get(self, name: str, rows: int, cols: int | None = None):
         """A 1-D float32 buffer (``cols`` None) or a :func:`buffers.rows16` buffer of ``cols`` columns."""
@@ -288,8 +289,9 @@ class _Workspace:
 
     def all_buffers(self):
         """Every buffer held (the memory estimate's test sums them)."""
-        for key, b in self._bufs.items():
-            yield from (b.values() if isinstance(key, tuple) else (b,))
+        yield from self._bufs.values()
+        for kept in self._exact.values():
+            yield from kept.values()
 
     # shapes kept per exact-size name: a training step evaluates the field at its samples and at the
     # eikonal points, two sizes under the same names, which reallocated (and zero-filled) both every step
@@ -299,7 +301,7 @@ class _Workspace:
         """A buffer of exactly ``rows`` rows: the last few shapes asked under ``name`` are kept, the
         least recently used dropped. Contents are whatever the last user of that shape left."""
         shape = (rows,) if cols is None else (rows, cols)
-        kept = self._bufs.setdefault(("exact", name), {})
+        kept = self._exact.setdefault(name, {})
         buf = kept.pop(shape, None)
         if buf is None:
             buf = buffers.f32(*shape)
