@@ -37,6 +37,70 @@ def test_adam_matches_torch_with_groups():
         np.testing.assert_allclose(layout.view(got, k), tp[k].detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _adam_reference(p, m, v, g, step, lr, b1, b2, eps, wd):
+    """Dense AdamW in float64 (decoupled weight decay on the parameter before the step)."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    upd = (m / (1 - b1 ** step)) / (np.sqrt(v / (1 - b2 ** step)) + eps) + wd * p
+    return p - lr * upd, m, v
+
+
+def test_dense_adam_vector_path_matches_float64_with_unaligned_ends(monkeypatch):
+    """On the CPU the dense update runs 16-float vectors over the 16-aligned middle of each run and the scalar
+    kernel over its ends; elsewhere the scalar kernel over all. Runs whose start and end are not multiples of
+    16 (a limit cutting a group, a direct call at an odd start) must update every entry by the float64 rule,
+    and clear every gradient, whichever kernel took it."""
+    from taichi_neus import runtime
+    from taichi_neus.train import adam as adam_mod
+
+    calls = []
+    vec = adam_mod._adam_run16
+    monkeypatch.setattr(adam_mod, "_adam_run16", lambda *a: (calls.append(a[0].shape), vec(*a))[1])
+    layout = ParamLayout()
+    layout.add("t", (1000,), "enc")
+    layout.add("w", (37,), "mlp")
+    params, grads = layout.allocate(), layout.allocate()
+    rng = np.random.default_rng(7)
+    p0 = rng.normal(size=layout.total).astype(np.float32)
+    buffers.from_numpy(params, p0)
+    b1, b2, eps, wd = 0.9, 0.99, 1e-8, 0.01
+    opt = Adam(layout, {"enc": GroupSettings(1e-2, wd), "mlp": GroupSettings(3e-3)}, betas=(b1, b2), eps=eps)
+    t_sl = layout["t"]
+    used = 997  # cut inside a 16-float block: the vector middle ends at 992, the tail is 5 floats
+    ref = layout.view(p0.astype(np.float64), "t").copy()[:used]
+    m = np.zeros_like(ref)
+    v = np.zeros_like(ref)
+    for step in range(1, 4):
+        g = rng.normal(size=layout.total).astype(np.float32)
+        buffers.from_numpy(grads, g)
+        opt.step(params, grads, zero_grads=True, limits={"enc": used})
+        ref, m, v = _adam_reference(ref, m, v, layout.view(g.astype(np.float64), "t")[:used], step, 1e-2, b1, b2,
+                                    eps, wd)
+        left = buffers.to_numpy(grads)
+        np.testing.assert_array_equal(left[:t_sl.offset + used], 0.0)  # cleared as read ...
+        np.testing.assert_array_equal(layout.view(left, "t")[used:], layout.view(g, "t")[used:])  # ... and no further
+    got = layout.view(buffers.to_numpy(params).astype(np.float64), "t")
+    np.testing.assert_allclose(got[:used], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[used:], layout.view(p0, "t")[used:])  # beyond the limit: untouched
+    # a direct call at an odd start: a scalar head, the vector middle, a scalar tail
+    before = buffers.to_numpy(params).astype(np.float64)
+    g = rng.normal(size=layout.total).astype(np.float32)
+    buffers.from_numpy(grads, g)
+    mo, vo = (buffers.to_numpy(x).astype(np.float64) for x in (opt.m, opt.v))
+    opt._dense(params, grads, 5, 300, (1e-2, b1, b2, eps, 0.5, 0.6, 0.0, 1.0, 1))
+    mi = b1 * mo + (1 - b1) * g
+    vi = b2 * vo + (1 - b2) * g.astype(np.float64) ** 2
+    want = before - 1e-2 * (mi / 0.5) / (np.sqrt(vi / 0.6) + eps)
+    after = buffers.to_numpy(params)
+    np.testing.assert_allclose(after[5:305], want[5:305], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(after[:5], before[:5])
+    np.testing.assert_array_equal(after[305:], before[305:])
+    if runtime.simd_enabled():  # the CPU took the vector kernel for the aligned middles (992 and 16..304)
+        assert calls[-1] == (18, 16) and calls[0] == (62, 16)
+    else:
+        assert calls == []
+
+
 def _sparse_adam_reference(p, m, v, t, g, lr, b1, b2, eps, wd):
     """tiny-cuda-nn's rule for hash tables in float64: untouched entries (g == 0) do not move at all."""
     hit = g != 0
@@ -202,3 +266,40 @@ def test_limits_skip_entries_out_of_use_exactly(sparse):
     for a, b in zip(*results, strict=True):
         assert np.array_equal(a, b)
     assert not np.array_equal(results[0][0][:320], p0[:320]) and np.array_equal(results[0][0][320:500], p0[320:500])
+
+
+def test_host_views_alias_the_buffer_and_copies_take_rows():
+    """On the CPU a float32/int32 ndarray's host view is its memory (a write shows in a kernel's read, a kernel's
+    write in the view); to_numpy(rows) copies the first rows; from_numpy fills any shape. Elsewhere there is no
+    view and the same calls go through Taichi's copies with the same results."""
+    from taichi_neus import runtime
+
+    rng = np.random.default_rng(3)
+    a = buffers.f32(37, 3)
+    vals = rng.normal(size=(37, 3)).astype(np.float32)
+    buffers.from_numpy(a, vals)
+    np.testing.assert_array_equal(a.to_numpy(), vals)  # Taichi's own copy sees what the view wrote
+    np.testing.assert_array_equal(buffers.to_numpy(a, 5), vals[:5])
+    got = buffers.to_numpy(a)
+    got[0, 0] = 99.0  # a copy, not the buffer
+    assert a.to_numpy()[0, 0] == vals[0, 0]
+    ids = buffers.upload(np.arange(10, dtype=np.int32), ti.i32)
+    np.testing.assert_array_equal(buffers.to_numpy(ids, 4), np.arange(4))
+    with pytest.raises(ValueError, match="size mismatch"):
+        buffers.from_numpy(a, np.zeros(10, np.float32))
+    h = buffers.host_view(a)
+    vec = ti.ndarray(buffers.V16, shape=(2,))
+    assert buffers.host_view(vec) is None  # vector ndarrays have no flat view
+    if runtime.current_arch() != "cpu":
+        assert h is None and buffers.vec16_view(a, 0, 16) is None
+        return
+    buffers.fill_(a, 2.5)  # a kernel's write shows in the view
+    np.testing.assert_array_equal(h, 2.5)
+    flat = buffers.f32(64)
+    assert buffers.vec16_view(flat, 8, 40) is None and buffers.vec16_view(flat, 0, 40) is None  # not 16-aligned
+    assert buffers.vec16_view(flat, 16, 80) is None  # past the end
+    if runtime.simd_enabled():
+        v = buffers.vec16_view(flat, 16, 48)
+        assert v.shape == (2, 16)
+        v[:] = 1.0
+        np.testing.assert_array_equal(buffers.to_numpy(flat), np.r_[np.zeros(16), np.ones(32), np.zeros(16)])

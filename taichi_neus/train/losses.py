@@ -60,7 +60,7 @@ def _finish(part: F2, stats: F1):
 def _reduce(part) -> tuple[float, float]:
     stats = _scratch("stats", 2)
     _finish(part, stats)
-    s = stats.to_numpy()
+    s = buffers.to_numpy(stats)
     return float(s[0]), float(s[1])
 
 

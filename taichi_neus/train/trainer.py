@@ -275,7 +275,7 @@ class Trainer:
 
     def variance(self) -> float:
         _read_slot(self.params, self.var_slice.offset, self._var_buf)
-        return float(self._var_buf.to_numpy()[0])
+        return float(buffers.to_numpy(self._var_buf)[0])
 
     def inv_s(self) -> float:
         return float(np.clip(math.exp(10.0 * self.variance()), 1e-6, 1e6))
@@ -289,7 +289,7 @@ class Trainer:
         if buf is None or tuple(buf.shape) != arr.shape:
             buf = buffers.f32(*arr.shape)
             self._dev[name] = buf
-        buf.from_numpy(arr)
+        buffers.from_numpy(buf, arr)
         return buf
 
     def progress(self, step: int | None = None) -> float:
@@ -422,13 +422,14 @@ class Trainer:
         :meth:`train_step` to add to the compositor's per-sample normal gradient (else None)."""
         self._photo_dnormal = None
         R = len(vids)
-        w = self.compositor.weights.to_numpy()[:S].astype(np.float64)
-        nrm = out.normal.to_numpy()[:S].astype(np.float64)
-        rid = smp.ray_ids.to_numpy()[:S]
+        w = buffers.to_numpy(self.compositor.weights, S).astype(np.float64)
+        nrm = buffers.to_numpy(out.normal, S).astype(np.float64)
+        rid = buffers.to_numpy(smp.ray_ids, S)
         normals = np.stack([np.bincount(rid, weights=w * nrm[:, k], minlength=R)[:R] for k in range(3)], axis=-1)
         valid = mask > 0.5 if mask is not None else None
-        loss, g_d, g_o, g_n, n = self.photo.loss_and_grad(vids, pix, o, d, comp.depth.to_numpy(),
-                                                          comp.opacity.to_numpy(), normals, self.scene.c2w, valid)
+        depth, opacity = buffers.to_numpy(comp.depth), buffers.to_numpy(comp.opacity)
+        loss, g_d, g_o, g_n, n = self.photo.loss_and_grad(vids, pix, o, d, depth, opacity, normals, self.scene.c2w,
+                                                          valid)
         if n == 0:
             return 0.0, 0, g_depth, g_opacity
         if g_n is not None:
@@ -436,9 +437,9 @@ class Trainer:
             dn[:S] = w[:, None] * g_n[rid]
             self._photo_dnormal = self._upload("g_photo_normal", dn)
         if g_depth is not None:
-            g_d = g_d + g_depth.to_numpy()
+            g_d = g_d + buffers.to_numpy(g_depth)
         if g_opacity is not None:
-            g_o = g_o + g_opacity.to_numpy()
+            g_o = g_o + buffers.to_numpy(g_opacity)
         return loss, n, self._upload("g_photo_depth", g_d), self._upload("g_photo_opacity", g_o)
 
     def _pose_gradients(self, vids, o, d, far, smp, S: int, dpoints, ddirs, g_dirs, bg_rays=None) -> None:
@@ -447,12 +448,13 @@ class Trainer:
         (chained through :func:`sphere_exit_vjp`)."""
         R = len(vids)
         if S > 0:
-            g_o, g_d = ray_gradients(smp.ray_ids.to_numpy()[:S], smp.t.to_numpy()[:S], dpoints.to_numpy()[:S],
-                                     ddirs.to_numpy()[:S], g_dirs.to_numpy()[:R])
+            g_o, g_d = ray_gradients(buffers.to_numpy(smp.ray_ids, S), buffers.to_numpy(smp.t, S),
+                                     buffers.to_numpy(dpoints, S), buffers.to_numpy(ddirs, S),
+                                     buffers.to_numpy(g_dirs, R))
         else:
             g_o, g_d = np.zeros((R, 3)), np.zeros((R, 3))
         if bg_rays is not None:
-            gbo, gbd, gbt = (b.to_numpy()[:R].astype(np.float64) for b in bg_rays)
+            gbo, gbd, gbt = (buffers.to_numpy(b, R).astype(np.float64) for b in bg_rays)
             eo, ed = sphere_exit_vjp(o, d, far, gbt)
             g_o, g_d = g_o + gbo + eo, g_d + gbd + ed
         self.refiner.accumulate(vids, d, g_o, g_d)
@@ -504,7 +506,7 @@ class Trainer:
         bg = np.asarray(rc.background, np.float32)
         target = gt if mask is None else gt * mask[:, None] + bg * (1 - mask[:, None])
         if self.s3im is not None:
-            colour = pred.to_numpy()
+            colour = buffers.to_numpy(pred)
             s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, target, seed=tc.seed * 7919 + step)
             buffers.add_rows3_(g_colour, self._upload("g_s3im", g_s3im))
         bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight,
@@ -584,7 +586,7 @@ class Trainer:
         if refine and self.refiner.step(sch["lr_scale"] * self.lr_factor):
             self.scene.c2w[:] = self.refiner.poses()
 
-        colour = pred.to_numpy() if colour is None else colour
+        colour = buffers.to_numpy(pred) if colour is None else colour
         err = np.abs(colour - target).mean(axis=1)
         self.pixels.update(vids, pix, err, step)
         sel = mask > 0.5 if mask is not None else slice(None)
@@ -670,16 +672,16 @@ class Trainer:
                 bg_colour = self.bg.forward(self._upload("r_o", oo), d_dev, self._upload("r_exit", exit_t), self.params)
                 pred = self.field.ws.exact("r_blended", chunk, 3)
                 blend(comp.colour, comp.opacity, bg_colour, pred)
-                res["rgb"][s:e] = pred.to_numpy()[:m]
+                res["rgb"][s:e] = buffers.to_numpy(pred, m)
             else:
-                res["rgb"][s:e] = comp.colour.to_numpy()[:m]
-            res["opacity"][s:e] = comp.opacity.to_numpy()[:m]
-            res["depth"][s:e] = comp.depth.to_numpy()[:m]
+                res["rgb"][s:e] = buffers.to_numpy(comp.colour, m)
+            res["opacity"][s:e] = buffers.to_numpy(comp.opacity, m)
+            res["depth"][s:e] = buffers.to_numpy(comp.depth, m)
             if S > 0:
-                w = self.render_compositor.weights.to_numpy()[:S]
-                nr = out.normal.to_numpy()[:S]
+                w = buffers.to_numpy(self.render_compositor.weights, S)
+                nr = buffers.to_numpy(out.normal, S)
                 nr = nr / np.maximum(np.linalg.norm(nr, axis=1, keepdims=True), 1e-8)
-                rid = smp.ray_ids.to_numpy()[:S]
+                rid = buffers.to_numpy(smp.ray_ids, S)
                 acc = np.zeros((chunk, 3), np.float32)
                 np.add.at(acc, rid, w[:, None] * nr)
                 res["normal"][s:e] = acc[:m]
@@ -750,8 +752,8 @@ class Trainer:
             m = min(block, points.shape[0] - s)
             blk = np.zeros((block, 3), np.float32)
             blk[:m] = points[s:s + m]
-            q.from_numpy(blk)
-            out[s:s + m] = self.field.sdf(q, m, self.params).to_numpy()[:m]
+            buffers.from_numpy(q, blk)
+            out[s:s + m] = buffers.to_numpy(self.field.sdf(q, m, self.params), m)
         return np.maximum(out, np.linalg.norm(points, axis=1).astype(np.float32) - 1.0)
 
     def colour_at(self, points: np.ndarray, view_dirs: np.ndarray) -> np.ndarray:
@@ -762,7 +764,7 @@ class Trainer:
             m = min(1 << 16, points.shape[0] - s)
             pts = self._upload("m_p", points[s:s + m])
             dirs = self._upload("m_d", view_dirs[s:s + m])
-            out[s:s + m] = self.field.forward(pts, dirs, m, self.params).rgb.to_numpy()[:m]
+            out[s:s + m] = buffers.to_numpy(self.field.forward(pts, dirs, m, self.params).rgb, m)
         return out
 
     # ----------------------------------------------------------- checkpoints
