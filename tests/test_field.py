@@ -116,6 +116,48 @@ def test_linear_layer_forward_backward(act, n_in, n_out, xcol):
     assert _rel(buffers.rows16_to_numpy(dX, xcol + n_in)[:, xcol:], xt.grad.numpy()[:, xcol:]) < 1e-5
 
 
+def test_packed_weights_are_reused_only_inside_their_block(monkeypatch):
+    """Inside packed_weights_reused() a layer packs once per parameter buffer; a second buffer, a new block or
+    no block at all packs again, so a parameter written between blocks (the optimiser) is always seen."""
+    from taichi_neus.field import mlp
+
+    calls = []
+    pack = mlp.pack_weights
+    monkeypatch.setattr(mlp, "pack_weights", lambda *a: (calls.append(1), pack(*a))[1])
+    layout = ParamLayout()
+    lin = Linear(layout, "l", 20, 7)
+    p1, p2 = layout.allocate(), layout.allocate()
+    rng = np.random.default_rng(5)
+    buffers.from_numpy(p1, rng.normal(size=layout.total).astype(np.float32))
+    x = rng.normal(size=(9, 20)).astype(np.float32)
+    X, Y = buffers.rows16_upload(x), buffers.rows16(9, 7)
+
+    def run(params):
+        lin.forward(X, 0, Y, 9, params)
+        return buffers.rows16_to_numpy(Y, 7)
+
+    W = layout.view(buffers.to_numpy(p1), "l.weight_t").reshape(20, 7)
+    with mlp.packed_weights_reused():
+        first = run(p1)
+        np.testing.assert_allclose(run(p1), first)
+        assert len(calls) == 1  # reused
+        run(p2)
+        assert len(calls) == 2  # another buffer packs its own
+        run(p1)
+        assert len(calls) == 3
+    np.testing.assert_allclose(first, x @ W + layout.view(buffers.to_numpy(p1), "l.bias"), rtol=1e-5, atol=1e-5)
+    host = buffers.to_numpy(p1)
+    host[lin.W.offset:lin.W.offset + lin.W.size] *= 2.0  # as an optimiser step between blocks would
+    buffers.from_numpy(p1, host)
+    with mlp.packed_weights_reused():
+        second = run(p1)
+    assert len(calls) == 4
+    np.testing.assert_allclose(second, x @ (2 * W) + layout.view(host, "l.bias"), rtol=1e-5, atol=1e-5)
+    run(p1)
+    run(p1)
+    assert len(calls) == 6  # outside a block every call packs
+
+
 def test_misaligned_vector_buffer_is_refused_not_crashed():
     # LLVM's vector loads assume 64-byte alignment: a misaligned view would segfault the process.
     layout = ParamLayout()

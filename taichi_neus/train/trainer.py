@@ -22,6 +22,7 @@ from taichi_neus import buffers
 from taichi_neus.data.rays import iter_image_rays, pixel_rays, sphere_exit_vjp, unit_sphere_near_far
 from taichi_neus.errors import UserInputError
 from taichi_neus.field.hash_grid import cell_widths, levels_for_footprint
+from taichi_neus.field.mlp import packed_weights_reused
 from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.sdf_field import SDFField
 from taichi_neus.render.background import Background, blend, blend_backward
@@ -461,107 +462,109 @@ class Trainer:
 
     # ------------------------------------------------------------- one step
     def train_step(self) -> dict:
-        tc, rc = self.cfg.train, self.cfg.render
-        step = self.step
-        sch = self.schedules(step)
-        self.field.active_levels = sch["levels"]  # for every field evaluation of this step (occupancy too)
-        inv_s = self.inv_s()
-        if step >= rc.occupancy_warmup and step % rc.occupancy_every == 0:
-            self.occupancy.update(self.sdf_fn, inv_s, step)
+        # the MLP weights are packed once for the whole step: nothing below writes them until the optimiser
+        with packed_weights_reused():
+            tc, rc = self.cfg.train, self.cfg.render
+            step = self.step
+            sch = self.schedules(step)
+            self.field.active_levels = sch["levels"]  # for every field evaluation of this step (occupancy too)
+            inv_s = self.inv_s()
+            if step >= rc.occupancy_warmup and step % rc.occupancy_every == 0:
+                self.occupancy.update(self.sdf_fn, inv_s, step)
 
-        vids, pix, o, d, near, far, gt, mask, ray_w = self._batch(self.n_rays)
-        o_dev, d_dev, far_dev = self._upload("o", o), self._upload("d", d), self._upload("far", far)
-        smp = self.sampler.sample(o_dev, d_dev, self._upload("near", near), far_dev,
-                                  self.sdf_fn, inv_s, rng_seed=tc.seed * 1000003 + step, perturb=True)
-        S, S_cap = smp.n_samples, smp.t.shape[0]
-        sdirs = self.field.ws.exact("sample_dirs", S_cap, 3)
-        _gather_dirs(d_dev, smp.ray_ids, S, sdirs)
+            vids, pix, o, d, near, far, gt, mask, ray_w = self._batch(self.n_rays)
+            o_dev, d_dev, far_dev = self._upload("o", o), self._upload("d", d), self._upload("far", far)
+            smp = self.sampler.sample(o_dev, d_dev, self._upload("near", near), far_dev,
+                                      self.sdf_fn, inv_s, rng_seed=tc.seed * 1000003 + step, perturb=True)
+            S, S_cap = smp.n_samples, smp.t.shape[0]
+            sdirs = self.field.ws.exact("sample_dirs", S_cap, 3)
+            _gather_dirs(d_dev, smp.ray_ids, S, sdirs)
 
-        curv_on = tc.curvature_weight > 0
-        out = self.field.forward(smp.positions, sdirs, S, self.params, eps=sch["eps"], out_rows=S_cap,
-                                 laplacian=curv_on)
-        _read_slot(self.params, self.var_slice.offset, self._var_buf)
-        comp = self.compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev, smp.ray_offsets,
-                                       smp.ray_counts, self._var_buf, sch["cos_anneal"],
-                                       self._fg_background)
-        pred = comp.colour
-        if self.bg is not None:  # C = C_fg + (1 − O)·C_bg, the background NeRF seen beyond the sphere
-            bg_colour = self.bg.forward(o_dev, d_dev, far_dev, self.params, seed=step, perturb=True)
-            pred = self.field.ws.exact("blended", self.n_rays, 3)
-            blend(comp.colour, comp.opacity, bg_colour, pred)
+            curv_on = tc.curvature_weight > 0
+            out = self.field.forward(smp.positions, sdirs, S, self.params, eps=sch["eps"], out_rows=S_cap,
+                                     laplacian=curv_on)
+            _read_slot(self.params, self.var_slice.offset, self._var_buf)
+            comp = self.compositor.forward(out.sdf, out.normal, out.rgb, smp.delta, smp.t, d_dev, smp.ray_offsets,
+                                           smp.ray_counts, self._var_buf, sch["cos_anneal"],
+                                           self._fg_background)
+            pred = comp.colour
+            if self.bg is not None:  # C = C_fg + (1 − O)·C_bg, the background NeRF seen beyond the sphere
+                bg_colour = self.bg.forward(o_dev, d_dev, far_dev, self.params, seed=step, perturb=True)
+                pred = self.field.ws.exact("blended", self.n_rays, 3)
+                blend(comp.colour, comp.opacity, bg_colour, pred)
 
-        gt_dev = self._upload("gt", gt)
-        mask_dev = self._upload("mask", mask) if mask is not None else None
-        # gradient buffers from the workspace: a fresh (zero-filled) allocation per step costs a pass each
-        l1, g_colour = losses.colour_l1(pred, gt_dev, mask_dev, weight=1.0,
-                                        grad_out=self.field.ws.exact("g_colour", pred.shape[0], 3))
-        weighted = not np.allclose(ray_w, 1.0)
-        if weighted:  # importance weights of the pixel sampler (soft mining): per-ray L1 × w
-            _scale_rows(g_colour, self._upload("ray_w", ray_w))
-        colour = None
-        s3im_loss = 0.0
-        # With masks the model is asked to render the photo on the foreground and the background colour
-        # elsewhere (the L1 sees foreground rays only, the mask loss the rest): S3IM and the samplers' error
-        # compare with that image, not with the photo's real background.
-        bg = np.asarray(rc.background, np.float32)
-        target = gt if mask is None else gt * mask[:, None] + bg * (1 - mask[:, None])
-        if self.s3im is not None:
-            colour = buffers.to_numpy(pred)
-            s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, target, seed=tc.seed * 7919 + step)
-            buffers.add_rows3_(g_colour, self._upload("g_s3im", g_s3im))
-        bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight,
-                                          grad_out=self.field.ws.exact("g_opacity", comp.opacity.shape[0]))
-                          if mask_dev is not None else (0.0, None))
-        if self.bg is not None:
-            g_bg = self.field.ws.exact("g_bg", self.n_rays, 3)
-            g_op = g_opacity if g_opacity is not None else self.field.ws.exact("g_op", self.n_rays)
-            blend_backward(g_colour, comp.opacity, bg_colour, g_op, g_bg, accumulate=g_opacity is not None)
-            g_opacity = g_op
-        depth_loss, g_depth = 0.0, None
-        if self.depths is not None:  # rendered depth Σ w·t against the given depth maps (data/depths.py)
-            depth_loss, g_depth = losses.depth_l1(comp.depth, self._upload("depth_t", self._depth_target(vids, pix)),
-                                                  weight=tc.depth_weight)
-        photo_loss, photo_rays, self._photo_dnormal = 0.0, 0, None
-        if self.photo is not None and S > 0 and self.progress(step) >= tc.photo_start:
-            photo_loss, photo_rays, g_depth, g_opacity = self._photo_step(vids, pix, o, d, mask, comp, out, smp, S,
-                                                                          g_depth, g_opacity)
-        refine = self.refiner is not None and self.progress(step) >= tc.pose_start
-        g = self.compositor.backward(g_colour, g_opacity, g_depth, ray_inputs=refine)
-        if self._photo_dnormal is not None:
-            buffers.add_rows3_(g.normal, self._photo_dnormal)
-        self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
-        eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
-                                accumulate=True)
-        curv, g_lap = 0.0, None
-        if curv_on:  # Neuralangelo's mean |Δf| on the same samples, from the same stencil
-            curv, g_lap = losses.curvature(out.laplacian, smp.positions, S, weight=tc.curvature_weight,
-                                           grad_out=self.field.ws.exact("g_lap", S_cap))
+            gt_dev = self._upload("gt", gt)
+            mask_dev = self._upload("mask", mask) if mask is not None else None
+            # gradient buffers from the workspace: a fresh (zero-filled) allocation per step costs a pass each
+            l1, g_colour = losses.colour_l1(pred, gt_dev, mask_dev, weight=1.0,
+                                            grad_out=self.field.ws.exact("g_colour", pred.shape[0], 3))
+            weighted = not np.allclose(ray_w, 1.0)
+            if weighted:  # importance weights of the pixel sampler (soft mining): per-ray L1 × w
+                _scale_rows(g_colour, self._upload("ray_w", ray_w))
+            colour = None
+            s3im_loss = 0.0
+            # With masks the model is asked to render the photo on the foreground and the background colour
+            # elsewhere (the L1 sees foreground rays only, the mask loss the rest): S3IM and the samplers' error
+            # compare with that image, not with the photo's real background.
+            bg = np.asarray(rc.background, np.float32)
+            target = gt if mask is None else gt * mask[:, None] + bg * (1 - mask[:, None])
+            if self.s3im is not None:
+                colour = buffers.to_numpy(pred)
+                s3im_loss, g_s3im = self.s3im.loss_and_grad(colour, target, seed=tc.seed * 7919 + step)
+                buffers.add_rows3_(g_colour, self._upload("g_s3im", g_s3im))
+            bce, g_opacity = (losses.mask_bce(comp.opacity, mask_dev, weight=tc.mask_weight,
+                                              grad_out=self.field.ws.exact("g_opacity", comp.opacity.shape[0]))
+                              if mask_dev is not None else (0.0, None))
+            if self.bg is not None:
+                g_bg = self.field.ws.exact("g_bg", self.n_rays, 3)
+                g_op = g_opacity if g_opacity is not None else self.field.ws.exact("g_op", self.n_rays)
+                blend_backward(g_colour, comp.opacity, bg_colour, g_op, g_bg, accumulate=g_opacity is not None)
+                g_opacity = g_op
+            depth_loss, g_depth = 0.0, None
+            if self.depths is not None:  # rendered depth Σ w·t against the given depth maps (data/depths.py)
+                depth_t = self._upload("depth_t", self._depth_target(vids, pix))
+                depth_loss, g_depth = losses.depth_l1(comp.depth, depth_t, weight=tc.depth_weight)
+            photo_loss, photo_rays, self._photo_dnormal = 0.0, 0, None
+            if self.photo is not None and S > 0 and self.progress(step) >= tc.photo_start:
+                photo_loss, photo_rays, g_depth, g_opacity = self._photo_step(vids, pix, o, d, mask, comp, out, smp, S,
+                                                                              g_depth, g_opacity)
+            refine = self.refiner is not None and self.progress(step) >= tc.pose_start
+            g = self.compositor.backward(g_colour, g_opacity, g_depth, ray_inputs=refine)
+            if self._photo_dnormal is not None:
+                buffers.add_rows3_(g.normal, self._photo_dnormal)
+            self.grad_scaling.apply(g.sdf, g.normal, g.rgb, smp.t, S)
+            eik, _ = losses.eikonal(out.normal, smp.positions, S, weight=tc.eikonal_weight, grad_out=g.normal,
+                                    accumulate=True)
+            curv, g_lap = 0.0, None
+            if curv_on:  # Neuralangelo's mean |Δf| on the same samples, from the same stencil
+                curv, g_lap = losses.curvature(out.laplacian, smp.positions, S, weight=tc.curvature_weight,
+                                               grad_out=self.field.ws.exact("g_lap", S_cap))
 
-        if self._grads_dirty:  # a rejected or interrupted step, or keep_grads, left gradients behind
-            buffers.zero_(self.grads)
-        self._grads_dirty = True  # until an optimiser step clears them
-        if S > 0:
-            dpts = self.field.ws.exact("dpoints", S, 3) if refine else None
-            ddirs = self.field.ws.exact("ddirs", S, 3) if refine else None
-            self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads, dlaplacian=g_lap,
-                                dpoints=dpts, ddirs=ddirs)
-        bg_rays = None
-        if self.bg is not None:
-            # off by default: the background's ray gradients made refinement worse in both scenes measured
-            # (README, "Refining every camera while training"); the foreground's still see the background
-            # through the blend's opacity gradient
-            if refine and tc.pose_background:
-                R = len(vids)
-                bg_rays = (self.field.ws.exact("bg_g_o", R, 3), self.field.ws.exact("bg_g_d", R, 3),
-                           self.field.ws.exact("bg_g_t0", R))
-            self.bg.backward(g_bg, self.params, self.grads, *(bg_rays or ()))
-        if refine:
-            self._pose_gradients(vids, o, d, far, smp, S, dpts if S > 0 else None, ddirs if S > 0 else None,
-                                 g.dirs, bg_rays)
-        _add_slot(g.variance, self.grads, self.var_slice.offset)
-        sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
-        eik_pts = self._eikonal_points_step(sch["eps"]) if tc.eikonal_points > 0 else 0.0
-        loss = l1 + bce + eik + eik_pts + curv + s3im_loss + sparse_loss + depth_loss + photo_loss
+            if self._grads_dirty:  # a rejected or interrupted step, or keep_grads, left gradients behind
+                buffers.zero_(self.grads)
+            self._grads_dirty = True  # until an optimiser step clears them
+            if S > 0:
+                dpts = self.field.ws.exact("dpoints", S, 3) if refine else None
+                ddirs = self.field.ws.exact("ddirs", S, 3) if refine else None
+                self.field.backward(g.sdf, g.normal, g.rgb, self.params, self.grads, dlaplacian=g_lap,
+                                    dpoints=dpts, ddirs=ddirs)
+            bg_rays = None
+            if self.bg is not None:
+                # off by default: the background's ray gradients made refinement worse in both scenes measured
+                # (README, "Refining every camera while training"); the foreground's still see the background
+                # through the blend's opacity gradient
+                if refine and tc.pose_background:
+                    R = len(vids)
+                    bg_rays = (self.field.ws.exact("bg_g_o", R, 3), self.field.ws.exact("bg_g_d", R, 3),
+                               self.field.ws.exact("bg_g_t0", R))
+                self.bg.backward(g_bg, self.params, self.grads, *(bg_rays or ()))
+            if refine:
+                self._pose_gradients(vids, o, d, far, smp, S, dpts if S > 0 else None, ddirs if S > 0 else None,
+                                     g.dirs, bg_rays)
+            _add_slot(g.variance, self.grads, self.var_slice.offset)
+            sparse_loss = self._sparse_point_step(sch["eps"]) if self.sparse_points is not None else 0.0
+            eik_pts = self._eikonal_points_step(sch["eps"]) if tc.eikonal_points > 0 else 0.0
+            loss = l1 + bce + eik + eik_pts + curv + s3im_loss + sparse_loss + depth_loss + photo_loss
         # hash-grid levels not yet on (coarse to fine) or capped at the pixel footprint: their gradients and
         # moments are zero, so neither the check nor the optimiser needs to read them
         enc, levels = self.field.encoding, sch["levels"]
