@@ -26,12 +26,15 @@ def test_level_layout_dense_then_hashed():
     assert (size[4:] == 1 << 19).all() and total == off[-1] + size[-1]
 
 
-def test_hash_encoding_values_and_table_gradient():
-    cfg = HashGridConfig(n_levels=5, n_features=2, log2_table=10, base_resolution=3, per_level_scale=2.2,
-                         init_scale=0.5)
+@pytest.mark.parametrize("n_levels", [5, 12])  # the CPU scatter's tasks: 2 of up to 4 levels; 4 of 3 (made even)
+def test_hash_encoding_values_and_table_gradient(n_levels):
+    cfg = HashGridConfig(n_levels=n_levels, n_features=2, log2_table=10, base_resolution=3,
+                         per_level_scale=2.2 if n_levels == 5 else 1.5, init_scale=0.5)
     layout = ParamLayout()
     grid = HashGrid(cfg, layout)
-    assert grid.ldense_np.tolist() == [1, 1, 0, 0, 0]  # both indexing paths are exercised
+    # float32 cell fractions lose ~R·2⁻²⁴ at R cells per axis (R up to 260 with 12 levels)
+    tol = 1e-5 if n_levels == 5 else 1e-4
+    assert grid.ldense_np.tolist()[:2] == [1, 1] and not grid.ldense_np[-1]  # both indexing paths are exercised
     params = layout.allocate()
     grid.init_params(params, seed=3)
     n = 200
@@ -54,7 +57,7 @@ def test_hash_encoding_values_and_table_gradient():
                        n_active, 0)
             got = buffers.rows16_to_numpy(X, 3 + cfg.out_dim)[:, 3:]
             on = n_active * cfg.n_features
-            assert _rel(got[:, :on], ref.detach().numpy()[:, :on]) < 1e-5, (kernel, n_active)
+            assert _rel(got[:, :on], ref.detach().numpy()[:, :on]) < tol, (kernel, n_active)
             assert (got[:, on:] == 0.0).all(), (kernel, n_active)
     X = buffers.rows16_upload(np.concatenate([pts, np.zeros((n, cfg.out_dim), np.float32)], 1))
     grid.forward(X, n, 3, params)
@@ -75,7 +78,7 @@ def test_hash_encoding_values_and_table_gradient():
         else:
             kernel(X, dX, n, 3, grads, grid.slice.offset, *grid._level_arrays(), cfg.bound, cfg.n_features,
                    cfg.n_levels, 0)
-        assert _rel(buffers.to_numpy(grads) - 0.5, theta.grad.numpy()) < 1e-5, kernel
+        assert _rel(buffers.to_numpy(grads) - 0.5, theta.grad.numpy()) < tol, kernel
 
 
 # (inputs, outputs, first input column): widths that are not multiples of 16 (padded), the field's
@@ -156,6 +159,32 @@ def test_packed_weights_are_reused_only_inside_their_block(monkeypatch):
     run(p1)
     run(p1)
     assert len(calls) == 6  # outside a block every call packs
+
+
+@pytest.mark.parametrize("mode", ["analytic", "tetrahedral"])
+def test_geometry_only_forward_gives_the_same_geometry_and_gradients(mode):
+    """forward(color=False) (the eikonal and sparse points: the colour is never read) skips the colour grid and
+    network: sdf, normal and the geometry terms' parameter gradients equal a full forward's; a colour gradient
+    after it is refused."""
+    field, layout, params = small_field(mode, color_encoding=True)
+    n = 97
+    pts, d = random_batch(n, seed=3)
+    P, D = buffers.upload(pts), buffers.upload(d)
+    rng = np.random.default_rng(4)
+    dsdf = buffers.upload(rng.normal(size=n).astype(np.float32))
+    dnormal = buffers.upload(rng.normal(size=(n, 3)).astype(np.float32))
+    results = []
+    for color in (True, False):
+        out = field.forward(P, D, n, params, color=color)
+        assert (out.rgb is None) == (not color)
+        grads = layout.allocate()
+        field.backward(dsdf, dnormal, None, params, grads)
+        results.append((buffers.to_numpy(out.sdf, n), buffers.to_numpy(out.normal, n), buffers.to_numpy(grads)))
+    for full, geo in zip(*results, strict=True):
+        np.testing.assert_array_equal(geo, full)
+    assert np.abs(results[0][2]).max() > 0
+    with pytest.raises(ValueError, match="color=False"):
+        field.backward(dsdf, dnormal, dnormal, params, layout.allocate())
 
 
 def test_misaligned_vector_buffer_is_refused_not_crashed():

@@ -417,8 +417,8 @@ def hash_encode_backward_points(
                 dP[row + q, c] = 0.0
 
 
-# Levels handled together: task t owns levels t, t + T, t + 2T, t + 3T (T = ceil(L / 4)), so the
-# four tasks of 16 levels each mix dense coarse and hashed fine levels (balanced), and each row's
+# Levels handled together: task t owns levels t, t + T, t + 2T, t + 3T (T = ceil(L / 4), made even: _level_tasks),
+# so the four tasks of 16 levels each mix dense coarse and hashed fine levels (balanced), and each row's
 # four scatters are independent (more table accesses in flight: they wait on the cache).
 LEVELS_PER_TASK = 4
 # Iterations of the task loop per task. Taichi 1.7.4's CPU backend hands a range-for to its threads
@@ -426,6 +426,15 @@ LEVELS_PER_TASK = 4
 # 16-iteration loop runs on one core): padding each task to 512 iterations, of which the first does
 # the work, gives every task a block of its own, so both cores get tasks.
 _TASK_STRIDE = 512
+
+
+def _level_tasks(L: int) -> int:
+    """Tasks of :func:`hash_encode_backward_by_level` for L levels: ceil(L / LEVELS_PER_TASK), made even so the
+    two cores of this machine get equal shares. The colour grid's 12 levels made 3 tasks of 4 levels: one core
+    ran two of them while the other idled for one; 4 tasks of 3 levels finish in 6 level-times, not 8. Which
+    task owns a level does not change its sum (its points are still added in point order)."""
+    t = (L + LEVELS_PER_TASK - 1) // LEVELS_PER_TASK
+    return t + (t % 2)
 
 
 @ti.kernel
@@ -460,7 +469,7 @@ def hash_encode_backward_by_level(
     La = ti.max(ti.min(n_active, L), 0)
     # T from all L levels, not the active ones: with few levels active each still gets a task of its own
     # (task t's first level is t), so both cores keep working early in a coarse-to-fine run.
-    T = ti.static((L + LEVELS_PER_TASK - 1) // LEVELS_PER_TASK)
+    T = ti.static(_level_tasks(L))
     J = ti.static(LEVELS_PER_TASK)
     R = ti.static(JAC_ROWS if JAC else 1)
     for it in range(T * _TASK_STRIDE):

@@ -317,7 +317,7 @@ class FieldOutputs:
 
     sdf (n,) float32 signed distance, unit-sphere units, positive outside;
     normal (n,3) float32 SDF gradient, exact or by the stencil (not normalised);
-    rgb (n,3) float32 in [0, 1].
+    rgb (n,3) float32 in [0, 1] (None from ``forward(color=False)``).
     """
 
     sdf: object
@@ -454,13 +454,15 @@ class SDFField:
         return outs, zs
 
     def forward(self, points, dirs, n: int, params, eps: float | None = None,
-                out_rows: int | None = None, laplacian: bool = False) -> FieldOutputs:
+                out_rows: int | None = None, laplacian: bool = False, color: bool = True) -> FieldOutputs:
         """Evaluate the field at ``points`` (n,3) with unit view ``dirs`` (n,3); keeps activations
         for :meth:`backward`. Rows ``[0, n)`` of the returned buffers are valid; with ``out_rows``
         the sdf/normal/rgb buffers have exactly that many rows (the renderer's packed capacity).
         Only the hash grid's :attr:`active_levels` coarsest levels are on (None: all). ``laplacian``:
         also the finite-difference Laplacian of the SDF from the same stencil (a curvature loss's input;
-        :func:`laplacian_coef`)."""
+        :func:`laplacian_coef`). ``color=False``: geometry only (sdf, normal; ``rgb`` None), for terms that
+        never read the colour (the eikonal points, the sparse points): the colour grid and network are skipped,
+        and the :meth:`backward` that follows takes ``drgb=None``."""
         out_rows = max(n, 1) if out_rows is None else int(out_rows)
         eps = self.cfg.fd_eps if eps is None else float(eps)
         if self.analytic:
@@ -482,17 +484,19 @@ class SDFField:
         normal = self.ws.exact("normal", out_rows, 3)
         Xc = self.ws.get("Xc", n, self.color_in)
         _gather_outputs(O, X0, dirs, n, coef, 1.0 / eps, sdf, normal, Xc, self.cfg.feature_dim, self.n_sh)
-        if self.color_encoding is not None:  # reads the point from Xc's first columns
-            self.color_encoding.forward(Xc, n, self.color_enc_col, params)
-        h = Xc
-        couts = []
-        for i, lin in enumerate(self.color_layers):
-            Y = self.ws.get(f"color_h{i}", n, lin.n_out)
-            lin.forward(h, 0, Y, n, params)
-            couts.append(Y)
-            h = Y
-        rgb = self.ws.exact("rgb", out_rows, 3)
-        _rows_from16(couts[-1], rgb, n)
+        rgb, couts = None, None
+        if color:
+            if self.color_encoding is not None:  # reads the point from Xc's first columns
+                self.color_encoding.forward(Xc, n, self.color_enc_col, params)
+            h = Xc
+            couts = []
+            for i, lin in enumerate(self.color_layers):
+                Y = self.ws.get(f"color_h{i}", n, lin.n_out)
+                lin.forward(h, 0, Y, n, params)
+                couts.append(Y)
+                h = Y
+            rgb = self.ws.exact("rgb", out_rows, 3)
+            _rows_from16(couts[-1], rgb, n)
         lap = None
         if laplacian:
             lap = self.ws.exact("laplacian", out_rows)
@@ -521,6 +525,8 @@ class SDFField:
         Xc = self.ws.get("Xc", n, self.color_in)
         dXc = self.ws.get("dXc", n, self.color_in)
         use_color = drgb is not None
+        if use_color and self._color_outs is None:
+            raise ValueError("the last forward ran with color=False: its backward takes drgb=None")
         if use_color:
             dY = self.ws.get("dcolor_out", n, 3)
             _rows_to16(drgb, dY, n)

@@ -367,7 +367,7 @@ class Trainer:
             buffers.zero_(self._dev["sp_zero"])
             self._dev["sp_grad"] = buffers.f32(n)
         zero = self._dev["sp_zero"]
-        out = self.field.forward(self._upload("sp_p", pts[idx]), zero, n, self.params, eps=eps)
+        out = self.field.forward(self._upload("sp_p", pts[idx]), zero, n, self.params, eps=eps, color=False)
         loss, g_sdf = losses.sparse_sdf(out.sdf, self._upload("sp_w", w[idx]), n, weight=tc.sparse_weight,
                                         grad_out=self._dev["sp_grad"])
         self.field.backward(g_sdf, zero, None, self.params, self.grads)
@@ -388,7 +388,7 @@ class Trainer:
             self._dev["ek_gn"] = buffers.f32(n, 3)
         p_dev = self._upload("ek_p", uniform_in_ball(n, self.rng))
         zero = self._dev["ek_zero"]
-        out = self.field.forward(p_dev, zero, n, self.params, eps=eps)
+        out = self.field.forward(p_dev, zero, n, self.params, eps=eps, color=False)  # the colour is never read
         loss, g_n = losses.eikonal(out.normal, p_dev, n, weight=tc.eikonal_weight, grad_out=self._dev["ek_gn"])
         self.field.backward(self._dev["ek_sdf0"], g_n, None, self.params, self.grads)
         return loss
