@@ -105,6 +105,51 @@ def test_hash_encoding_jacobian_and_its_table_gradient(n_active):
         assert _rel(got, want) < 1e-5, name
 
 
+@pytest.mark.parametrize("act", ["relu", "softplus", "sigmoid"])
+def test_fused_tangent_activation_equals_its_separate_passes(act):
+    """The field runs a hidden layer's tangent rule inside the layer kernels: forward(preact=Z) writes Z and
+    tangent_act_forward(Z) in one kernel; the next layer's backward(dx_act=…, dx_preact=Z) applies
+    tangent_act_backward to its input gradient in one kernel. Both equal the separate passes (which the
+    tests above hold against torch's jvp and double backward)."""
+    n_in, n_hid, n_out, n = 20, 33, 17, 75
+    layout = ParamLayout()
+    l1 = Linear(layout, "l1", n_in, n_hid, act=act, beta=10.0)
+    l2 = Linear(layout, "l2", n_hid, n_out)
+    params = layout.allocate()
+    rng = np.random.default_rng(12)
+    buffers.from_numpy(params, rng.normal(0, 0.5, layout.total).astype(np.float32))
+    x = rng.normal(size=(n, n_in)).astype(np.float32)
+    rows = JAC_ROWS * n
+    X = buffers.rows16_upload(_tangent_rows(x, [rng.normal(size=(n, n_in)).astype(np.float32) for _ in range(3)]))
+    Z, Y = buffers.rows16(rows, n_hid), buffers.rows16(rows, n_hid)
+    l1.forward(X, 0, Z, rows, params, bias_every=JAC_ROWS, activate=False)
+    tangent_act_forward(Z, Y, n, JAC_ROWS, l1.act, l1.beta)
+    Zf, Yf = buffers.rows16(rows, n_hid), buffers.rows16(rows, n_hid)
+    l1.forward(X, 0, Yf, rows, params, bias_every=JAC_ROWS, preact=Zf)
+    np.testing.assert_allclose(buffers.rows16_to_numpy(Zf, n_hid), buffers.rows16_to_numpy(Z, n_hid), rtol=1e-6,
+                               atol=1e-7)
+    np.testing.assert_allclose(buffers.rows16_to_numpy(Yf, n_hid), buffers.rows16_to_numpy(Y, n_hid), rtol=1e-6,
+                               atol=1e-7)
+    out = buffers.rows16(rows, n_out)
+    l2.forward(Y, 0, out, rows, params, bias_every=JAC_ROWS)
+    U = rng.normal(size=(rows, n_out)).astype(np.float32)
+    dX, dXf = buffers.rows16(rows, n_hid), buffers.rows16(rows, n_hid)
+    g, gf = layout.allocate(), layout.allocate()
+    l2.backward(Y, 0, out, buffers.rows16_upload(U), rows, params, g, dX=dX, dy_preact=True, bias_every=JAC_ROWS)
+    tangent_act_backward(Z, Y, dX, n, JAC_ROWS, l1.act, l1.beta)
+    l2.backward(Y, 0, out, buffers.rows16_upload(U), rows, params, gf, dX=dXf, dy_preact=True, bias_every=JAC_ROWS,
+                dx_act=l1, dx_preact=Z)
+    want = buffers.rows16_to_numpy(dX, n_hid)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(buffers.rows16_to_numpy(dXf, n_hid), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(buffers.to_numpy(gf), buffers.to_numpy(g))
+    with pytest.raises(ValueError, match="preact"):
+        l1.forward(X, 0, Yf, rows - 1, params, bias_every=JAC_ROWS, preact=Zf)
+    with pytest.raises(ValueError, match="dx_preact"):
+        l2.backward(Y, 0, out, buffers.rows16_upload(U), rows, params, None, dX=dXf, dy_preact=True,
+                    bias_every=JAC_ROWS, dx_preact=Z)
+
+
 @pytest.mark.parametrize("act", ["none", "relu", "softplus", "sigmoid"])
 def test_linear_layer_with_tangent_rows(act):
     """bias_every=4 + the activation's forward-mode rule = torch's jvp of the layer; the backward (bias

@@ -167,10 +167,14 @@ def pack_weights(
 def linear_forward(
     X: ROWS16, xb: ti.i32, NIB: ti.i32, Y: ROWS16, NOB: ti.i32, n: ti.i32,
     Wp: VEC1, bp: VEC1, act: ti.template(), beta: ti.f32, JB: ti.template(), KB: ti.template(),
+    Z: ROWS16, TAN: ti.template(),
 ):
     """Y[m, ob] = act(b[ob] + Σ_r X[m, xb + r // 16][r % 16] · Wp[r, ob]) for m < n (16-output blocks).
     The bias is added to the rows m ≡ 0 (mod KB) only (KB divides ROWS): with KB = 4 the other rows are
     forward-mode tangents (:func:`tangent_act_forward`), which a linear map carries without its bias.
+    ``TAN`` (with KB = ROWS = 4, so a tile is one point's rows): the pre-activations go to ``Z`` and ``Y``
+    receives :func:`tangent_act_forward` of them, from the tile just written (one pass fewer over the rows;
+    without TAN, ``Z`` is not touched).
 
     Register tiles of ROWS points × JB output blocks (JB·16 outputs; JB divides NOB): each input
     element, broadcast once, feeds JB vector multiply-adds and each weight vector ROWS, and the
@@ -190,8 +194,22 @@ def linear_forward(
             m = mb * ROWS + t
             if m < n:
                 for j in ti.static(range(JB)):
-                    Y[m, og * JB + j] = acc[t][j]
-        if ti.static(act != ACT_NONE):
+                    if ti.static(TAN):
+                        Z[m, og * JB + j] = acc[t][j]
+                    else:
+                        Y[m, og * JB + j] = acc[t][j]
+        if ti.static(TAN):
+            ti.static_assert(KB == ROWS)
+            m0 = mb * ROWS
+            if m0 < n:  # n = ROWS · points: a tile is all or none of a point's rows
+                for j in range(JB):  # a loop of its own, as below (compile time)
+                    ob = og * JB + j
+                    y = _act(Z[m0, ob], act, beta)
+                    d = _dact(y, act, beta)
+                    Y[m0, ob] = y
+                    for t in ti.static(range(1, ROWS)):
+                        Y[m0 + t, ob] = d * Z[m0 + t, ob]
+        elif ti.static(act != ACT_NONE):
             # the activation in a loop of its own, from the tile just written (in L1): unrolled into
             # the ROWS·JB tile, softplus's 16-lane polynomial made the kernel take 30 s to compile
             for q in range(ROWS * JB):
@@ -211,10 +229,14 @@ def act_backward(Y: ROWS16, dY: ROWS16, n: ti.i32, act: ti.template(), beta: ti.
 def linear_backward_input(
     dZ: ROWS16, NOB: ti.i32, dX: ROWS16, dxb: ti.i32, ib_lo: ti.i32, ib_hi: ti.i32, NIB: ti.i32, n: ti.i32,
     WTp: VEC1, JB: ti.template(), X: ROWS16, xb: ti.i32, in_act: ti.template(), in_beta: ti.f32,
+    XZ: ROWS16, TAN: ti.template(),
 ):
     """dX[m, dxb + ib] = Σ_j dZ[m, j] · WTp[j, ib] for input blocks ib in [ib_lo, ib_hi) (overwrites),
     times in_act'(X[m, xb + ib]) when the input X is the output of a layer with activation in_act
     (then dX is that layer's dL/d pre-activation, and no separate act_backward pass is needed).
+    ``TAN``: X and its pre-activation ``XZ`` (same blocks) are rows of points and their three tangents, and
+    dX becomes that layer's dL/d(z, ż) by :func:`tangent_act_backward`'s rule, on the tile just written
+    (a tile is one point's four rows; without TAN, ``XZ`` is not touched).
 
     Tiles of ROWS points × JB input blocks (JB divides ib_hi − ib_lo), as in :func:`linear_forward`."""
     for mb, ig in ti.ndrange((n + ROWS - 1) // ROWS, (ib_hi - ib_lo) // JB):
@@ -233,7 +255,21 @@ def linear_backward_input(
             if m < n:
                 for j in ti.static(range(JB)):
                     dX[m, dxb + ib0 + j] = acc[t][j]
-        if ti.static(in_act != ACT_NONE):
+        if ti.static(TAN):
+            m0 = mb * ROWS
+            if m0 < n:  # n = ROWS · points
+                for j in range(JB):  # a loop of its own (compile time)
+                    b = ib0 + j
+                    y = X[m0, xb + b]
+                    d = _dact(y, in_act, in_beta)
+                    dd = _ddact(y, d, in_act, in_beta)
+                    dz = d * dX[m0, dxb + b]
+                    for t in ti.static(range(1, ROWS)):
+                        g = dX[m0 + t, dxb + b]
+                        dz += dd * XZ[m0 + t, xb + b] * g
+                        dX[m0 + t, dxb + b] = d * g
+                    dX[m0, dxb + b] = dz
+        elif ti.static(in_act != ACT_NONE):
             for q in range(ROWS * JB):  # a loop of its own, as in linear_forward (compile time)
                 m = mb * ROWS + q // JB
                 if m < n:
@@ -400,22 +436,29 @@ class Linear:
         linear_backward_weight_reduce(partial, n_chunks, xoff, NIB, self.NOB, self.n_in, self.n_out, grads,
                                       self.W.offset, self.b.offset)
 
-    def forward(self, X, xcol: int, Y, n: int, params, bias_every: int = 1, activate: bool = True) -> None:
+    def forward(self, X, xcol: int, Y, n: int, params, bias_every: int = 1, activate: bool = True,
+                preact=None) -> None:
         """``Y[:n, 0:out] = act(X[:n, xcol:xcol + in] · Wt + b)``; X, Y rows16 buffers (Y's padding
         columns receive act(0)). ``bias_every`` (1 or 4): the bias goes to the rows m ≡ 0 (mod it) only;
         ``activate=False`` writes the pre-activation (both for forward-mode tangents, see
-        :func:`tangent_act_forward`)."""
+        :func:`tangent_act_forward`). ``preact`` (with ``bias_every=4``, rows of points and their three
+        tangents): the pre-activations go there and ``Y`` receives their :func:`tangent_act_forward`, in
+        the same kernel."""
         if ROWS % int(bias_every):
             raise ValueError(f"bias_every must divide {ROWS}, got {bias_every}")
+        if preact is not None and (int(bias_every) != ROWS or n % ROWS or not activate):
+            raise ValueError(f"preact takes bias_every={ROWS}, rows in whole points and an activation")
         self._check(("the layer input", X), ("the layer output", Y))
+        if preact is not None:
+            self._check(("the pre-activation buffer", preact),)
         xb, xoff, NIB = self._geometry(xcol)
         Wp, _, bp = self._pack(params, xoff, NIB)
         linear_forward(X, xb, NIB, Y, self.NOB, n, Wp, bp, self.act if activate else ACT_NONE, self.beta,
-                       block_group(self.NOB), int(bias_every))
+                       block_group(self.NOB), int(bias_every), Y if preact is None else preact, int(preact is not None))
 
     def backward(self, X, xcol: int, Y, dY, n: int, params, grads, n_chunks: int | None = None, dX=None,
                  dxcol: int = 0, dx_range=None, dy_preact: bool = False, dx_act: "Linear | None" = None,
-                 bias_every: int = 1) -> None:
+                 bias_every: int = 1, dx_preact=None) -> None:
         """Backward through act and the affine map.
 
         ``dY`` (n, out) holds dL/dY on entry and dL/dZ (pre-activation) on exit (``dy_preact``: it
@@ -427,7 +470,9 @@ class Linear:
         written receive their gradient too. ``dx_act``: the layer whose output ``X`` is; dX is then
         multiplied by its activation's derivative on the way out (its dL/dZ, for its backward with
         ``dy_preact=True``), which saves a pass over the hidden activations. ``bias_every``: as in
-        :meth:`forward` (the bias gradient sums those rows only).
+        :meth:`forward` (the bias gradient sums those rows only). ``dx_preact`` (with ``dx_act``; rows of
+        points and their three tangents, as ``forward(preact=...)`` wrote them): ``dx_act``'s pre-activation
+        buffer; dX then follows :func:`tangent_act_backward`'s rule instead of the plain derivative.
         """
         self._check(("the layer input", X), ("the layer output", Y), ("the output gradient", dY))
         xb, xoff, NIB = self._geometry(xcol)
@@ -445,8 +490,13 @@ class Linear:
             in_act, in_beta = (dx_act.act, dx_act.beta) if dx_act is not None else (ACT_NONE, 0.0)
             if dx_act is not None and (xcol % VW, dx_act.n_out) != (0, self.n_in):
                 raise ValueError("dx_act needs this layer's whole input to be that layer's output")
+            if dx_preact is not None:
+                if dx_act is None or n % ROWS:
+                    raise ValueError(f"dx_preact takes dx_act and rows in whole points of {ROWS}")
+                self._check(("the pre-activation buffer", dx_preact),)
             linear_backward_input(dY, self.NOB, dX, dxcol // VW, ib_lo, ib_hi, NIB, n, WTp, block_group(ib_hi - ib_lo),
-                                  X, xb, in_act, in_beta)
+                                  X, xb, in_act, in_beta, X if dx_preact is None else dx_preact,
+                                  int(dx_preact is not None))
 
 
 def kaiming_uniform(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:

@@ -39,7 +39,7 @@ import taichi as ti
 
 from taichi_neus import buffers
 from taichi_neus.field.hash_grid import JAC_ROWS, HashGrid, HashGridConfig
-from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight, tangent_act_backward, tangent_act_forward
+from taichi_neus.field.mlp import Linear, kaiming_uniform, set_weight
 from taichi_neus.field.params import ParamLayout
 from taichi_neus.field.sh import SH_DIM, sh16, sh16_vjp
 
@@ -443,8 +443,7 @@ class SDFField:
             Y = self.ws.get(f"sdf_h{i}", rows, lin.n_out)
             if i < len(self.sdf_layers) - 1:
                 Z = self.ws.get(f"sdf_z{i}", rows, lin.n_out)
-                lin.forward(h, col, Z, rows, params, bias_every=JAC_ROWS, activate=False)
-                tangent_act_forward(Z, Y, n, JAC_ROWS, lin.act, lin.beta)
+                lin.forward(h, col, Y, rows, params, bias_every=JAC_ROWS, preact=Z)  # Y: tangent_act_forward(Z)
             else:  # the output layer has no activation
                 Z = Y
                 lin.forward(h, col, Y, rows, params, bias_every=JAC_ROWS)
@@ -562,12 +561,13 @@ class SDFField:
                 lo = 3 if self.cfg.include_xyz and not want_inputs else 0
                 dX, dxcol, dxr = ((dX0, self.sdf_in_col, (lo, lin.n_in)) if i == 0
                                   else (self.ws.get(f"dsdf_h{i - 1}", rows, lin.n_in), 0, None))
+                # a hidden layer's input gradient leaves through its activation's tangent rule (the
+                # transpose of tangent_act_forward) in the same kernel
+                prev = self.sdf_layers[i - 1] if i > 0 else None
                 lin.backward(Xin, xcol, self._sdf_outs[i], dY, rows, params, grads, dX=dX, dxcol=dxcol,
-                             dx_range=dxr, dy_preact=True, bias_every=JAC_ROWS)
+                             dx_range=dxr, dy_preact=True, bias_every=JAC_ROWS, dx_act=prev,
+                             dx_preact=self._sdf_zs[i - 1] if i > 0 else None)
                 if i > 0:
-                    prev = self.sdf_layers[i - 1]
-                    tangent_act_backward(self._sdf_zs[i - 1], self._sdf_outs[i - 1], dX, n, JAC_ROWS, prev.act,
-                                         prev.beta)
                     dY = dX
             if grads is not None:
                 self.encoding.backward(X0, dX0, n, self.enc_col, grads, self._levels, jacobian=True)
