@@ -59,8 +59,8 @@ class RenderConfig:
 @dataclass
 class TrainConfig:
     # 6000: with the colour grid (~30% more time per step) scan 24 at ¼ reaches 25.5 dB held out in the masks; on
-    # the 2-core CPU of the earlier sessions that is ~15-17 min with its mesh and scores (scaled from a 37.5-min
-    # run on a machine 2.2-2.5x slower, README "Measurements"; not timed on the faster machine itself)
+    # the 2-core CPU of the earlier sessions that is ~14-18 min with its mesh and scores (scaled from a 32.1-min
+    # run on a machine 1.8-2.3x slower, README "Measurements"; not timed on the faster machine itself)
     iters: int = 6000  # training steps
     time_budget: float = 0.0  # seconds of training (0: none); schedules then follow the elapsed share
     sample_budget: int = 16384  # target samples per step; the ray count adapts to it
