@@ -93,6 +93,9 @@ def test_evaluate_images_render_equal_to_photo_is_perfect(monkeypatch, downscale
     assert m["psnr"] == np.inf and m["psnr_masked"] == np.inf
     assert m["ssim"] == pytest.approx(1.0, abs=1e-12) and m["ssim_masked"] == pytest.approx(1.0, abs=1e-12)
     assert m["mask_iou"] == 1.0
+    assert "renders" not in ev  # nothing kept unless asked
+    kept = evaluate_images(_known_run(), downscale, log=lambda *a: None, keep=(1,))["renders"]
+    assert list(kept) == [1] and kept[1]["rgb"].shape == (24 // downscale, 32 // downscale, 3)
 
 
 def test_evaluate_images_shifted_opacity_gives_the_known_iou(monkeypatch):

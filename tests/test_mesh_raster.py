@@ -15,7 +15,7 @@ from taichi_neus.data.cameras import camera_to_world
 from taichi_neus.data.rays import image_rays
 from taichi_neus.export.evaluation import background_coverage
 from taichi_neus.export.mesh import Mesh
-from taichi_neus.export.mesh_raster import rasterize, shaded_image
+from taichi_neus.export.mesh_raster import coverage, rasterize, shaded_image
 from taichi_neus.export.ply import write_ply
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -123,6 +123,10 @@ def test_true_surface_covers_the_object_and_no_backdrop(black_scene):
     mesh = sdf_mesh(syn.synthetic_sdf_unit, s.scale_mat, res=96, bound=0.85)
     for v in range(s.n_views):
         depth, _ = rasterize(mesh, s.K[v].astype(np.float64), s.c2w[v].astype(np.float64), s.scale_mat, s.H, s.W)
+        # the silhouette's coverage (no depth sort) is exactly the z-buffer's finite pixels
+        np.testing.assert_array_equal(
+            coverage(mesh, s.K[v].astype(np.float64), s.c2w[v].astype(np.float64), s.scale_mat, s.H, s.W),
+            np.isfinite(depth))
         c = background_coverage(np.isfinite(depth), s.masks[v], s.images[v])
         # coverage is "touches the pixel", a one-pixel dilation: IoU is below 1 at this small size
         assert c["object"] > 0.99 and c["backdrop"] < 0.01 and c["iou"] > 0.85

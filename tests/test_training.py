@@ -33,6 +33,14 @@ def test_synthetic_training_reaches_true_surface(tmp_path):
     assert before > 0.2
     assert after < 0.06, after
     assert ev["psnr"] > 21.0, ev["psnr"]
+    # the held-out evaluation's render of a view is the view's own render: the result picture reuses it
+    from taichi_neus.app.results import evaluate_images
+    v = int(scene.test_ids[0])
+    kept = evaluate_images(tr, 1, log=lambda *a: None, keep=(v,))["renders"][v]
+    again = tr.evaluate_view(v, 1, render=kept)
+    assert again["psnr"] == ev["psnr"]
+    for k in ("rgb", "opacity", "depth", "normal"):
+        np.testing.assert_array_equal(again["render"][k], ev["render"][k])
 
 
 def test_training_without_masks_learns_the_environment_as_background(tmp_path):

@@ -422,13 +422,14 @@ def finish_run(tr, summary: dict, t0: float) -> dict:
         say(f"evaluation: rendering {len(scene.test_ids)} held-out views at the training resolution, "
             f"{scene.W}x{scene.H} …")
     quiet = lambda *a: None  # noqa: E731
-    full = evaluate_images(tr, 1, log=quiet)
+    view = int(scene.test_ids[0]) if len(scene.test_ids) else int(scene.train_ids[0])
+    full = evaluate_images(tr, 1, log=quiet, keep=(view,))  # the picture below shows this render
     # the figure runs before 2026-11-27 reported: half the training resolution, one centre ray per pixel
     # against a box-averaged photo (kept under its own name so old and new runs compare)
     half = evaluate_images(tr, cfg.train.val_downscale, log=quiet) if len(scene.test_ids) else {}
-    view = int(scene.test_ids[0]) if len(scene.test_ids) else int(scene.train_ids[0])
     from taichi_neus.app.preview import write_result_image
-    picture = write_result_image(tr, view, tr.evaluate_view(view, 1), held_out=bool(len(scene.test_ids)))
+    ev = tr.evaluate_view(view, 1, render=full.get("renders", {}).get(view))
+    picture = write_result_image(tr, view, ev, held_out=bool(len(scene.test_ids)))
     say(f"picture: wrote {picture} (photo | render | normals | depth of view {view})")
     mean, half_mean = full.get("mean", {}), half.get("mean", {})
     metrics = {**summary, "wall_time_s": time.time() - t0, "mesh_time_s": time.time() - t_mesh,

@@ -195,14 +195,16 @@ def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
     return a[: h * k, : w * k].reshape(h, k, w, k, *a.shape[2:]).mean(axis=(1, 3))
 
 
-def evaluate_images(tr, downscale: int = 1, log=print) -> dict:
+def evaluate_images(tr, downscale: int = 1, log=print, keep: tuple = ()) -> dict:
     """Image metrics on the held-out views, rendered at ``1/downscale`` of the training resolution.
 
     Per view: ``psnr`` and ``ssim`` over the whole image, against the photograph whose background
     is replaced by the render background when the run trained with masks (the model is never asked
     for the background then); ``psnr_masked`` (pixels inside the mask) and ``ssim_masked`` (the SSIM
     map averaged inside the mask) against the photograph; ``mask_iou`` of ``opacity > 0.5`` against
-    the mask. Returns ``{"views": [...], "mean": {...}}``; empty without held-out views.
+    the mask. Returns ``{"views": [...], "mean": {...}}``, with ``"renders": {view: render}`` when
+    ``keep`` names views (their renders as :func:`~taichi_neus.render.images.render_image` returns them, so a
+    caller that shows one of them does not render it again); empty without held-out views.
     """
     from skimage.metrics import structural_similarity
 
@@ -211,10 +213,12 @@ def evaluate_images(tr, downscale: int = 1, log=print) -> dict:
     scene = tr.scene
     H, W = _downscaled_size(scene, downscale)
     bg = np.asarray(tr.cfg.render.background, np.float64).reshape(1, 1, 3)
-    views = []
+    views, renders = [], {}
     for v in np.asarray(scene.test_ids, np.int64):
         K = scale_intrinsics(scene.K[v], W / scene.W, H / scene.H)
         r = render_image(tr, K, scene.c2w[v], H, W)
+        if int(v) in keep:
+            renders[int(v)] = r
         pred = np.clip(r["rgb"], 0, 1).astype(np.float64)
         photo = _block_mean(scene.images[v].astype(np.float64) / 255.0, downscale)[:H, :W]
         row = {"view": int(v)}
@@ -231,7 +235,8 @@ def evaluate_images(tr, downscale: int = 1, log=print) -> dict:
         log(f"[taichi_neus] eval: view {int(v)} PSNR {row['psnr']:.2f} dB")
     keys = [k for k in (views[0] if views else {}) if k != "view"]
     mean = {k: float(np.mean([row[k] for row in views])) for k in keys}
-    return {"views": views, "mean": mean, "downscale": downscale, "size": [W, H]}
+    out = {"views": views, "mean": mean, "downscale": downscale, "size": [W, H]}
+    return {**out, "renders": renders} if keep else out
 
 
 def run_mesh(tr, clean: bool = False, mesh_path: str = "", log=print):

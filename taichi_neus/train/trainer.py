@@ -703,9 +703,12 @@ class Trainer:
         r = self.render_rays(np.concatenate(o_all), np.concatenate(d_all))
         return {k: v.reshape(h, w, -1).squeeze(-1) if v.ndim == 1 else v.reshape(h, w, 3) for k, v in r.items()}
 
-    def evaluate_view(self, view: int, downscale: int) -> dict:
+    def evaluate_view(self, view: int, downscale: int, render: dict | None = None) -> dict:
+        """PSNR of ``view`` at ``1/downscale`` resolution (whole image and, with masks, inside them), with
+        the render and the photo it is scored against. ``render``: that view's :meth:`render_view` at this
+        resolution when the caller has it already (it is not rendered again)."""
         from taichi_neus.render.image_metrics import psnr
-        r = self.render_view(view, downscale)
+        r = self.render_view(view, downscale) if render is None else render
         sc = self.scene
         gt = sc.images[view].astype(np.float32) / 255.0
         if downscale > 1:
