@@ -2,6 +2,7 @@
 stand-in for DTU's files; their refusals."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -246,3 +247,26 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
                           str(tmp_path / "y.json")], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--render-refine" in bad.stderr
     assert not (tmp_path / "y.json").exists()
+
+
+def test_finish_time_benchmark_reproduces_the_runs_metrics(run, tmp_path, ti_arch):
+    """benchmarks/finish_time.py re-runs the after-training stage on a copy of the run's checkpoint: the
+    metrics it reports are the training command's own (same renders, same mesh), and the run folder is
+    left exactly as it was."""
+    import subprocess
+    import sys
+
+    root = run["run"]
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    out = tmp_path / "finish.json"
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "finish_time.py"
+    cmd = [sys.executable, str(script), str(root), "--arch", ti_arch, "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]["this tree"]
+    m = run["metrics"]
+    assert row["seconds"] > 0 and row["step"] == 60 and row["mesh_faces"] == m["mesh_faces"]
+    for k in ("heldout_psnr", "heldout_psnr_masked", "heldout_psnr_half_res", "heldout_mesh_mask_iou"):
+        assert row[k] == pytest.approx(m[k], abs=1e-4), k
+    assert "| this tree |" in res.stdout
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
