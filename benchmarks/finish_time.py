@@ -29,6 +29,9 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from git_worktree import worktree  # noqa: E402
+
 METRICS = ("heldout_psnr", "heldout_psnr_masked", "heldout_psnr_half_res", "heldout_mesh_mask_iou", "mesh_faces")
 
 
@@ -50,22 +53,6 @@ def time_once(run: pathlib.Path, arch: str) -> dict:
         m = cli.finish_run(tr, {}, time.time())
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "step": tr.step, **{k: m.get(k) for k in METRICS}}
-
-
-@contextlib.contextmanager
-def worktree(rev: str):
-    """Commit ``rev`` checked out in a temporary git worktree; yields (path, short sha)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        wt = pathlib.Path(tmp) / "wt"
-        subprocess.run(["git", "-C", str(HERE.parent), "worktree", "add", "--detach", str(wt), rev], check=True,
-                       capture_output=True)
-        try:
-            sha = subprocess.run(["git", "-C", str(wt), "rev-parse", "--short", "HEAD"], check=True,
-                                 capture_output=True, text=True).stdout.strip()
-            yield wt, sha
-        finally:
-            subprocess.run(["git", "-C", str(HERE.parent), "worktree", "remove", "--force", str(wt)],
-                           capture_output=True)
 
 
 def in_subprocess(run: pathlib.Path, arch: str, pythonpath: pathlib.Path) -> dict:

@@ -43,6 +43,9 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from git_worktree import worktree  # noqa: E402
+
 SCAN24 = HERE.parent.parent / "shared" / "data" / "dtu_scan24"
 
 STAGES = ["pixels+rays", "occupancy", "ray marching", "field fwd", "compositing", "losses", "backward",
@@ -237,13 +240,10 @@ class Baseline:
     subprocess (as often as asked: the worktree is made once)."""
 
     def __init__(self, rev: str, args):
-        self.rev, self.args, self.repo = rev, args, HERE.parent
+        self.rev, self.args = rev, args
         self._tmp = tempfile.TemporaryDirectory()
-        self.wt = pathlib.Path(self._tmp.name) / "wt"
-        subprocess.run(["git", "-C", str(self.repo), "worktree", "add", "--detach", str(self.wt), rev], check=True,
-                       capture_output=True)
-        self.sha = subprocess.run(["git", "-C", str(self.wt), "rev-parse", "--short", "HEAD"], check=True,
-                                  capture_output=True, text=True).stdout.strip()
+        self._worktree = worktree(rev)
+        self.wt, self.sha = self._worktree.__enter__()
 
     def run(self) -> dict:
         a = self.args
@@ -255,8 +255,7 @@ class Baseline:
         return {"rev": self.rev, "commit": self.sha, "results": json.loads(out.read_text())["results"]}
 
     def close(self) -> None:
-        subprocess.run(["git", "-C", str(self.repo), "worktree", "remove", "--force", str(self.wt)],
-                       capture_output=True)
+        self._worktree.__exit__(None, None, None)
         self._tmp.cleanup()
 
 
