@@ -196,6 +196,43 @@ def test_interval_length_cap():
     assert np.all(np.diff(capped["t"].reshape(3, 16), axis=1) > 0)
 
 
+@pytest.mark.portable
+@pytest.mark.parametrize("tau", [1e-4, 1e-2])
+def test_scout_pass_ends_rays_where_the_transmittance_bound_falls_below_tau(tau):
+    """stop_transmittance τ (renders' ``render.render_stop``): a scout march at a coarser step cuts each ray's
+    far at the end of its first bin with s·f < logit τ (host reference from the scout's own bins); the main
+    march keeps exactly the bins before the cut, and the NeuS weight the uncut march puts behind the cut is
+    below τ of the ray's opacity; rays that never go that deep keep their far."""
+    grid = OccupancyGrid(resolution=32)  # fresh: every cell occupied, so each ray marches its whole chord
+    rays = make_rays([[0.1, -0.05], [0.3, 0.2], [-0.15, 0.1], [0.58, -0.05], [0.9, 0.0]])
+    o, d, near, far = rays
+    inv_s = 200.0
+    full = RaySampler(grid, step=0.005, max_coarse=1024, n_fine=32)
+    cut = RaySampler(grid, step=0.005, max_coarse=1024, n_fine=32, stop_transmittance=tau, scout_step=0.02,
+                     scout_max_coarse=256)
+    ps_full = run(full, rays, inv_s)
+    c_full = full.coarse_numpy()
+    ps = run(cut, rays, inv_s)
+    c_cut, scout = cut.coarse_numpy(), cut._scout.coarse_numpy()
+    far_cut = cut.far_cut.to_numpy()
+    logit = np.log(tau / (1.0 - tau))
+    for r in range(len(near)):
+        mid = o[r] + (0.5 * (scout[r]["lo"] + scout[r]["hi"]))[:, None].astype(np.float64) * d[r]
+        deep = np.nonzero(inv_s * (np.linalg.norm(mid - CENTRE, axis=1) - RADIUS) < logit)[0]
+        expect = scout[r]["hi"][deep[0]] if len(deep) else far[r]
+        assert far_cut[r] == pytest.approx(expect, abs=1e-5)
+        n = len(c_cut[r]["lo"])
+        np.testing.assert_allclose(c_cut[r]["lo"], c_full[r]["lo"][:n], atol=1e-6)
+        assert c_cut[r]["hi"][-1] <= far_cut[r] + 1e-6
+        w = c_full[r]["weight"].astype(np.float64)
+        behind = w[c_full[r]["lo"] >= far_cut[r] - 1e-6].sum()
+        assert behind <= tau * w.sum() + 1e-7
+    hits = np.hypot(o[:, 0] - CENTRE[0], o[:, 1] - CENTRE[1]) < RADIUS - 0.1
+    assert hits.sum() == 3 and np.all(far_cut[hits] < far[hits] - 0.3)  # cut well before the sphere's back
+    assert np.all(far_cut[~hits] == pytest.approx(far[~hits]))  # the grazing ray and the miss go on
+    assert ps.n_coarse < ps_full.n_coarse  # the scout's evaluations included
+
+
 def test_random_shift_and_seed_reproducible():
     grid = OccupancyGrid(resolution=16)
     rays = make_rays([[0.1, 0.0], [0.2, 0.2]])

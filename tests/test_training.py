@@ -41,6 +41,17 @@ def test_synthetic_training_reaches_true_surface(tmp_path):
     assert again["psnr"] == ev["psnr"]
     for k in ("rgb", "opacity", "depth", "normal"):
         np.testing.assert_array_equal(again["render"][k], ev["render"][k])
+    # renders end where the transmittance behind the first surface is below render.render_stop (1e-4): on the
+    # trained surface the image is the one marched to the far end, to less than the weight left there
+    assert tr.cfg.render.render_stop > 0
+    tr.cfg.render.render_stop = 0.0
+    tr.render_sampler = tr.make_render_sampler(tr.cfg.render.n_fine)
+    whole = tr.evaluate_view(v, 1)
+    assert not np.array_equal(whole["render"]["depth"], ev["render"]["depth"])  # the cut did act
+    assert abs(whole["psnr"] - ev["psnr"]) < 0.01
+    for k in ("rgb", "opacity"):
+        diff = np.abs(whole["render"][k] - ev["render"][k])
+        assert diff.mean() < 1e-4 and np.quantile(diff, 0.999) < 1e-2, (k, diff.mean(), diff.max())
 
 
 def test_training_without_masks_learns_the_environment_as_background(tmp_path):

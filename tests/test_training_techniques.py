@@ -133,6 +133,9 @@ def test_renders_march_with_a_finer_coarse_step(scene, tmp_path):
     assert tr.sampler.step == pytest.approx(rc.coarse_step) and tr.sampler.max_coarse == rc.max_coarse
     assert tr.render_sampler.step == pytest.approx(rc.coarse_step / 4)
     assert tr.render_sampler.max_coarse == 4 * rc.max_coarse
+    # renders end behind the first opaque surface (a scout at the training step); training never cuts its rays
+    assert tr.render_sampler.stop_transmittance == rc.render_stop > 0 and tr.sampler.stop_transmittance == 0
+    assert tr.render_sampler._scout.step == pytest.approx(rc.coarse_step)
     for _ in range(3):
         assert math.isfinite(tr.train_step()["loss"])
     view = int(scene.test_ids[0])

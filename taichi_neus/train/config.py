@@ -52,6 +52,10 @@ class RenderConfig:
     # and spreads the fine samples over the whole bin; on scan 24, /8 adds ~0.5 dB held out
     # (benchmarks/results/render_refine_scan24.json)
     render_refine: int = 8  # renders without gradients march with coarse_step / this (and this many times the bins)
+    # A scout march at coarse_step ends each render ray where NeuS's transmittance bound Φ_s(sdf) falls below this,
+    # so what lies behind an opaque surface (half the fine bins of a trained DTU scan) gets no SDF evaluations
+    # (render/sampling.py, (c))
+    render_stop: float = 1e-4  # renders end a ray where the transmittance behind a surface is below this (0: march on)
     background: tuple = (0.0, 0.0, 0.0)  # r,g,b in [0, 1] the foreground is composited on (with masks)
     near: float = 0.0  # rays start at least this far from the camera (0: at the camera or the unit sphere)
 
@@ -185,7 +189,7 @@ LIMITS: dict[str, Limits] = {
     "data.downscale": COUNT, "data.holdout_every": NONNEG, "data.alpha_background": one_of("white", "black"),
     "render.occupancy_resolution": COUNT, "render.occupancy_every": COUNT, "render.occupancy_warmup": NONNEG,
     "render.coarse_step": POSITIVE, "render.max_coarse": COUNT, "render.n_fine": COUNT, "render.near": NONNEG,
-    "render.render_refine": COUNT,
+    "render.render_refine": COUNT, "render.render_stop": FRACTION,
     "train.iters": COUNT, "train.time_budget": NONNEG, "train.sample_budget": COUNT, "train.min_rays": COUNT,
     "train.max_rays": COUNT, "train.lr": POSITIVE, "train.lr_pose": POSITIVE, "train.pose_start": FRACTION,
     "train.lr_variance": NONNEG,

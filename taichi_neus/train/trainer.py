@@ -630,10 +630,12 @@ class Trainer:
     # ------------------------------------------------------------- rendering
     def make_render_sampler(self, n_fine: int) -> RaySampler:
         """The sampler of renders without gradients: the training sampler's coarse step divided by
-        ``render.render_refine`` (its bin cap multiplied by it), with ``n_fine`` fine samples per ray."""
+        ``render.render_refine`` (its bin cap multiplied by it), with ``n_fine`` fine samples per ray; with
+        ``render.render_stop`` > 0 a scout march at the training step ends each ray behind its first opaque surface."""
         rc = self.cfg.render
         return RaySampler(self.occupancy, step=rc.coarse_step / rc.render_refine,
-                          max_coarse=rc.max_coarse * rc.render_refine, n_fine=n_fine)
+                          max_coarse=rc.max_coarse * rc.render_refine, n_fine=n_fine,
+                          stop_transmittance=rc.render_stop, scout_step=rc.coarse_step, scout_max_coarse=rc.max_coarse)
 
     def render_rays(self, o: np.ndarray, d: np.ndarray, chunk: int = 4096, max_t: np.ndarray | None = None) -> dict:
         """Render rays (no gradient): rgb (N,3), opacity (N,), depth (N,), normal (N,3) world-aligned.
