@@ -2,7 +2,7 @@
 and how blurred the renders are against the photographs.
 
     python benchmarks/heldout_error.py RUN [--n-fine 32 64] [--render-refine 1 2 4 8 16] [--train-views 7]
-                                       [--json OUT.json] [--image OUT.png]
+                                       [--render-stop 0 1e-4 0 1e-4] [--json OUT.json] [--image OUT.png]
 
 For each held-out view of a run trained with masks (``taichi-neus train``; its latest checkpoint),
 rendered at the training resolution, the squared colour error inside the photo's mask is split into:
@@ -16,7 +16,10 @@ the masked PSNR a Gaussian blur of the photo (σ = 0.5, 1, 1.5, 2 pixels) scores
 to read a run's figure as an equivalent blur. ``--n-fine`` also renders with other fine-sample counts
 (the held-out figure at the run's own count is the first); ``--render-refine`` renders again with the
 renderer's coarse step at the training step divided by each factor (``render.render_refine``; the first
-figure uses the run's own), timing each. ``--train-views K`` also scores K training views, evenly spread, the
+figure uses the run's own), timing each. ``--render-stop`` renders again with each transmittance at which a
+render ray ends behind its first surface (``render.render_stop``; 0: marched to its far end), in the order
+given (repeat values to alternate them on a machine whose speed drifts), timing each and counting the SDF
+evaluations of the march. ``--train-views K`` also scores K training views, evenly spread, the
 same way: a render that misses the training photos as much as the held-out ones is a fit that is not there
 yet (capacity, steps, optimisation); one that fits them and misses the held-out ones is a surface that is
 wrong between the views. ``--image`` writes, for the first held-out
@@ -68,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-fine", type=int, nargs="*", default=[], help="also render with these fine-sample counts")
     ap.add_argument("--render-refine", type=int, nargs="*", default=[],
                     help="also render with the coarse step divided by these factors (timed)")
+    ap.add_argument("--render-stop", type=float, nargs="*", default=[],
+                    help="also render with these render.render_stop values, in this order (timed)")
     ap.add_argument("--train-views", type=int, default=0,
                     help="also score this many training views, evenly spread (fit against generalisation)")
     ap.add_argument("--json", default="", help="default: benchmarks/results/heldout_error_<run name>.json")
@@ -78,6 +83,9 @@ def main(argv=None) -> int:
         return 2
     if any(f < 1 for f in args.render_refine):
         print(f"error: --render-refine takes factors >= 1, got {args.render_refine}.", file=sys.stderr)
+        return 2
+    if any(not 0 <= t <= 1 for t in args.render_stop):
+        print(f"error: --render-stop takes transmittances in [0, 1], got {args.render_stop}.", file=sys.stderr)
         return 2
 
     from taichi_neus.app.results import load_run
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
     res = {"command": "python benchmarks/heldout_error.py " + " ".join(argv or sys.argv[1:]),
            "date": time.strftime("%Y-%m-%d %H:%M"), "run": str(run), "n_fine": rc.n_fine,
            "render_refine": rc.render_refine, "views": [int(v) for v in scene.test_ids], "per_view": [],
-           "other_n_fine": {}, "other_render_refine": {}}
+           "other_n_fine": {}, "other_render_refine": {}, "other_render_stop": []}
     for i, v in enumerate(scene.test_ids):
         r = tr.render_view(int(v), 1)
         photo = scene.images[v].astype(np.float32) / 255.0
@@ -122,15 +130,16 @@ def main(argv=None) -> int:
         res["train_mean"] = {k: float(np.mean([p[k] for p in res["per_train_view"]])) for k in keys}
     def rescore() -> dict:
         """The held-out views rendered with the trainer's render sampler as it is now: mean PSNR inside the
-        masks, mask pixels left empty (opacity < 0.5), seconds."""
-        t0, ps, miss = time.perf_counter(), [], 0
+        masks, mask pixels left empty (opacity < 0.5), seconds, SDF evaluations of the march."""
+        t0, ps, miss, n0 = time.perf_counter(), [], 0, tr.render_sampler.evaluations
         for v in scene.test_ids:
             r = tr.render_view(int(v), 1)
             photo = scene.images[v].astype(np.float32) / 255.0
             mask = scene.masks[v] > 127
             ps.append(_psnr(((r["rgb"] - photo) ** 2).mean(-1)[mask]))
             miss += int((mask & (r["opacity"] < 0.5)).sum())
-        return {"psnr_masked": float(np.mean(ps)), "miss_pixels": miss, "seconds": time.perf_counter() - t0}
+        return {"psnr_masked": float(np.mean(ps)), "miss_pixels": miss, "seconds": time.perf_counter() - t0,
+                "sdf_evaluations": tr.render_sampler.evaluations - n0}
 
     for nf in args.n_fine:
         tr.render_sampler = tr.make_render_sampler(nf)
@@ -141,6 +150,13 @@ def main(argv=None) -> int:
         tr.render_sampler = tr.make_render_sampler(rc.n_fine)
         res["other_render_refine"][str(f)] = rescore()
     rc.render_refine = refine0
+    stop0 = rc.render_stop
+    for tau in args.render_stop:
+        rc.render_stop = tau
+        tr.render_sampler = tr.make_render_sampler(rc.n_fine)
+        res["other_render_stop"].append({"render_stop": tau, **rescore()})
+    rc.render_stop = stop0
+    tr.render_sampler = tr.make_render_sampler(rc.n_fine)
     mean = res["mean"]
     print(f"{run}: {len(res['views'])} held-out views at {scene.W}x{scene.H}, n_fine {rc.n_fine}, "
           f"render_refine {rc.render_refine}")
@@ -161,6 +177,9 @@ def main(argv=None) -> int:
     for f, r in res["other_render_refine"].items():
         print(f"  rendered with the coarse step / {f}: {r['psnr_masked']:.2f} dB, {r['miss_pixels']} mask pixels "
               f"empty, {r['seconds']:.1f} s")
+    for r in res["other_render_stop"]:
+        print(f"  rendered with render_stop {r['render_stop']:g}: {r['psnr_masked']:.4f} dB, {r['miss_pixels']} mask "
+              f"pixels empty, {r['sdf_evaluations']:,} SDF evaluations, {r['seconds']:.1f} s")
     here = pathlib.Path(__file__).resolve().parent
     path = pathlib.Path(args.json or here / "results" / f"heldout_error_{run.name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

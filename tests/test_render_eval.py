@@ -220,7 +220,7 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
     script = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_error.py")
     out, pic = tmp_path / "err.json", tmp_path / "err.png"
     res = subprocess.run([sys.executable, script, str(run["run"]), "--n-fine", "16", "--render-refine", "8", "1",
-                          "--train-views", "2", "--json", str(out), "--image", str(pic)],
+                          "--render-stop", "1e-4", "0", "--train-views", "2", "--json", str(out), "--image", str(pic)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads(out.read_text())
@@ -236,6 +236,13 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
     assert d["render_refine"] == 8 and set(d["other_render_refine"]) == {"8", "1"}
     assert d["other_render_refine"]["8"]["psnr_masked"] == pytest.approx(mean["psnr_masked"], abs=1e-9)
     assert d["other_render_refine"]["1"]["psnr_masked"] != pytest.approx(mean["psnr_masked"], abs=1e-6)
+    # the run's own render_stop (1e-4) reproduces its figure; marching every ray to its end (0) evaluates the SDF
+    # a different number of times and changes the figure by less than the transmittance it leaves out
+    stop = d["other_render_stop"]
+    assert [r["render_stop"] for r in stop] == [1e-4, 0.0]
+    assert stop[0]["psnr_masked"] == pytest.approx(mean["psnr_masked"], abs=1e-9)
+    assert stop[1]["psnr_masked"] == pytest.approx(mean["psnr_masked"], abs=0.05)
+    assert stop[0]["sdf_evaluations"] > 0 and stop[1]["sdf_evaluations"] not in (0, stop[0]["sdf_evaluations"])
     # training views, scored the same way: two of them, none held out
     assert len(d["train_views"]) == 2 and not set(d["train_views"]) & set(d["views"])
     assert len(d["per_train_view"]) == 2 and 5 < d["train_mean"]["psnr_masked"] < 60
@@ -247,6 +254,10 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
                           str(tmp_path / "y.json")], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--render-refine" in bad.stderr
     assert not (tmp_path / "y.json").exists()
+    bad = subprocess.run([sys.executable, script, str(run["run"]), "--render-stop", "2", "--json",
+                          str(tmp_path / "z.json")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--render-stop" in bad.stderr
+    assert not (tmp_path / "z.json").exists()
 
 
 def test_finish_time_benchmark_reproduces_the_runs_metrics(run, tmp_path, ti_arch):

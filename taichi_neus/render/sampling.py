@@ -372,6 +372,7 @@ class RaySampler:
                                      weight_threshold=weight_threshold, cos_estimate=cos_estimate)
         self._n_rays = -1
         self.last_coarse = 0
+        self.evaluations = 0  # SDF evaluations of all calls so far, the scout's included (benchmarks read it)
         self._pts: dict = {}
 
     def _alloc(self, n_rays: int) -> None:
@@ -417,6 +418,8 @@ class RaySampler:
             far = self._scout.opaque_end(origins, dirs, near, far, sdf_fn, inv_s, self.stop_transmittance,
                                          self.far_cut, seed, perturb)
         n_coarse, _ = self._coarse(origins, dirs, near, far, sdf_fn, inv_s, seed, perturb)
+        scouted = self._scout.last_coarse if self._scout is not None else 0
+        self.evaluations += n_coarse + scouted
         n_samples = 0
         if n_coarse > 0:
             n_samples = int(_exclusive_scan(self.ray_counts, self.ray_offsets))
@@ -428,7 +431,7 @@ class RaySampler:
             buffers.zero_(self.ray_counts)
             buffers.zero_(self.ray_offsets)
         return PackedSamples(self.ray_offsets, self.ray_counts, self.t, self.delta, self.positions, self.ray_ids,
-                             n_samples, n_rays, n_coarse + (self._scout.last_coarse if self._scout else 0))
+                             n_samples, n_rays, n_coarse + scouted)
 
     def _coarse(self, origins, dirs, near, far, sdf_fn, inv_s: float, seed: int, perturb: bool):
         """Stage (a): march, evaluate the SDF at the kept bins, their weights (and the rays' fine counts).
