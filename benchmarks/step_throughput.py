@@ -14,7 +14,9 @@ changed for this): pixel sampling and ray set-up, occupancy-grid refresh, ray ma
 samples and fine-sample placement), field forward, compositing (with the background model when
 one is used), losses, backward passes (compositing, gradient hook, field, background), the
 optimiser step; "host and other" is the rest of the step (the NaN check, gradient zeroing,
-uploads, bookkeeping). Calls nested inside a timed call count once, to the outer stage.
+uploads, bookkeeping). Calls nested inside a timed call count once, to the outer stage. A second table
+gives each stage's cores busy (the process's CPU time over the stage's wall time): a stage near 1 on a
+2-core machine runs on one core.
 
 ``--baseline REV`` checks REV out into a temporary git worktree and runs this same script there in
 a subprocess, one after the other on the same machine, so the ratio is measured side by side.
@@ -67,12 +69,13 @@ def _import_trainer():
 
 
 class StageClock:
-    """Wraps callables so their wall time (after a device sync) is added to a named stage; nested
-    wrapped calls are counted once, in the outermost stage."""
+    """Wraps callables so their wall time (after a device sync) and the process's CPU time over it are added
+    to a named stage; nested wrapped calls are counted once, in the outermost stage."""
 
     def __init__(self, sync):
         self.sync = sync
         self.seconds = {s: 0.0 for s in STAGES}
+        self.cpu = {s: 0.0 for s in STAGES}
         self.missing: list[str] = []
         self._depth = 0
 
@@ -87,12 +90,13 @@ class StageClock:
             if clock._depth:
                 return fn(*a, **k)
             clock._depth += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 clock.sync()
                 clock.seconds[stage] += time.perf_counter() - t0
+                clock.cpu[stage] += time.process_time() - c0
                 clock._depth -= 1
 
         setattr(owner, attr, timed)
@@ -166,10 +170,12 @@ def bench_scene(name: str, scene, args, variant: dict | None = None) -> dict:
             for n, f in saved.items():  # the losses module is shared by every trainer in this process
                 setattr(losses, n, f)
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        stage_s = dict(clock.seconds)  # before the kernel pass, whose steps the clock would add
+        # before the kernel pass, whose steps the clock would add
+        stage_s, stage_cpu = dict(clock.seconds), dict(clock.cpu)
         kernels = kernel_times(tr, args.kernels) if args.kernels > 0 else None
     timed = sum(v for k, v in stage_s.items() if k != "host+other")
     stage_s["host+other"] = max(wall - timed, 0.0)
+    stage_cpu["host+other"] = max(cpu - sum(v for k, v in stage_cpu.items() if k != "host+other"), 0.0)
     return {"kernels_ms_per_step": kernels,
             "scene": name, "steps": args.steps, "warmup": args.warmup, "progress": args.progress,
             "levels": tr.schedules(tr.step).get("levels") if hasattr(tr, "schedules") else None,
@@ -177,6 +183,8 @@ def bench_scene(name: str, scene, args, variant: dict | None = None) -> dict:
             "rays_per_s": rays / wall, "samples_per_s": samples / wall, "rays_per_step": rays / args.steps,
             "samples_per_ray": samples / max(rays, 1),
             "stage_ms_per_step": {k: 1e3 * v / args.steps for k, v in stage_s.items()},
+            # CPU seconds over wall seconds of each stage: how many cores it kept busy (2 = both, here)
+            "stage_cores": {k: stage_cpu[k] / stage_s[k] if stage_s[k] > 0 else 0.0 for k in stage_s},
             "missing_stages": clock.missing}
 
 
@@ -278,6 +286,13 @@ def table(results: list[dict], title: str) -> str:
         lines.append(f"| {r['scene']} | {r['rays_per_s']:.0f} | {r['samples_per_s']:.0f} | {r['rays_per_step']:.0f} "
                      f"| {r['samples_per_ray']:.1f} | " + " | ".join(f"{ms[s]:.1f}" for s in STAGES) + " |")
     lines.append("(stage columns: ms per step)")
+    if all("stage_cores" in r for r in results):
+        lines += ["", "| scene | whole step | " + " | ".join(STAGES) + " |", "|---|---:|" + "---:|" * len(STAGES)]
+        for r in results:
+            c = r["stage_cores"]
+            lines.append(f"| {r['scene']} | {r['cpu_s'] / r['wall_s']:.2f} | "
+                         + " | ".join(f"{c[s]:.2f}" for s in STAGES) + " |")
+        lines.append("(cores busy: the process's CPU time over the wall time of each stage)")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ breaking: the scene with each backdrop, both hooks, the measures in range.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -51,6 +52,13 @@ def test_step_throughput_benchmark_smoke(tmp_path):
         assert ms[stage] > 0, stage
     assert r["samples_per_s"] > 0 and r["samples_per_ray"] > 1
     assert "| built-in |" in res.stdout
+    # cores busy per stage: each at most the machine's cores (plus timer slack), and the stages' CPU time adds
+    # up to the step's
+    cores = r["stage_cores"]
+    assert set(cores) == set(ms) and all(0 <= c <= (os.cpu_count() or 1) + 0.5 for c in cores.values())
+    cpu_ms = sum(cores[k] * ms[k] for k in ms)
+    assert cpu_ms == pytest.approx(1e3 * r["cpu_s"] / r["steps"], rel=1e-3)
+    assert "cores busy" in res.stdout
 
 
 @pytest.mark.slow
