@@ -191,32 +191,42 @@ def bench_scene(name: str, scene, args, variant: dict | None = None) -> dict:
 def kernel_times(tr, steps: int, top: int = 25) -> dict:
     """Per Taichi kernel: ms per step and launches per step over ``steps`` more training steps, each
     launch followed by a sync (so launches no longer overlap host work: these add up to more than a
-    step's time above, and they are not part of it). The ``top`` kernels by time."""
+    step's time above, and they are not part of it). The ``top`` kernels by time, each with its cores busy
+    (CPU over wall time of its launches: a loop of a few hundred iterations runs on one core, and each launch
+    carries ~0.25 ms of single-threaded Python and thread-pool set-up), and ``(outside kernels)``: the
+    synced steps' time between launches (Python, numpy, torch) with the launches per step."""
     import collections
 
     import taichi as ti
     from taichi.lang import kernel_impl
 
     orig = kernel_impl.Kernel.launch_kernel
-    secs, calls = collections.defaultdict(float), collections.Counter()
+    secs, cpu, calls = collections.defaultdict(float), collections.defaultdict(float), collections.Counter()
 
     def timed(self, *a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = orig(self, *a, **k)
         ti.sync()
         secs[self.func.__name__] += time.perf_counter() - t0
+        cpu[self.func.__name__] += time.process_time() - c0
         calls[self.func.__name__] += 1
         return r
 
     kernel_impl.Kernel.launch_kernel = timed
+    t0 = time.perf_counter()
     try:
         for _ in range(steps):
             tr.train_step()
     finally:
         kernel_impl.Kernel.launch_kernel = orig
+    wall = time.perf_counter() - t0
     ranked = sorted(secs, key=secs.get, reverse=True)[:top]
-    return {k: {"ms_per_step": round(1e3 * secs[k] / steps, 3), "launches_per_step": calls[k] / steps}
-            for k in ranked}
+    out = {k: {"ms_per_step": round(1e3 * secs[k] / steps, 3), "launches_per_step": calls[k] / steps,
+               "cores": round(cpu[k] / secs[k], 2) if secs[k] > 0 else 0.0} for k in ranked}
+    # the step's time outside every kernel (Python, torch, launch set-up), these steps being synced per launch
+    out["(outside kernels)"] = {"ms_per_step": round(1e3 * (wall - sum(secs.values())) / steps, 3),
+                                "launches_per_step": sum(calls.values()) / steps, "cores": None}
+    return out
 
 
 def load_scenes(args) -> list:
@@ -308,7 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--downscale", type=int, default=4)
     ap.add_argument("--kernels", type=int, default=0,
                     help="after the timed steps, this many more with every Taichi kernel timed (synced; not in the "
-                         "step figures), the top 25 per scene in the table and JSON")
+                         "step figures), the top 25 per scene with their cores busy (noisy under ~1 ms) and the time "
+                         "outside every kernel, in the table and JSON")
     ap.add_argument("--baseline", default="", help="git revision to time side by side (before this commit's run)")
     ap.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                     help="also time the scenes with these options changed (repeatable)")
@@ -344,9 +355,10 @@ def main(argv=None) -> int:
     for r in res["results"]:
         if r.get("kernels_ms_per_step"):
             print(f"\n{r['scene']}: Taichi kernels over {args.kernels} more steps, each launch synced (ms per step, "
-                  "launches per step)")
+                  "launches per step, cores busy)")
             for k, v in r["kernels_ms_per_step"].items():
-                print(f"  {v['ms_per_step']:8.2f}  {v['launches_per_step']:5.1f}  {k}")
+                cores = "" if v.get("cores") is None else f"{v['cores']:5.2f}"
+                print(f"  {v['ms_per_step']:8.2f}  {v['launches_per_step']:5.1f}  {cores:>5}  {k}")
     if args.baseline:
         b = res["baseline"]
         print(table(b["results"], f"baseline {b['rev']} ({b['commit']})"))

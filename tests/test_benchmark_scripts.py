@@ -46,6 +46,13 @@ def test_step_throughput_benchmark_smoke(tmp_path):
     assert r["scene"] == "built-in" and r["missing_stages"] == []
     kernels = r["kernels_ms_per_step"]  # the per-kernel pass: the field's kernels are among those timed
     assert "hash_encode_forward_levels" in kernels and all(v["launches_per_step"] > 0 for v in kernels.values())
+    outside = kernels.pop("(outside kernels)")  # the step's time between launches, and its launch count
+    assert outside["ms_per_step"] >= 0 and outside["launches_per_step"] >= max(v["launches_per_step"]
+                                                                             for v in kernels.values())
+    # cores busy per kernel: threads of the pool still winding down from the launch before count in a launch of
+    # a few microseconds, so only the heaviest kernel's figure is held to the machine's cores
+    heaviest = max(kernels.values(), key=lambda v: v["ms_per_step"])
+    assert all(v["cores"] >= 0 for v in kernels.values()) and heaviest["cores"] <= (os.cpu_count() or 1) + 0.5
     ms = r["stage_ms_per_step"]
     assert sum(ms.values()) == pytest.approx(1e3 * r["wall_s"] / r["steps"], rel=1e-6)
     for stage in ("ray marching", "field fwd", "backward", "optimiser"):
@@ -67,18 +74,18 @@ def test_step_throughput_rounds_alternate_with_the_baseline(tmp_path):
     reported is the median of the rounds' own ratios, with their range, and every round is kept."""
     out = tmp_path / "rounds.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--steps", "1", "--warmup", "1",
-           "--scan24", "", "--baseline", "HEAD", "--rounds", "3", "--json", str(out)]
+           "--scan24", "", "--baseline", "HEAD", "--rounds", "2", "--json", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads(out.read_text())
-    assert len(d["rounds"]) == 3
+    assert len(d["rounds"]) == 2
     per = [r["samples_per_s_ratio"]["built-in"] for r in d["rounds"]]
     for r in d["rounds"]:
         assert r["samples_per_s_ratio"]["built-in"] == pytest.approx(
             r["results"][0]["samples_per_s"] / r["baseline"]["results"][0]["samples_per_s"])
-    assert d["samples_per_s_ratio"]["built-in"] == pytest.approx(sorted(per)[1])
+    assert d["samples_per_s_ratio"]["built-in"] == pytest.approx(sum(per) / 2)  # the median of two: their mean
     assert d["samples_per_s_ratio_range"]["built-in"] == pytest.approx([min(per), max(per)])
-    assert "median of 3 rounds" in res.stdout
+    assert "median of 2 rounds" in res.stdout
     bad = subprocess.run(cmd[:-2] + ["--rounds", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--rounds must be at least 1" in bad.stderr
 

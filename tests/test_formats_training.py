@@ -44,6 +44,7 @@ def _mesh_again_matches(out, capsys):
     assert np.allclose(a.vertices.max(0), b.vertices.max(0), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_nerf_synthetic_scene_trains_to_the_surface(tmp_path, capsys):
     data = tmp_path / "blender"
     write_blender(data, n_train=24, n_test=4, W=96, H=96, seed=0)
@@ -59,6 +60,7 @@ def test_nerf_synthetic_scene_trains_to_the_surface(tmp_path, capsys):
     _mesh_again_matches(out, capsys)
 
 
+@pytest.mark.slow
 def test_colmap_scene_trains_to_the_surface(tmp_path, capsys):
     data = tmp_path / "colmap"
     write_colmap(data, n_views=28, W=96, H=96, seed=0)  # PINHOLE, 3000 noisy surface points + 30 outliers

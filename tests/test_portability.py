@@ -35,6 +35,7 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tetrahedral", "analytic"])
 def test_field_vulkan_matches_cpu(tmp_path, mode):
     outs = _run_both("field_step.py", tmp_path, mode)
@@ -42,6 +43,7 @@ def test_field_vulkan_matches_cpu(tmp_path, mode):
         assert _rel(outs["cpu"][key], outs["vulkan"][key]) < 1e-4, key
 
 
+@pytest.mark.slow
 def test_training_step_vulkan_matches_cpu(tmp_path):
     """Sampling, field, compositing, losses, hook, eikonal and Adam: two steps of a run agree, per parameter
     group, in the gradient of the second step and in the update θ − θ₀ of both."""

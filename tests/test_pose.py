@@ -83,6 +83,7 @@ def trained_run(tmp_path_factory, ti_arch):
     return root / "run"
 
 
+@pytest.mark.slow
 def test_refine_pose_example_recovers_a_perturbed_camera(trained_run, capsys, ti_arch):
     """The example against the photo, on a weak field (250 small steps, ~18 dB), with the squared loss (the
     robust default ignores the misalignment's own large residuals on a field this weak): the rotation must
@@ -108,6 +109,7 @@ def test_refine_pose_example_refuses_a_missing_run(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("refine_pose: error: ") and "does not exist" in lines[0]
 
 
+@pytest.mark.slow
 def test_refine_pose_example_meets_the_target_against_the_fields_own_image(trained_run, capsys, ti_arch):
     """Against the field's own image at the true pose (the exact answer exists), the optimisation itself must
     bring 5° / 0.1 back within the issue's 0.5° / 0.01: gradients to the rays and the se(3) update are right."""

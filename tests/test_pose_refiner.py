@@ -108,6 +108,7 @@ def test_step_keeps_poses_rigid_skips_unrefined_views_and_state_round_trips():
     assert np.allclose(twin.poses(), ref.poses(), atol=1e-14)  # a refused state changes nothing
 
 
+@pytest.mark.slow
 def test_training_with_refine_poses_brings_perturbed_cameras_back(tmp_path):
     """The built-in scene with every training camera turned by 2° and moved by 0.03: 600 steps of joint
     refinement (from the start: at the default 0.2 the 600 steps leave too few refining ones for a margin,

@@ -269,6 +269,7 @@ def test_poses_benchmark_runs_on_a_dtu_layout(photos, tmp_path):
     assert p.returncode == 0 and "skipped" in p.stdout
 
 
+@pytest.mark.slow
 def test_photos_benchmark_runs_end_to_end(photos, tmp_path):
     """benchmarks/photos_dtu.py on the synthetic photographs in DTU's layout, 20 steps per run: poses, both
     trainings, the mesh carried into DTU's frame and judged there, the picture, the JSON (numbers measured

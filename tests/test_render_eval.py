@@ -209,6 +209,7 @@ def test_eval_clean_and_refusals(run, tmp_path, capsys, ti_arch):
     _refused(capsys, "norun")
 
 
+@pytest.mark.slow
 def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
     """benchmarks/heldout_error.py on the small run: its masked PSNR is the run's own held-out figure, the
     regions split every mask pixel and all the error, a blurrier photo scores lower; a folder that is no
@@ -260,6 +261,7 @@ def test_heldout_error_benchmark_splits_the_runs_own_figure(run, tmp_path):
     assert not (tmp_path / "z.json").exists()
 
 
+@pytest.mark.slow
 def test_finish_time_benchmark_reproduces_the_runs_metrics(run, tmp_path, ti_arch):
     """benchmarks/finish_time.py re-runs the after-training stage on a copy of the run's checkpoint: the
     metrics it reports are the training command's own (same renders, same mesh), and the run folder is

@@ -18,6 +18,7 @@ from taichi_neus.train.trainer import CKPT_RUN_KEYS, SAMPLER_PREFIX, Trainer
 SCRIPTS = pathlib.Path(__file__).parent / "scripts"
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path):
     """Uniform, quadtree and soft-mining samplers, a rejected (NaN) step before the interruption: parameters,
     Adam moments, learning-rate factor and sampler state after resuming equal the uninterrupted run's bit for
@@ -108,6 +109,7 @@ def test_resume_refuses_a_changed_model_size_and_writes_nothing(tmp_path):
     assert (run / "config.json").read_text() == saved and sorted(run.iterdir()) == [run / "config.json"]
 
 
+@pytest.mark.slow
 def test_resume_honours_arch_moved_data_and_a_lower_lr(tmp_path, scene):
     """The divergence message says: resume with a lower --train.lr. That, --arch and a moved --data are applied,
     printed and recorded in config.json, and training goes on from the checkpoint."""

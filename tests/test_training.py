@@ -19,6 +19,7 @@ def _mesh_chamfer(tr) -> float:
     return chamfer(pts, sample_surface(20000, seed=1))["chamfer"]
 
 
+@pytest.mark.slow
 def test_synthetic_training_reaches_true_surface(tmp_path):
     scene = load_dtu(default_scene_path())
     tr = Trainer(scene, small_config(iters=400), tmp_path, log=lambda *a: None)
@@ -54,6 +55,7 @@ def test_synthetic_training_reaches_true_surface(tmp_path):
         assert diff.mean() < 1e-4 and np.quantile(diff, 0.999) < 1e-2, (k, diff.mean(), diff.max())
 
 
+@pytest.mark.slow
 def test_training_without_masks_learns_the_environment_as_background(tmp_path):
     """No masks: the background model (render/background.py) must take what lies beyond the unit sphere. The
     built-in scene rendered in front of the environment backdrop (synthetic.py), trained without its masks.
