@@ -26,7 +26,7 @@ def dtu_scan24():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``slow`` (training runs of a minute or more) first, the rest in file order: the CI job
+    """Tests marked ``slow`` (training runs of 15 s or more) first, the rest in file order: the CI job
     splits the suite by file over two worker processes (pytest-xdist, ``--dist loadfile``), and a long file
     handed out last would leave one worker running it alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
