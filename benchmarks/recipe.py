@@ -49,7 +49,8 @@ OLD = {"render.coarse_step": 2.0 * 3**0.5 / 128, "render.n_fine": 32, "train.gra
        "train.curvature_weight": 0.0,
        "train.lr": 1e-2, "train.mask_weight": 0.1, "train.eikonal_weight": 0.1,
        "mesh.min_component": 0.0, "mesh.cull_unseen": False, "train.sparse_weight": 0.0,
-       "field.normal_mode": "tetrahedral", "train.photo_weight": 0.0, "field.color_encoding": False}
+       "field.normal_mode": "tetrahedral", "train.photo_weight": 0.0, "field.color_encoding": False,
+       "render.occupancy_sweep": 1}
 
 # One change each: the options that turn it on (their values in the new recipe).
 CHANGES = {
@@ -94,6 +95,10 @@ CHANGES = {
     # the colour grid's table at 2^16 entries a level (from 2^18) with the sparse table update: ~10% more
     # samples/s on scan 24 (its Adam pass, forward and scatter touch a quarter of the memory)
     "color16_sparse": {"field.color_grid.log2_table": 16, "train.sparse_adam": True},
+    # occupancy updates that re-evaluate the occupied cells and their neighbours every time and the rest of the
+    # grid over 4 (8) updates, a quarter (an eighth) each time: the refresh is ~10% of a mid-run step on scan 24
+    "occ_sweep4": {"render.occupancy_sweep": 4},
+    "occ_sweep8": {"render.occupancy_sweep": 8},
 }
 
 

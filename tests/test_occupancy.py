@@ -5,6 +5,7 @@ import pytest
 import taichi as ti
 
 from taichi_neus import buffers
+from taichi_neus.errors import UserInputError
 from taichi_neus.render.occupancy import OccupancyGrid
 
 CENTRE = np.array([0.1, -0.05, 0.0])
@@ -74,3 +75,63 @@ def test_small_inv_s_widens_the_band():
     sdf_c = np.linalg.norm(grid.cell_centres() - CENTRE, axis=-1) - RADIUS
     # NeuS alpha over a cell diagonal with s = 20 falls below 1e-3 well before |sdf| = 0.45
     assert not wide[np.abs(sdf_c) > 0.45].any()
+
+
+def _shifted_sphere(dx: float):
+    """An SDF callable for the test sphere moved by ``dx`` along x, counting the points it is asked for."""
+    asked = []
+
+    def fn(points):
+        asked.append(points.shape[0])
+        out = buffers.f32(points.shape[0])
+        _sphere_sdf(points, out, CENTRE[0] + dx, CENTRE[1], CENTRE[2], RADIUS)
+        return out
+
+    return fn, asked
+
+
+@pytest.mark.portable
+def test_sweep_updates_visit_every_cell_over_k_phases_and_equal_the_full_update():
+    """With sweep k each update evaluates the occupied cells, their neighbours and one phase class of the rest
+    (fewer points than a full update); the k phases together equal a full update with the same jitter, cell by
+    cell, and the cells an update skips keep their bits."""
+    full = OccupancyGrid(resolution=32, radius=1.0, chunk_size=4096)
+    full.update(_shifted_sphere(0.0)[0], inv_s=1000.0, step=5)
+    target = full.occupied_mask()
+
+    grid = OccupancyGrid(resolution=32, radius=1.0, chunk_size=4096)
+    grid.update(_shifted_sphere(0.3)[0], inv_s=1000.0, step=5)  # the surface somewhere else first
+    before = grid.occupied_mask()
+    k = 4
+    visited = np.zeros(32**3, bool)
+    for phase in range(k):
+        cells = grid.cells_to_visit(k, phase)
+        assert np.all(np.diff(cells) > 0)
+        fn, asked = _shifted_sphere(0.0)
+        prev = grid.occupied_mask().reshape(-1)
+        grid.update(fn, inv_s=1000.0, step=5, sweep=k, phase=phase)
+        now = grid.occupied_mask().reshape(-1)
+        skipped = np.ones(32**3, bool)
+        skipped[cells] = False
+        np.testing.assert_array_equal(now[skipped], prev[skipped])  # what is not visited keeps its bit
+        np.testing.assert_array_equal(now[cells], target.reshape(-1)[cells])  # what is, gets the full update's
+        assert sum(asked) < cells.size + 4096 and cells.size < 0.6 * full.n_candidate_words * 32
+        visited[cells] = True
+    inside = OccupancyGrid(resolution=32, radius=1.0).occupied_mask().reshape(-1)
+    assert visited[inside].all()
+    np.testing.assert_array_equal(grid.occupied_mask(), target)
+    assert (before != target).sum() > 100  # the sphere really moved
+
+
+@pytest.mark.portable
+def test_sweep_follows_a_surface_that_moves_by_a_cell_in_one_update():
+    """A sphere moved by less than a cell is followed in a single sweep update, whatever the phase: its new
+    surface cells lie next to the old occupied ones."""
+    grid = OccupancyGrid(resolution=32, radius=1.0)
+    grid.update(_shifted_sphere(0.0)[0], inv_s=1000.0, step=2)
+    ref = OccupancyGrid(resolution=32, radius=1.0)
+    ref.update(_shifted_sphere(0.04)[0], inv_s=1000.0, step=2)
+    grid.update(_shifted_sphere(0.04)[0], inv_s=1000.0, step=2, sweep=8, phase=3)
+    np.testing.assert_array_equal(grid.occupied_mask(), ref.occupied_mask())
+    with pytest.raises(UserInputError, match="sweep"):
+        grid.update(_shifted_sphere(0.0)[0], inv_s=1000.0, step=2, sweep=0)

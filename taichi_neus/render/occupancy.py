@@ -74,23 +74,39 @@ def is_occupied(bits: ti.template(), res, radius, p):
     return occ
 
 
+@ti.func
+def _cell_point(idx, res, radius, seed):
+    """A point drawn uniformly inside cell ``idx`` (flat index), the same on every backend for a seed."""
+    h = 2.0 * radius / res
+    ix = idx // (res * res)
+    iy = (idx // res) % res
+    iz = idx % res
+    return ti.Vector([
+        -radius + (ix + uniform01(idx, 0, seed)) * h,
+        -radius + (iy + uniform01(idx, 1, seed)) * h,
+        -radius + (iz + uniform01(idx, 2, seed)) * h,
+    ])
+
+
+@ti.func
+def _cell_occupied(sdf, diag, inv_s, alpha_threshold):
+    """The module docstring's test on the SDF ``sdf`` at a point of the cell (diagonal ``diag``)."""
+    f = ti.abs(sdf)
+    occ = f <= diag
+    if not occ:
+        occ = neus_alpha(f, -1.0, diag, inv_s) > alpha_threshold
+    return occ
+
+
 @ti.kernel
 def _cell_points(words: I1, w0: ti.i32, nw: ti.i32, res: ti.i32, radius: ti.f32, seed: ti.i32, pts: F2):
     """Points for the cells of words[w0 : w0 + nw]: one uniform point inside each cell."""
-    h = 2.0 * radius / res
     n_cells = res * res * res
     for k in range(nw * 32):
         idx = words[w0 + k // 32] * 32 + k % 32
         p = ti.Vector([0.0, 0.0, 0.0])
         if idx < n_cells:
-            ix = idx // (res * res)
-            iy = (idx // res) % res
-            iz = idx % res
-            p = ti.Vector([
-                -radius + (ix + uniform01(idx, 0, seed)) * h,
-                -radius + (iy + uniform01(idx, 1, seed)) * h,
-                -radius + (iz + uniform01(idx, 2, seed)) * h,
-            ])
+            p = _cell_point(idx, res, radius, seed)
         for q in ti.static(range(3)):
             pts[k, q] = p[q]
 
@@ -102,13 +118,26 @@ def _mark(words: I1, w0: ti.i32, nw: ti.i32, sdf: F1, inside: U1, diag: ti.f32, 
         w = words[w0 + j]
         word = ti.u32(0)
         for b in range(32):
-            f = ti.abs(sdf[j * 32 + b])
-            occ = f <= diag
-            if not occ:
-                occ = neus_alpha(f, -1.0, diag, inv_s) > alpha_threshold
-            if occ:
+            if _cell_occupied(sdf[j * 32 + b], diag, inv_s, alpha_threshold):
                 word |= ti.u32(1) << ti.cast(b, ti.u32)
         bits[w] = word & inside[w]
+
+
+@ti.kernel
+def _listed_cell_points(cells: I1, c0: ti.i32, n: ti.i32, res: ti.i32, radius: ti.f32, seed: ti.i32, pts: F2):
+    """Points for the listed cells[c0 : c0 + n] (the same points :func:`_cell_points` draws for them); rows
+    from n on repeat the first cell's (padding)."""
+    for k in range(pts.shape[0]):
+        p = _cell_point(cells[c0 + ti.select(k < n, k, 0)], res, radius, seed)
+        for q in ti.static(range(3)):
+            pts[k, q] = p[q]
+
+
+@ti.kernel
+def _mark_listed(n: ti.i32, sdf: F1, diag: ti.f32, inv_s: ti.f32, alpha_threshold: ti.f32, c0: ti.i32, occ: I1):
+    """occ[c0 + k] = 1 where listed cell k's point (sdf[k], k < n) passes the occupancy test, else 0."""
+    for k in range(n):
+        occ[c0 + k] = ti.select(_cell_occupied(sdf[k], diag, inv_s, alpha_threshold), 1, 0)
 
 
 @ti.kernel
@@ -164,6 +193,8 @@ class OccupancyGrid:
         self._cand = buffers.upload(cand, ti.i32)
         self._chunk_words = max(1, int(chunk_size) // 32)
         self._pts: dict = {}
+        self._inside_cells = np.unpackbits(inside.view(np.uint8), bitorder="little").astype(bool)[:self.resolution**3]
+        self._cell_list = self._cell_occ = None  # the listed update's cell indices and results, made on first use
         self.mark_all()
 
     def mark_all(self) -> None:
@@ -171,29 +202,79 @@ class OccupancyGrid:
         _copy_u32(self._inside, self.bits)
 
     def _points_buffer(self, nw: int):
-        b = self._pts.get(nw)
+        b = self._pts.pop(nw, None)
         if b is None:
             b = buffers.f32(nw * 32, 3)
-            self._pts[nw] = b
+            if len(self._pts) >= 4:  # the listed update's sizes drift over a run: keep the last few only
+                self._pts.pop(next(iter(self._pts)))
+        self._pts[nw] = b  # re-inserted last: dict order is the recency order
         return b
 
-    def update(self, sdf_fn, inv_s: float, step: int) -> None:
+    def update(self, sdf_fn, inv_s: float, step: int, *, sweep: int = 1, phase: int = 0) -> None:
         """Recompute the grid from ``sdf_fn``.
 
         sdf_fn: ``points (M, 3) float32 ti.ndarray → sdf (M,) float32 ti.ndarray``, forward only,
         M ≤ chunk_size. inv_s: NeuS sharpness s (python float). step: seeds the in-cell jitter.
+        sweep, phase: with ``sweep`` k > 1 the update re-evaluates only the occupied cells, their 26
+        neighbours, and the cells whose flat index is ``phase`` mod k; the others keep their bits. Over k
+        updates with phases 0 … k − 1 every cell is visited (Instant-NGP refreshes a share of its cells
+        per update the same way, Müller et al. 2022, §4): the surface can move by a cell per update and
+        be followed at once, while a surface appearing far from every occupied cell waits up to k updates.
         """
+        if int(sweep) < 1:
+            raise UserInputError(f"occupancy grid: sweep {sweep} must be at least 1.")
+        if int(sweep) > 1:
+            self._update_listed(sdf_fn, inv_s, step, int(sweep), int(phase))
+            return
         nc = self.n_candidate_words
         for w0 in range(0, nc, self._chunk_words):
             nw = min(self._chunk_words, nc - w0)
             pts = self._points_buffer(nw)
             _cell_points(self._cand, w0, nw, self.resolution, self.radius, int(step) & 0x7FFFFFFF, pts)
-            sdf = sdf_fn(pts)
-            if tuple(sdf.shape) != (nw * 32,):
-                raise UserInputError(f"occupancy grid: sdf_fn returned shape {tuple(sdf.shape)} for "
-                                     f"{nw * 32} points; it must return one float per point.")
+            sdf = self._checked(sdf_fn(pts), nw * 32)
             _mark(self._cand, w0, nw, sdf, self._inside, self.cell_diagonal, float(inv_s),
                   self.alpha_threshold, self.bits)
+
+    @staticmethod
+    def _checked(sdf, m: int):
+        if tuple(sdf.shape) != (m,):
+            raise UserInputError(f"occupancy grid: sdf_fn returned shape {tuple(sdf.shape)} for "
+                                 f"{m} points; it must return one float per point.")
+        return sdf
+
+    def cells_to_visit(self, sweep: int, phase: int) -> np.ndarray:
+        """Flat indices (int32, increasing) of the cells a ``sweep``/``phase`` update evaluates: inside the
+        sphere and occupied, next to an occupied cell (26-neighbourhood), or ≡ phase (mod sweep)."""
+        near = self.occupied_mask()
+        for ax in range(3):  # the 3×3×3 dilation, one axis at a time
+            grown = near.copy()
+            lo, hi = [slice(None)] * 3, [slice(None)] * 3
+            lo[ax], hi[ax] = slice(None, -1), slice(1, None)
+            grown[tuple(hi)] |= near[tuple(lo)]
+            grown[tuple(lo)] |= near[tuple(hi)]
+            near = grown
+        flat = near.reshape(-1) | (np.arange(self.resolution**3) % sweep == phase % sweep)
+        return np.flatnonzero(flat & self._inside_cells).astype(np.int32)
+
+    def _update_listed(self, sdf_fn, inv_s: float, step: int, sweep: int, phase: int) -> None:
+        cells = self.cells_to_visit(sweep, phase)
+        n, res = int(cells.size), self.resolution
+        if self._cell_list is None:
+            self._cell_list, self._cell_occ = buffers.i32(res**3), buffers.i32(res**3)
+        padded = np.zeros(res**3, np.int32)
+        padded[:n] = cells
+        buffers.from_numpy(self._cell_list, padded)
+        chunk = self._chunk_words * 32
+        for c0 in range(0, n, chunk):
+            m = min(chunk, n - c0)
+            rows = min(-(-m // 4096) * 4096, chunk)  # a few sizes only: the field's buffers are reused
+            pts = self._points_buffer(rows // 32)
+            _listed_cell_points(self._cell_list, c0, m, res, self.radius, int(step) & 0x7FFFFFFF, pts)
+            sdf = self._checked(sdf_fn(pts), rows)
+            _mark_listed(m, sdf, self.cell_diagonal, float(inv_s), self.alpha_threshold, c0, self._cell_occ)
+        flat = np.unpackbits(self.bits.to_numpy().astype(np.uint32).view(np.uint8), bitorder="little").astype(bool)
+        flat[cells] = buffers.to_numpy(self._cell_occ)[:n] != 0
+        self.bits.from_numpy(np.packbits(flat, bitorder="little").view(np.uint32))
 
     def occupied_mask(self) -> np.ndarray:
         """(res, res, res) bool numpy array, indexed [ix, iy, iz] (x, y, z increasing)."""

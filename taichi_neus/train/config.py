@@ -43,6 +43,7 @@ class RenderConfig:
     occupancy_resolution: int = 64  # occupancy grid cells per axis over [-1, 1]^3
     occupancy_every: int = 16  # refresh the occupancy grid every k steps (after warm-up)
     occupancy_warmup: int = 64  # keep every cell occupied for the first steps
+    occupancy_sweep: int = 1  # >1: an update re-evaluates occupied cells, their neighbours and 1/k of the rest
     coarse_step: float = 2.0 * 3**0.5 / 128  # coarse march step, unit-sphere units
     max_coarse: int = 128  # most coarse samples per ray
     n_fine: int = 32  # samples per ray that carry gradients
@@ -188,6 +189,7 @@ _GRID = {"n_levels": COUNT, "n_features": COUNT, "log2_table": Limits(lo=1, hi=3
 LIMITS: dict[str, Limits] = {
     "data.downscale": COUNT, "data.holdout_every": NONNEG, "data.alpha_background": one_of("white", "black"),
     "render.occupancy_resolution": COUNT, "render.occupancy_every": COUNT, "render.occupancy_warmup": NONNEG,
+    "render.occupancy_sweep": COUNT,
     "render.coarse_step": POSITIVE, "render.max_coarse": COUNT, "render.n_fine": COUNT, "render.near": NONNEG,
     "render.render_refine": COUNT, "render.render_stop": FRACTION,
     "train.iters": COUNT, "train.time_budget": NONNEG, "train.sample_budget": COUNT, "train.min_rays": COUNT,

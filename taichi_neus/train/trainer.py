@@ -470,7 +470,8 @@ class Trainer:
             self.field.active_levels = sch["levels"]  # for every field evaluation of this step (occupancy too)
             inv_s = self.inv_s()
             if step >= rc.occupancy_warmup and step % rc.occupancy_every == 0:
-                self.occupancy.update(self.sdf_fn, inv_s, step)
+                self.occupancy.update(self.sdf_fn, inv_s, step, sweep=rc.occupancy_sweep,
+                                      phase=step // rc.occupancy_every)
 
             vids, pix, o, d, near, far, gt, mask, ray_w = self._batch(self.n_rays)
             o_dev, d_dev, far_dev = self._upload("o", o), self._upload("d", d), self._upload("far", far)
