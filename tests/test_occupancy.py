@@ -135,3 +135,33 @@ def test_sweep_follows_a_surface_that_moves_by_a_cell_in_one_update():
     np.testing.assert_array_equal(grid.occupied_mask(), ref.occupied_mask())
     with pytest.raises(UserInputError, match="sweep"):
         grid.update(_shifted_sphere(0.0)[0], inv_s=1000.0, step=2, sweep=0)
+
+
+def test_trainer_sweeps_the_grid_with_the_phase_of_its_step(tmp_path):
+    """``render.occupancy_sweep`` reaches the grid: each refresh passes the sweep and the refresh count
+    (step // occupancy_every, so a resumed run continues the rotation), and once the grid has thinned a
+    refresh evaluates fewer points than a full one."""
+    from training_helpers import small_config
+
+    from taichi_neus.data import default_scene_path
+    from taichi_neus.data.loader import load_scene
+    from taichi_neus.train.trainer import Trainer
+
+    cfg = small_config(iters=56)
+    cfg.render.occupancy_sweep = 4
+    tr = Trainer(load_scene(str(default_scene_path())), cfg, tmp_path / "run", log=lambda *a: None)
+    calls, points = [], {}
+    real_update = tr.occupancy.update
+
+    def update(fn, inv_s, step, **k):
+        calls.append((step, k))
+        return real_update(lambda p: (points.update({step: points.get(step, 0) + p.shape[0]}), fn(p))[1],
+                           inv_s, step, **k)
+
+    tr.occupancy.update = update
+    for _ in range(56):
+        assert not tr.train_step().get("rejected")
+    assert [s for s, _ in calls] == [32, 40, 48] and all(k == {"sweep": 4, "phase": s // 8} for s, k in calls)
+    # fewer than a full refresh's points (0.75 of them here: on this 32³ grid the rounding of the listed
+    # cells up to 4096 rows weighs; the tests above count the cells themselves)
+    assert 0 < points[48] < tr.occupancy.n_candidate_words * 32
