@@ -21,7 +21,9 @@ either
 stop at the surface, so sampling it would only cost time.
 
 Each update evaluates ``sdf_fn`` once per cell meeting the sphere, in chunks of at most
-``chunk_size`` points; each chunk writes whole 32-cell words, so no atomics are needed.
+``chunk_size`` points; each chunk writes whole 32-cell words, so no atomics are needed. With a sweep
+(``update(..., sweep=k)``) an update evaluates only the occupied cells, their neighbours and a rotating
+1/k of the rest, and sets their bits on the host.
 """
 
 import numpy as np
