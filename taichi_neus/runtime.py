@@ -94,6 +94,42 @@ def simd_enabled() -> bool:
     return _state["arch"] == "cpu" and bool(_state.get("simd"))
 
 
+def _memoise_source_positions() -> None:
+    """Make Taichi's kernel compilation ~25% faster in every process, with identical results.
+
+    Taichi 1.7 rebuilds each kernel's IR from its Python AST in every process (the offline cache is keyed
+    on that IR, so a warm cache skips only LLVM), and for every AST node it visits it formats the node's
+    source position with ``textwrap`` for its error messages: about half of the AST pass, since a
+    ``ti.static`` loop visits the same nodes once per unrolled iteration. The text depends only on the
+    node's position and its source lines, so it is computed once per distinct key here (measured:
+    ``tests/scripts/field_step.py``, a warm cache, 11.2–11.7 s → 8.7–9.0 s). Error messages are unchanged."""
+    from taichi.lang.ast import ast_transformer_utils as atu
+
+    ctx_cls = getattr(atu, "ASTTransformerContext", None)
+    original = getattr(ctx_cls, "get_pos_info", None)
+    if original is None or getattr(original, "_taichi_neus_memo", False):
+        return
+    memo: dict = {}
+    multi_line = ("For", "While", "FunctionDef", "If")  # Taichi cites these up to their first body line
+
+    def get_pos_info(self, node):
+        first, last = node.lineno, node.end_lineno
+        if type(node).__name__ in multi_line and node.body:
+            last = max(last, node.body[0].lineno)
+        key = (self.file, self.lineno_offset, self.indent, self.func.func.__name__, type(node), first,
+               node.col_offset, node.end_lineno, node.end_col_offset, tuple(self.src[first - 1:last]))
+        text = memo.get(key)
+        if text is None:
+            if len(memo) > 1_000_000:  # bounded: a process that compiles endlessly many kernels
+                memo.clear()
+            text = memo[key] = original(self, node)
+        return text
+
+    get_pos_info._taichi_neus_memo = True
+    get_pos_info.__wrapped__ = original
+    ctx_cls.get_pos_info = get_pos_info
+
+
 def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offline_cache: bool = True,
          simd: bool | None = None, **kwargs) -> str:
     """Initialise Taichi on ``arch`` and return the name of the arch actually used.
@@ -121,6 +157,7 @@ def init(arch: str = "auto", *, verbose: bool = True, debug: bool = False, offli
         raise BackendError(_unavailable(arch))
     if _state["arch"] is not None:
         ti.reset()
+    _memoise_source_positions()
     kwargs.setdefault("default_fp", ti.f32)
     kwargs.setdefault("default_ip", ti.i32)
     kwargs.setdefault("log_level", ti.WARN)
