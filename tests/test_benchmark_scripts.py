@@ -118,3 +118,28 @@ def test_hash_grid_throughput_benchmark_smoke(tmp_path):
     for case in d["cases"].values():
         assert len(case) == 6 and all(v["ms"] > 0 for v in case.values())  # incl. the two Jacobian kernels
     assert "faster with the levels as lanes" in res.stdout
+
+
+def test_startup_time_benchmark_times_each_tree_cold_then_warm(tmp_path, monkeypatch):
+    """benchmarks/startup_time.py's plumbing, with a stand-in for the timed process (a real one compiles for a
+    minute): each tree's process imports the package from that tree, cold and warm share one new cache folder
+    per tree and round, the ratio is the median round's, and bad counts are refused with exit status 2."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import startup_time
+
+    stand_in = ("import json, os, sys, taichi_neus\n"
+                "print(json.dumps({'package': taichi_neus.__file__, 'import': 0.1, 'init+scene': 0.1, 'trainer': 0.1,"
+                " 'first step': float(len(os.listdir(os.environ['TAICHI_NEUS_CACHE']))), 'other steps': 0.1}))\n"
+                "open(os.path.join(os.environ['TAICHI_NEUS_CACHE'], 'kernel'), 'w').close()\n")
+    monkeypatch.setattr(startup_time, "CHILD", stand_in)
+    out = tmp_path / "startup.json"
+    assert startup_time.main(["--baseline", "HEAD", "--rounds", "3", "--steps", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert len(d["rounds"]) == 3 and d["baseline_commit"] == d["this_commit"]
+    for rnd in d["rounds"]:
+        for tree in ("baseline", "this tree"):
+            assert rnd[tree]["cold"]["first step"] == 0.0 and rnd[tree]["warm"]["first step"] == 1.0
+    per = [r["baseline"]["warm"]["process_s"] / r["this tree"]["warm"]["process_s"] for r in d["rounds"]]
+    assert d["ratio"]["warm"] == pytest.approx(sorted(per)[1])
+    assert d["ratio_range"]["warm"] == pytest.approx([min(per), max(per)])
+    assert startup_time.main(["--rounds", "0", "--json", str(out)]) == 2
