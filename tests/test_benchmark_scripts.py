@@ -39,10 +39,16 @@ def test_step_throughput_benchmark_smoke(tmp_path):
     """Every stage hook still finds the trainer call it wraps, and the stages add up to the step time."""
     out = tmp_path / "steps.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--steps", "2", "--warmup", "1",
-           "--scan24", "", "--kernels", "1", "--json", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--scan24", "", "--kernels", "1", "--baseline", "HEAD", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    (r,) = json.loads(out.read_text())["results"]
+    d = json.loads(out.read_text())
+    (r,) = d["results"]
+    # the baseline (HEAD, in a worktree) ran this script in its own process: its figure and the ratio to it
+    (b,) = d["baseline"]["results"]
+    assert b["scene"] == "built-in" and b["samples_per_s"] > 0 and d["baseline"]["rev"] == "HEAD"
+    assert d["samples_per_s_ratio"]["built-in"] == pytest.approx(r["samples_per_s"] / b["samples_per_s"])
+    assert "samples/s x" in res.stdout
     assert r["scene"] == "built-in" and r["missing_stages"] == []
     kernels = r["kernels_ms_per_step"]  # the per-kernel pass: the field's kernels are among those timed
     assert "hash_encode_forward_levels" in kernels and all(v["launches_per_step"] > 0 for v in kernels.values())
@@ -68,26 +74,50 @@ def test_step_throughput_benchmark_smoke(tmp_path):
     assert "cores busy" in res.stdout
 
 
-@pytest.mark.slow
-def test_step_throughput_rounds_alternate_with_the_baseline(tmp_path):
-    """--rounds times the baseline (here HEAD itself, in a worktree) and this tree alternately; the ratio
-    reported is the median of the rounds' own ratios, with their range, and every round is kept."""
+def test_step_throughput_rounds_alternate_with_the_baseline(tmp_path, monkeypatch, capsys):
+    """--rounds times the baseline and this tree alternately (the baseline first in each round); the ratio
+    reported is the median of the rounds' own ratios, with their range, and every round is kept. The timed runs
+    are stand-ins here (the smoke test above runs a real baseline); --rounds 0 is refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import step_throughput as st
+
+    calls, speeds = [], {"baseline": [100.0, 100.0, 100.0], "here": [150.0, 300.0, 120.0]}
+
+    def result(samples_per_s):
+        return {"scene": "built-in", "samples_per_s": samples_per_s, "rays_per_s": samples_per_s / 32,
+                "rays_per_step": 512, "samples_per_ray": 32.0, "wall_s": 1.0, "cpu_s": 1.5,
+                "stage_ms_per_step": {k: 1.0 for k in st.STAGES}}
+
+    class StandIn:
+        def __init__(self, rev, args):
+            self.rev = rev
+
+        def run(self):
+            calls.append("baseline")
+            return {"rev": self.rev, "commit": "abc1234", "results": [result(speeds["baseline"][len(calls) // 2])]}
+
+        def close(self):
+            calls.append("closed")
+
+    def run_here(args, scenes=None):
+        calls.append("here")
+        return [result(speeds["here"][len(calls) // 2 - 1])]
+
+    monkeypatch.setattr(st, "Baseline", StandIn)
+    monkeypatch.setattr(st, "run_here", run_here)
+    monkeypatch.setattr(st, "load_scenes", lambda args: [])
     out = tmp_path / "rounds.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_throughput.py"), "--steps", "1", "--warmup", "1",
-           "--scan24", "", "--baseline", "HEAD", "--rounds", "3", "--json", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert st.main(["--scan24", "", "--baseline", "HEAD", "--rounds", "3", "--json", str(out)]) == 0
+    assert calls == ["baseline", "here"] * 3 + ["closed"]
     d = json.loads(out.read_text())
-    assert len(d["rounds"]) == 3
     per = [r["samples_per_s_ratio"]["built-in"] for r in d["rounds"]]
-    for r in d["rounds"]:
-        assert r["samples_per_s_ratio"]["built-in"] == pytest.approx(
-            r["results"][0]["samples_per_s"] / r["baseline"]["results"][0]["samples_per_s"])
-    assert d["samples_per_s_ratio"]["built-in"] == pytest.approx(sorted(per)[1])  # the median, not the mean
-    assert d["samples_per_s_ratio_range"]["built-in"] == pytest.approx([min(per), max(per)])
-    assert "median of 3 rounds" in res.stdout
-    bad = subprocess.run(cmd[:-2] + ["--rounds", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert bad.returncode == 2 and "--rounds must be at least 1" in bad.stderr
+    assert per == pytest.approx([1.5, 3.0, 1.2])
+    assert d["samples_per_s_ratio"]["built-in"] == pytest.approx(1.5)  # the median, not the mean (1.9)
+    assert d["samples_per_s_ratio_range"]["built-in"] == pytest.approx([1.2, 3.0])
+    assert "median of 3 rounds" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as bad:
+        st.main(["--scan24", "", "--baseline", "HEAD", "--rounds", "0", "--json", str(out)])
+    assert bad.value.code == 2 and "--rounds must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
