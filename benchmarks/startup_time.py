@@ -20,6 +20,7 @@ nothing else running.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -105,14 +106,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(HERE / "results" / "startup_time.json"))
     args = ap.parse_args(argv)
     if args.steps < 1 or args.rounds < 1:
-        print("startup_time.py: --steps and --rounds must be at least 1.", file=sys.stderr)
-        return 2
+        ap.error("--steps and --rounds must be at least 1")
     from taichi_neus.data import default_scene_path
 
     scene = str(default_scene_path())  # generated once here, so no timed process generates it
     here = HERE.parent
     rounds = []
-    with worktree(args.baseline) if args.baseline else _no_worktree() as (wt, sha):
+    with worktree(args.baseline) if args.baseline else contextlib.nullcontext((None, None)) as (wt, sha):
         for i in range(args.rounds):
             rnd = {}
             if wt is not None:
@@ -134,14 +134,6 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(out, indent=1))
     print(f"JSON: {path}")
     return 0
-
-
-class _no_worktree:
-    def __enter__(self):
-        return None, None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _head() -> str:
